@@ -1,0 +1,108 @@
+"""The `mergesmith` command.
+
+Start-up stays fast: this module imports only typer; torch, transformers, peft and matplotlib are
+imported inside the commands that use them. Sub-command groups live in their own packages and are
+attached here through a ``register(app)`` function each (see ``COMMAND_MODULES``).
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+app = typer.Typer(
+    name="mergesmith",
+    help="Merge neural-network checkpoints: streaming, bounded memory, every published method.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+# Modules that add commands with `register(app: typer.Typer) -> None`. Each must import only typer
+# (and the standard library) at module level.
+COMMAND_MODULES = [
+    "mergesmith.lora.cli",
+    "mergesmith.continual.cli",
+    "mergesmith.compress.cli",
+    "mergesmith.bench.cli",
+]
+
+
+def fail(message: str, code: int = 2) -> None:
+    """Print one clear error line and exit non-zero."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def run_user_errors(fn, *args, **kwargs):
+    """Call fn, turning MergeError into one clear line and exit code 2."""
+    from .methods.base import MergeError
+
+    try:
+        return fn(*args, **kwargs)
+    except MergeError as e:
+        fail(str(e))
+
+
+@app.command()
+def merge(
+    recipe: Path = typer.Argument(..., help="recipe YAML (mergekit-compatible)"),
+    out: Path = typer.Option(..., "-o", "--out", help="output folder"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="validate and print the plan; read no weights"),
+    device: str = typer.Option("cpu", "--device", help="compute device: cpu, cuda, cuda:1, auto"),
+    threads: Optional[int] = typer.Option(None, "--threads", "-j", help="compute threads (default: all cores)"),
+    shard_size: str = typer.Option("2GB", "--shard-size", help="maximum output shard size, e.g. 400MB, 5GB"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing non-empty output folder"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="random seed (overrides the recipe's)"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
+):
+    """Merge the models of RECIPE into OUT."""
+    from .run import run_recipe
+
+    def go():
+        result = run_recipe(
+            recipe, out, dry_run=dry_run, device=device, threads=threads, shard_size=shard_size,
+            overwrite=overwrite, seed=seed, progress=not quiet,
+        )
+        if dry_run:
+            typer.echo(result.describe())
+        elif not quiet:
+            typer.echo(f"wrote {out}")
+
+    run_user_errors(go)
+
+
+@app.command()
+def methods(name: Optional[str] = typer.Argument(None, help="show one method in full")):
+    """List merge methods, or describe one (paper, math, parameters with defaults, granularity)."""
+    from .methods.base import get_method, list_methods
+
+    if name:
+        typer.echo(run_user_errors(get_method, name).describe())
+        return
+    for spec in list_methods():
+        base = {"required": "base", "optional": "base?", "none": "-"}[spec.base]
+        typer.echo(f"{spec.name:<20} {spec.granularity:<9} {base:<6} {spec.paper}")
+
+
+def _attach_plugins() -> None:
+    for mod_name in COMMAND_MODULES:
+        try:
+            mod = importlib.import_module(mod_name)
+        except ModuleNotFoundError as e:
+            if e.name and (mod_name.startswith(e.name) or e.name.startswith(mod_name)):
+                continue  # that command group is not installed
+            raise
+        mod.register(app)
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    _attach_plugins()
+    app(args=argv if argv is not None else sys.argv[1:], prog_name="mergesmith")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,276 @@
+"""The method contract and registry.
+
+A merge method is a pure function of tensors::
+
+    fn(ctx: TensorContext, base: Tensor | None, models: list[Tensor], p: Params) -> Tensor
+
+* ``base`` is the base model's tensor (float32) or ``None`` when the method takes no base.
+* ``models`` are the non-base inputs' tensors (float32), in recipe order.
+* ``p`` holds resolved parameters: global ones as scalars (``p.lambda_`` / ``p["lambda"]``), per-model
+  ones as lists with one entry per element of ``models`` (``p["weight"][i]``).
+* ``ctx`` carries the tensor name, layer index, a seeded random generator per model, the result of a
+  statistics pass (``ctx.stats``) for global methods, and the compute device.
+
+Methods never touch files. They are declared with :func:`register` in one file each under
+``mergesmith/methods/``; the registry imports every module of the package on first use.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import pkgutil
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal, Sequence
+
+import torch
+
+Granularity = Literal["element", "row", "tensor", "spectral", "block", "global"]
+BaseUse = Literal["required", "optional", "none"]
+
+
+class MergeError(ValueError):
+    """A user error: bad recipe, bad input or bad parameter. Message is one line plus the fix."""
+
+
+@dataclass(frozen=True)
+class Param:
+    """One parameter of a method.
+
+    scope: ``global`` (one value for the merge, may vary per tensor/layer) or ``model`` (one value per
+    non-base input model). ``required`` parameters have no default. ``choices`` restricts strings.
+    """
+
+    name: str
+    type: type = float
+    default: Any = None
+    scope: Literal["global", "model"] = "global"
+    help: str = ""
+    required: bool = False
+    choices: tuple | None = None
+
+    def coerce(self, value: Any, where: str) -> Any:
+        if value is None:
+            return None
+        try:
+            if self.type is bool:
+                if isinstance(value, str):
+                    low = value.strip().lower()
+                    if low in ("true", "1", "yes", "on"):
+                        return True
+                    if low in ("false", "0", "no", "off"):
+                        return False
+                    raise ValueError(value)
+                return bool(value)
+            if self.type is float:
+                return float(value)
+            if self.type is int:
+                if isinstance(value, float) and not value.is_integer():
+                    raise ValueError(value)
+                return int(value)
+            if self.type is str:
+                value = str(value)
+                if self.choices and value not in self.choices:
+                    raise MergeError(
+                        f"parameter '{self.name}' {where}: {value!r} is not one of {', '.join(self.choices)}"
+                    )
+                return value
+            return value
+        except MergeError:
+            raise
+        except (TypeError, ValueError):
+            raise MergeError(
+                f"parameter '{self.name}' {where}: {value!r} is not a valid {self.type.__name__}"
+            ) from None
+
+
+class Params(dict):
+    """Resolved parameters for one tensor. Attribute access maps ``lambda_`` to ``lambda``."""
+
+    def __getattr__(self, key: str) -> Any:
+        name = key[:-1] if key.endswith("_") else key
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(key) from None
+
+
+def seed_for(seed: int, name: str, index: int, chunk: int = 0) -> int:
+    """A 63-bit seed derived from (global seed, tensor name, model index, chunk): order independent."""
+    digest = hashlib.sha256(f"{seed}|{name}|{index}|{chunk}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+@dataclass
+class TensorContext:
+    """What a method may know about the tensor it merges, besides the values."""
+
+    name: str
+    layer: int | None = None
+    num_layers: int | None = None
+    seed: int = 0
+    device: torch.device | str = "cpu"
+    stats: Any = None
+    chunk: int = 0  # index of the row chunk when the engine splits a large element/row-wise tensor
+    shape: tuple = ()  # full tensor shape (the tensor given may be a row chunk)
+    extra: dict = field(default_factory=dict)
+
+    def generator(self, model_index: int) -> torch.Generator:
+        """A generator seeded by (seed, tensor name, model index, chunk), on ctx.device."""
+        g = torch.Generator(device=self.device)
+        g.manual_seed(seed_for(self.seed, self.name, model_index, self.chunk))
+        return g
+
+
+class GlobalStats:
+    """Whole-model statistics gathered by the engine before the apply pass.
+
+    The engine calls ``collect`` on every tensor of a pass (streaming), then ``reduce`` on the partial
+    results of that pass; it repeats for ``passes(params)`` passes. The final state is given to the
+    method as ``ctx.stats``. Implementations must hold O(1) state per tensor, never the tensors.
+    """
+
+    def passes(self, params: Params) -> int:
+        return 1
+
+    def init(self, params: Params, num_models: int) -> Any:
+        return None
+
+    def collect(self, pass_index: int, state: Any, ctx: TensorContext, base, models, p: Params) -> Any:
+        raise NotImplementedError
+
+    def reduce(self, pass_index: int, state: Any, partials: list) -> Any:
+        raise NotImplementedError
+
+
+MergeFn = Callable[[TensorContext, "torch.Tensor | None", "list[torch.Tensor]", Params], torch.Tensor]
+
+
+@dataclass
+class MethodSpec:
+    name: str
+    fn: MergeFn
+    paper: str
+    math: str
+    base: BaseUse
+    granularity: Granularity
+    params: tuple[Param, ...] = ()
+    aliases: tuple[str, ...] = ()
+    min_models: int = 1  # non-base inputs
+    max_models: int | None = None
+    stats: GlobalStats | Callable[[Params], GlobalStats | None] | None = None
+    mergekit: str = ""  # how to reproduce mergekit's behaviour, if it differs
+    chunkable: bool | None = None  # may the engine split tensors into row chunks? default: element/row
+    notes: str = ""
+    example: dict = field(default_factory=dict)  # parameters for a smoke run (tests, demo, docs)
+
+    def param(self, name: str) -> Param | None:
+        for p in self.params:
+            if p.name == name:
+                return p
+        return None
+
+    @property
+    def can_chunk(self) -> bool:
+        if self.chunkable is not None:
+            return self.chunkable
+        return self.granularity in ("element", "row") and self.stats is None
+
+    def stats_for(self, params: Params) -> GlobalStats | None:
+        if self.stats is None:
+            return None
+        if isinstance(self.stats, GlobalStats):
+            return self.stats
+        return self.stats(params)
+
+    def describe(self) -> str:
+        lines = [f"{self.name}" + (f"  (aliases: {', '.join(self.aliases)})" if self.aliases else "")]
+        lines.append(f"  paper:       {self.paper}")
+        lines.append(f"  base model:  {self.base}")
+        lines.append(f"  granularity: {self.granularity}")
+        n = f"{self.min_models}" + ("+" if self.max_models is None else (f"..{self.max_models}" if self.max_models != self.min_models else ""))
+        lines.append(f"  inputs:      {n} model(s) besides the base")
+        lines.append("  math:        " + self.math.strip().replace("\n", "\n               "))
+        if self.params:
+            lines.append("  parameters:")
+            for p in self.params:
+                d = "required" if p.required else f"default {p.default!r}"
+                ch = f" one of {list(p.choices)}" if p.choices else ""
+                lines.append(f"    {p.name:<18} {p.scope:<6} {p.type.__name__:<5} {d}{ch}  {p.help}")
+        if self.mergekit:
+            lines.append("  mergekit:    " + self.mergekit.strip())
+        if self.notes:
+            lines.append("  notes:       " + self.notes.strip())
+        return "\n".join(lines)
+
+
+_REGISTRY: dict[str, MethodSpec] = {}
+_ALIASES: dict[str, str] = {}
+_LOADED = False
+
+
+def register(
+    name: str,
+    *,
+    paper: str,
+    math: str,
+    base: BaseUse,
+    granularity: Granularity,
+    params: Sequence[Param] = (),
+    aliases: Sequence[str] = (),
+    min_models: int = 1,
+    max_models: int | None = None,
+    stats=None,
+    mergekit: str = "",
+    chunkable: bool | None = None,
+    notes: str = "",
+    example: dict | None = None,
+):
+    """Decorator that registers a tensor-level merge function under ``name``."""
+
+    def deco(fn: MergeFn) -> MergeFn:
+        spec = MethodSpec(
+            name=name, fn=fn, paper=paper, math=math, base=base, granularity=granularity,
+            params=tuple(params), aliases=tuple(aliases), min_models=min_models, max_models=max_models,
+            stats=stats, mergekit=mergekit, chunkable=chunkable, notes=notes,
+            example=dict(example or {}),
+        )
+        if name in _REGISTRY and _REGISTRY[name].fn is not fn:
+            raise RuntimeError(f"merge method {name!r} registered twice")
+        _REGISTRY[name] = spec
+        for a in spec.aliases:
+            _ALIASES[a] = name
+        fn.spec = spec  # type: ignore[attr-defined]
+        return fn
+
+    return deco
+
+
+def _load_all() -> None:
+    global _LOADED
+    if _LOADED:
+        return
+    import mergesmith.methods as pkg
+
+    for mod in pkgutil.iter_modules(pkg.__path__):
+        if mod.name in ("base", "kernels") or mod.name.startswith("_"):
+            continue
+        importlib.import_module(f"mergesmith.methods.{mod.name}")
+    _LOADED = True
+
+
+def get_method(name: str) -> MethodSpec:
+    _load_all()
+    key = str(name).strip().lower()
+    key = _ALIASES.get(key, key)
+    if key not in _REGISTRY:
+        import difflib
+
+        close = difflib.get_close_matches(key, list(_REGISTRY) + list(_ALIASES), n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else " Run `mergesmith methods` for the list."
+        raise MergeError(f"unknown merge method '{name}'.{hint}")
+    return _REGISTRY[key]
+
+
+def list_methods() -> list[MethodSpec]:
+    _load_all()
+    return sorted(_REGISTRY.values(), key=lambda s: s.name)

@@ -1,0 +1,154 @@
+"""Shared tensor kernels: magnitude masks, random drop masks, sign election, disjoint merge, rescaling.
+
+Every method reuses these; none re-implements them. All functions take and return float32 tensors.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def task_vectors(base: torch.Tensor, models: list[torch.Tensor]) -> list[torch.Tensor]:
+    """tau_i = theta_i - theta_0."""
+    return [m - base for m in models]
+
+
+def magnitude_threshold(x: torch.Tensor, density: float) -> torch.Tensor:
+    """The k-th largest |x| (k = max(1, int(density * numel))) as a 0-d tensor; ties at it are kept by
+    ``>=`` comparisons. Uses kthvalue (O(n)), not a full argsort."""
+    flat = x.reshape(-1).abs()
+    n = flat.numel()
+    k = max(1, int(density * n))
+    return torch.kthvalue(flat, n - k + 1).values
+
+
+def topk_mask(x: torch.Tensor, density: float, exact: bool = True) -> torch.Tensor:
+    """Boolean mask of the top ``density`` fraction of |x| over the whole tensor.
+
+    exact=True keeps exactly k = max(1, int(density*numel)) entries (mergekit/PEFT; ties broken by
+    index); exact=False keeps every entry with |x| >= the k-th largest value (official TIES code).
+    density >= 1 keeps all, density <= 0 keeps none.
+    """
+    if density >= 1:
+        return torch.ones_like(x, dtype=torch.bool)
+    if density <= 0 or x.numel() == 0:
+        return torch.zeros_like(x, dtype=torch.bool)
+    flat = x.reshape(-1).abs()
+    n = flat.numel()
+    k = max(1, int(density * n))
+    if not exact:
+        thr = torch.kthvalue(flat, n - k + 1).values
+        return (flat >= thr).reshape(x.shape)
+    idx = torch.topk(flat, k, sorted=False).indices
+    mask = torch.zeros(n, dtype=torch.bool, device=x.device)
+    mask[idx] = True
+    return mask.reshape(x.shape)
+
+
+def rowwise_topk_mask(x: torch.Tensor, density: float) -> torch.Tensor:
+    """Top ``density`` fraction of |x| within each row (last dim); 0-d/1-D tensors are one row."""
+    if density >= 1:
+        return torch.ones_like(x, dtype=torch.bool)
+    rows = x.reshape(-1, x.shape[-1]) if x.dim() >= 1 else x.reshape(1, 1)
+    n = rows.shape[-1]
+    k = int(density * n)
+    mask = torch.zeros_like(rows, dtype=torch.bool)
+    if k > 0:
+        idx = torch.topk(rows.abs(), k, dim=-1, sorted=False).indices
+        mask.scatter_(-1, idx, True)
+    return mask.reshape(x.shape)
+
+
+def bernoulli_mask(shape, keep_prob: float | torch.Tensor, generator: torch.Generator, device=None) -> torch.Tensor:
+    """Boolean i.i.d. keep mask: each entry kept with probability ``keep_prob`` (scalar or tensor)."""
+    if isinstance(keep_prob, torch.Tensor):
+        probs = keep_prob.to(torch.float32)
+    else:
+        probs = torch.full(tuple(shape), float(keep_prob), dtype=torch.float32, device=device)
+    return torch.bernoulli(probs, generator=generator).to(torch.bool)
+
+
+def rescale(original: torch.Tensor, pruned: torch.Tensor, mode: str, keep_prob=None) -> torch.Tensor:
+    """Rescale a pruned task vector.
+
+    mode: ``inverse_keep_prob`` (the paper's 1/(1-p), per element when keep_prob is a tensor),
+    ``l1`` / ``l2`` (match the norm of the original over the tensor, mergekit's default is l1;
+    skipped when a norm is below 1e-7), ``none``.
+    """
+    if mode == "none":
+        return pruned
+    if mode == "inverse_keep_prob":
+        if keep_prob is None:
+            raise ValueError("inverse_keep_prob rescale needs keep_prob")
+        if isinstance(keep_prob, torch.Tensor):
+            return torch.where(keep_prob > 0, pruned / keep_prob.clamp_min(1e-12), torch.zeros_like(pruned))
+        if keep_prob <= 0:
+            return torch.zeros_like(pruned)
+        return pruned / keep_prob
+    order = {"l1": 1, "l2": 2}[mode]
+    n0 = torch.linalg.vector_norm(original.reshape(-1), ord=order)
+    n1 = torch.linalg.vector_norm(pruned.reshape(-1), ord=order)
+    if n0 < 1e-7 or n1 < 1e-7:
+        return pruned
+    return pruned * (n0 / n1)
+
+
+def elect_sign(deltas: torch.Tensor, rule: str = "mass", zero_fallback: str = "majority") -> torch.Tensor:
+    """Elected sign per coordinate from stacked deltas [N, ...].
+
+    rule ``mass``: sign of the sum (TIES paper); ``count``: sign of the sum of signs.
+    zero_fallback ``majority``: coordinates whose elected sign is 0 take the sign of the sum of all
+    elected signs (official TIES); ``positive``: they take +1 (mergekit/PEFT).
+    """
+    if rule == "mass":
+        s = torch.sign(deltas.sum(dim=0))
+    elif rule == "count":
+        s = torch.sign(torch.sign(deltas).sum(dim=0))
+    else:
+        raise ValueError(f"unknown sign rule {rule!r}")
+    if zero_fallback == "majority":
+        major = torch.sign(s.sum())
+        if major == 0:
+            major = torch.tensor(1.0, device=s.device)
+        s = torch.where(s == 0, major, s)
+    elif zero_fallback == "positive":
+        s = torch.where(s == 0, torch.ones_like(s), s)
+    return s
+
+
+def disjoint_merge(
+    deltas: torch.Tensor,
+    sign: torch.Tensor,
+    agg: str = "mean",
+    weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Combine stacked (already weighted, if desired) deltas [N, ...] keeping entries whose sign agrees
+    with ``sign``. agg ``mean``: divide by the count of agreeing non-zeros (TIES dis-mean); ``sum``;
+    ``max``: the agreeing entry of largest magnitude; ``weighted_mean``: divide by the sum of the
+    agreeing models' ``weights`` (mergekit's normalize=True), 1 where that sum is 0.
+    """
+    agree = (torch.sign(deltas) == sign.unsqueeze(0)) & (deltas != 0)
+    kept = deltas * agree
+    if agg == "sum":
+        return kept.sum(dim=0)
+    if agg == "mean":
+        return kept.sum(dim=0) / agree.sum(dim=0).clamp_min(1)
+    if agg == "max":
+        idx = kept.abs().argmax(dim=0, keepdim=True)
+        return kept.gather(0, idx).squeeze(0)
+    if agg == "weighted_mean":
+        if weights is None:
+            raise ValueError("weighted_mean needs weights")
+        w = weights.reshape((-1,) + (1,) * (deltas.dim() - 1)).to(deltas)
+        div = (agree * w).sum(dim=0)
+        div = torch.where(div == 0, torch.ones_like(div), div)
+        return kept.sum(dim=0) / div
+    raise ValueError(f"unknown aggregation {agg!r}")
+
+
+def float_bits(x: torch.Tensor) -> torch.Tensor:
+    """Monotone int32 key of non-negative float32 values (IEEE-754 order equals integer order)."""
+    return x.to(torch.float32).contiguous().view(torch.int32)
+
+
+def bits_to_float(bits: int) -> float:
+    return torch.tensor([bits], dtype=torch.int32).view(torch.float32).item()

@@ -1,0 +1,44 @@
+"""Task Arithmetic.
+
+Ilharco et al., "Editing Models with Task Arithmetic", ICLR 2023 (arXiv 2212.04089).
+
+tau_i = theta_i - theta_0
+theta = theta_0 + lambda * sum_i w_i tau_i            (normalize=False, default)
+theta = theta_0 + lambda * sum_i w_i tau_i / sum_i w_i (normalize=True)
+
+Negative weights give forgetting (task negation): theta_0 - lambda * tau.
+The paper tunes lambda on validation; without validation 0.3 is the usual 8-task default. Our
+default lambda=1 with weight 1 matches mergekit's `task_arithmetic`.
+"""
+from __future__ import annotations
+
+import torch
+
+from .base import MergeError, Param, register
+
+
+@register(
+    "task_arithmetic",
+    aliases=("ta", "task_vector"),
+    paper="Ilharco et al., Editing Models with Task Arithmetic, ICLR 2023 (arXiv 2212.04089)",
+    math="theta = theta_0 + lambda * sum_i w_i (theta_i - theta_0)  [/ sum_i w_i if normalize]",
+    base="required",
+    granularity="element",
+    params=(
+        Param("weight", float, 1.0, scope="model", help="per-model weight; negative = forgetting"),
+        Param("lambda", float, 1.0, help="scaling of the summed task vector (paper: tuned, ~0.3 for 8 tasks)"),
+        Param("normalize", bool, False, help="divide by the sum of weights"),
+    ),
+    mergekit="identical to mergekit `task_arithmetic` (density 1).",
+)
+def task_arithmetic(ctx, base, models, p):
+    w = p["weight"]
+    delta = torch.zeros_like(base)
+    for wi, m in zip(w, models):
+        delta.add_(m - base, alpha=wi)
+    if p["normalize"]:
+        total = sum(w)
+        if abs(total) < 1e-12:
+            raise MergeError("task_arithmetic: the weights sum to 0 with normalize=true")
+        delta.div_(total)
+    return base + p["lambda"] * delta

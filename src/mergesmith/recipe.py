@@ -1,0 +1,247 @@
+"""Recipe schema (a superset of mergekit's YAML) and parameter resolution.
+
+Parameter values, as in mergekit:
+
+* a scalar: used as is;
+* a list of numbers: a *gradient*, interpolated piecewise-linearly over the layers of a slice at
+  ``t = layer / (n_layers - 1)``; tensors outside the layer stack use ``t = 0`` and a one-layer slice
+  uses ``t = 1`` (mergekit's behaviour, kept for recipe compatibility);
+* a list of ``{filter: substring, value: ...}``: the first entry whose filter is a substring of the
+  tensor name wins; an entry without filter (or ``"*"``) is the fallback.
+
+Precedence, highest first: slice source / model parameters, slice parameters, top-level parameters.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .methods.base import MergeError, MethodSpec, Param, Params
+
+DTYPES = {
+    "float32": "float32", "fp32": "float32", "float": "float32",
+    "float16": "float16", "fp16": "float16", "half": "float16",
+    "bfloat16": "bfloat16", "bf16": "bfloat16",
+    "float64": "float64", "fp64": "float64",
+}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class ModelEntry(_Strict):
+    model: Any
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model_ref(cls, v):
+        if isinstance(v, dict):  # mergekit object form {model: {path: ...}, lora: {path: ...}}
+            m = v.get("model", v)
+            path = m.get("path") if isinstance(m, dict) else m
+            lora = v.get("lora")
+            lora = lora.get("path") if isinstance(lora, dict) else lora
+            if not path:
+                raise ValueError("model object needs a path")
+            return f"{path}+{lora}" if lora else str(path)
+        return v
+
+
+class SliceSource(_Strict):
+    model: str
+    layer_range: tuple[int, int]
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+
+class Slice(_Strict):
+    sources: list[SliceSource]
+    base_model: Optional[str] = None
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    residual_weight: Optional[float] = None  # accepted for mergekit compatibility; unused there too
+
+
+class Recipe(_Strict):
+    merge_method: str
+    models: Optional[list[ModelEntry]] = None
+    slices: Optional[list[Slice]] = None
+    base_model: Optional[str] = None
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    dtype: Optional[str] = None
+    out_dtype: Optional[str] = None
+    tokenizer_source: Optional[str] = None
+    tokenizer: Optional[dict] = None
+    chat_template: Optional[str] = None
+    seed: int = Field(default=0, alias="random_seed")
+    name: Optional[str] = None
+    embed_policy: str = "error"  # error | truncate: how to treat vocabulary-size mismatches
+    layer_pattern: Optional[str] = None  # regex with one group = layer index, overrides auto-detection
+
+    @model_validator(mode="before")
+    @classmethod
+    def _aliases(cls, data):
+        if isinstance(data, dict):
+            if "seed" in data and "random_seed" not in data:
+                data = dict(data)
+                data["random_seed"] = data.pop("seed")
+            if "modules" in data:
+                raise ValueError("the `modules:` form (multi-module architectures) is not supported yet; use `models:` or `slices:`")
+        return data
+
+    @model_validator(mode="after")
+    def _check(self):
+        if (self.models is None) == (self.slices is None):
+            raise ValueError("give exactly one of `models:` or `slices:`")
+        for key in ("dtype", "out_dtype"):
+            v = getattr(self, key)
+            if v is not None and v not in DTYPES:
+                raise ValueError(f"{key}: unknown dtype '{v}' (use float32, float16 or bfloat16)")
+        if self.embed_policy not in ("error", "truncate"):
+            raise ValueError("embed_policy must be 'error' or 'truncate'")
+        if self.tokenizer is not None and self.tokenizer_source is not None:
+            raise ValueError("give either `tokenizer:` or `tokenizer_source:`, not both")
+        if self.tokenizer is not None:
+            extra = set(self.tokenizer) - {"source"}
+            if extra:
+                raise ValueError(f"tokenizer: only `source` is supported (got {sorted(extra)}); vocabulary union is not implemented")
+        for s in self.slices or []:
+            for src in s.sources:
+                a, b = src.layer_range
+                if a < 0 or b <= a:
+                    raise ValueError(f"invalid layer_range [{a}, {b}] for {src.model}: need 0 <= start < end")
+            lens = {src.layer_range[1] - src.layer_range[0] for src in s.sources}
+            if len(lens) > 1:
+                raise ValueError(f"all sources of a slice need the same number of layers, got {sorted(lens)}")
+        return self
+
+    @property
+    def tokenizer_donor(self) -> Optional[str]:
+        if self.tokenizer is not None:
+            return self.tokenizer.get("source")
+        return self.tokenizer_source
+
+
+def load_recipe(source: Union[str, Path, dict, Recipe]) -> Recipe:
+    """Parse a recipe from a YAML file path, YAML text, a dict, or return a Recipe as is."""
+    if isinstance(source, Recipe):
+        return source
+    if isinstance(source, (str, Path)) and not isinstance(source, dict):
+        import yaml
+
+        text = source
+        p = Path(str(source))
+        if "\n" not in str(source) and p.suffix in (".yml", ".yaml", ".json"):
+            if not p.exists():
+                raise MergeError(f"recipe not found: {source}")
+            text = p.read_text()
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise MergeError(f"recipe is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise MergeError("recipe must be a mapping with at least `merge_method` and `models:` or `slices:`")
+        source = data
+    try:
+        return Recipe.model_validate(source)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(x) for x in err["loc"]) or "recipe"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (not part of the recipe schema)"
+        raise MergeError(f"recipe: {loc}: {msg}") from None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Value resolution
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _interp(values: list, t: float):
+    if all(_is_number(v) for v in values):
+        if len(values) == 1:
+            return values[0]
+        pos = t * (len(values) - 1)
+        i = min(int(pos), len(values) - 2)
+        frac = pos - i
+        return values[i] * (1 - frac) + values[i + 1] * frac
+    return values[min(int(t * (len(values) - 1)), len(values) - 1)]
+
+
+def evaluate_setting(value: Any, tensor_name: str, t: float) -> Any:
+    """Resolve one parameter value for a tensor (see module docstring). ``None`` if no filter matched."""
+    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        for entry in value:
+            f = entry.get("filter")
+            if f is None or f == "*" or str(f) in tensor_name:
+                return evaluate_setting(entry.get("value"), tensor_name, t)
+        return None
+    if isinstance(value, list):
+        if not value:
+            return None
+        value = [float(v) if isinstance(v, str) and _looks_float(v) else v for v in value]
+        return _interp(value, t)
+    if isinstance(value, str) and _looks_float(value):
+        return float(value)
+    return value
+
+
+def _looks_float(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
+
+
+def validate_param_names(spec: MethodSpec, names, where: str) -> None:
+    known = {p.name for p in spec.params}
+    for n in names:
+        if n not in known:
+            import difflib
+
+            close = difflib.get_close_matches(n, known, n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else (
+                f" Known: {', '.join(sorted(known))}." if known else " It takes no parameters.")
+            raise MergeError(f"unknown parameter '{n}' for method '{spec.name}' {where}.{hint}")
+
+
+def resolve_params(
+    spec: MethodSpec,
+    tensor_name: str,
+    t: float,
+    global_layers: list[dict],
+    model_layers: list[list[dict]],
+) -> Params:
+    """Resolve every parameter of ``spec`` for one tensor.
+
+    global_layers: parameter dicts, highest precedence first (e.g. [slice.parameters, recipe.parameters]).
+    model_layers: for each non-base model, its parameter dicts, highest precedence first; global dicts
+    are consulted after them (mergekit lets `weight: 0.5` at top level apply to every model).
+    """
+    out = Params()
+    for p in spec.params:
+        if p.scope == "global":
+            out[p.name] = _lookup(p, tensor_name, t, global_layers, "")
+        else:
+            vals = []
+            for i, layers in enumerate(model_layers):
+                vals.append(_lookup(p, tensor_name, t, list(layers) + list(global_layers), f"for model {i}"))
+            out[p.name] = vals
+    return out
+
+
+def _lookup(p: Param, tensor_name: str, t: float, layers: list[dict], who: str):
+    for layer in layers:
+        if p.name in layer:
+            v = evaluate_setting(layer[p.name], tensor_name, t)
+            if v is not None:
+                return p.coerce(v, f"{who} at {tensor_name}".strip())
+    if p.required:
+        raise MergeError(f"missing required parameter '{p.name}' {who} for {tensor_name}".replace("  ", " "))
+    return p.default
