@@ -69,3 +69,72 @@ def _check_counts(spec, n: int, has_base: bool) -> None:
         raise MergeError(f"method '{spec.name}' needs at least {spec.min_models} model(s) besides the base, got {n}")
     if spec.max_models is not None and n > spec.max_models:
         raise MergeError(f"method '{spec.name}' takes at most {spec.max_models} model(s) besides the base, got {n}")
+
+
+def merge_state_dicts(
+    method: str,
+    models: Sequence[Mapping[str, torch.Tensor] | torch.nn.Module | str],
+    base: Mapping[str, torch.Tensor] | torch.nn.Module | str | None = None,
+    *,
+    seed: int = 0,
+    dtype: str | None = None,
+    device: str = "cpu",
+    embed_policy: str = "error",
+    **params,
+) -> dict[str, torch.Tensor]:
+    """Merge in memory through the same planner and engine as a recipe.
+
+    ``models``/``base``: state dicts, nn.Modules, or checkpoint paths. ``params``: the method's
+    parameters; a per-model parameter given as a list with one entry per model is split across models,
+    and any value may be a gradient list or filter list as in recipes. Returns the merged state dict.
+    """
+    from .engine import DictSink, execute
+    from .io.checkpoint import open_checkpoint
+    from .plan import Planner
+    from .recipe import Recipe
+
+    spec = get_method(method)
+    if not models:
+        raise MergeError("merge_state_dicts: give at least one model")
+    objs: dict[str, Any] = {}
+
+    def ref(obj, label):
+        objs[label] = obj
+        return label
+
+    entries = []
+    n = len(models)
+    glob: dict[str, Any] = {}
+    per_model: list[dict] = [dict() for _ in range(n)]
+    validate_param_names(spec, params, "")
+    for k, v in params.items():
+        p = spec.param(k)
+        if p.scope == "model" and isinstance(v, (list, tuple)) and len(v) == n and not (v and all(isinstance(x, dict) for x in v)):
+            for i in range(n):
+                per_model[i][k] = v[i]
+        else:
+            glob[k] = v
+    for i, m in enumerate(models):
+        entries.append({"model": ref(m, f"model_{i}") if not isinstance(m, str) else m, "parameters": per_model[i]})
+    data: dict[str, Any] = {"merge_method": method, "models": entries, "parameters": glob, "random_seed": seed,
+                            "embed_policy": embed_policy}
+    if base is not None:
+        data["base_model"] = ref(base, "base") if not isinstance(base, str) else base
+    if dtype is not None:
+        data["dtype"] = dtype
+    recipe = Recipe.model_validate(data)
+
+    def opener(r):
+        return open_checkpoint(objs[r], label=r) if r in objs else open_checkpoint(r)
+
+    plan = Planner(recipe, opener=opener).build()
+    sink = DictSink(plan)
+    execute(plan, sink, device=device)
+    return sink.tensors
+
+
+def merge(recipe, out, **options):
+    """Run a recipe (YAML path, YAML text, dict or Recipe) into the folder ``out``; see run.run_recipe."""
+    from .run import run_recipe
+
+    return run_recipe(recipe, out, **options)

@@ -152,3 +152,33 @@ def float_bits(x: torch.Tensor) -> torch.Tensor:
 
 def bits_to_float(bits: int) -> float:
     return torch.tensor([bits], dtype=torch.int32).view(torch.float32).item()
+
+
+def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = 0.9995, eps: float = 1e-8) -> torch.Tensor:
+    """Spherical interpolation of each vector along the last dim (``reshape(1, -1)`` for a whole tensor).
+
+    Shoemake 1985: d = <v0/|v0|, v1/|v1|> (a norm <= eps is not normalised), Omega = arccos(clamp(d)),
+    out = sin((1-t)Omega)/sin(Omega) v0 + sin(t Omega)/sin(Omega) v1 on the *unnormalised* vectors.
+    Vectors with |d| > dot_threshold (colinear or antipodal) or sin(Omega) < 1e-8 are lerped instead.
+    """
+    n0 = torch.linalg.vector_norm(v0, dim=-1, keepdim=True)
+    n1 = torch.linalg.vector_norm(v1, dim=-1, keepdim=True)
+    one = torch.ones_like(n0)
+    denom = torch.where(n0 > eps, n0, one) * torch.where(n1 > eps, n1, one)
+    dot = ((v0 * v1).sum(dim=-1, keepdim=True) / denom).clamp(-1.0, 1.0)
+    omega = torch.arccos(dot)
+    sin_omega = torch.sin(omega)
+    lerp = (dot.abs() > dot_threshold) | (sin_omega.abs() < 1e-8)
+    safe = torch.where(lerp, one, sin_omega)
+    c0 = torch.where(lerp, one * (1.0 - t), torch.sin((1.0 - t) * omega) / safe)
+    c1 = torch.where(lerp, one * t, torch.sin(t * omega) / safe)
+    return c0 * v0 + c1 * v1
+
+
+def tall_masks(deltas: torch.Tensor, merged: torch.Tensor, lambdas, strict: bool = False) -> torch.Tensor:
+    """TALL masks (Wang et al., ICML 2024) from stacked task vectors [N, ...] and the merged vector:
+    m_t = |tau_t| >= lambda_t * |merged - tau_t| (paper; strict=True gives the official code's ``>``).
+    ``lambdas``: one scalar or one per task. Returns bool [N, ...]."""
+    lam = torch.as_tensor(lambdas, dtype=deltas.dtype, device=deltas.device).reshape((-1,) + (1,) * (deltas.dim() - 1))
+    other = (merged.unsqueeze(0) - deltas).abs() * lam
+    return deltas.abs() > other if strict else deltas.abs() >= other

@@ -1,0 +1,215 @@
+"""Executor: streams a Plan's jobs through a method and into a sink.
+
+* A reader thread prefetches the next unit's input tensors (safetensors are memory-mapped).
+* Compute runs on the chosen device in float32 (torch uses all intra-op threads).
+* A writer thread writes finished tensors (the sink writes each at its planned offset).
+* Element- and row-wise methods get large tensors in row chunks, so memory stays bounded by a few
+  chunks per input model — independent of model size.
+* Methods with whole-model statistics get one or more statistics passes first (streaming).
+
+Randomness is seeded per (seed, tensor name, model index, chunk) and chunk boundaries depend only on
+the tensor's shape, so output bytes do not depend on threads or device scheduling.
+"""
+from __future__ import annotations
+
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Iterator, Protocol
+
+import torch
+
+from .methods.base import TensorContext, get_method
+from .plan import InputRef, Plan, TensorJob
+
+CHUNK_ELEMENTS = 1 << 22  # 4M elements (16 MB in float32) per input per chunk
+
+
+class Sink(Protocol):
+    def write(self, name: str, tensor: torch.Tensor, row_offset_bytes: int = 0) -> None: ...
+
+
+class DictSink:
+    """Collects output tensors in memory (for merge_state_dicts)."""
+
+    def __init__(self, plan: Plan):
+        self.tensors = {j.out_name: torch.empty(j.shape, dtype=j.dtype) for j in plan.jobs}
+
+    def write(self, name: str, tensor: torch.Tensor, row_offset_bytes: int = 0) -> None:
+        out = self.tensors[name]
+        flat = out.reshape(-1).view(torch.uint8)
+        src = tensor.contiguous().reshape(-1).view(torch.uint8)
+        flat[row_offset_bytes : row_offset_bytes + src.numel()] = src
+
+
+@dataclass
+class Unit:
+    job: TensorJob
+    chunk: int
+    rows: tuple[int, int] | None  # row range of a chunk, None = whole tensor
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        from .methods.base import MergeError
+
+        raise MergeError("--device cuda was requested but no CUDA GPU is available")
+    return dev
+
+
+def units_of(job: TensorJob, chunkable: bool, chunk_elements: int = CHUNK_ELEMENTS) -> list[Unit]:
+    numel = 1
+    for s in job.shape:
+        numel *= s
+    if not chunkable or job.method is None or len(job.shape) < 2 or numel <= chunk_elements:
+        return [Unit(job, 0, None)]
+    row = numel // job.shape[0]
+    step = max(1, chunk_elements // row)
+    return [Unit(job, k, (a, min(a + step, job.shape[0]))) for k, a in enumerate(range(0, job.shape[0], step))]
+
+
+class Executor:
+    def __init__(self, plan: Plan, sink: Sink, device: str | torch.device | None = "cpu",
+                 threads: int | None = None, progress: bool = False, chunk_elements: int = CHUNK_ELEMENTS):
+        self.plan = plan
+        self.sink = sink
+        self.device = resolve_device(device)
+        self.threads = threads
+        self.progress = progress
+        self.chunk_elements = chunk_elements
+        self.spec = plan.method
+
+    # -- reading -----------------------------------------------------------------------------------
+    def _read(self, ref: InputRef, rows: tuple[int, int] | None) -> torch.Tensor:
+        ck = self.plan.inputs[ref.model]
+        if rows is None and ref.rows is not None:
+            rows = (0, ref.rows)
+        t = ck.get(ref.name, rows)
+        return t
+
+    def _load(self, unit: Unit):
+        job = unit.job
+        base = self._read(job.base, unit.rows) if job.base is not None else None
+        models = [self._read(r, unit.rows) for r in job.models]
+        if job.method is None:
+            return base, models
+        dev = self.device
+        nb = dev.type == "cuda"
+        base = base.to(dev, non_blocking=nb).to(torch.float32) if base is not None else None
+        models = [m.to(dev, non_blocking=nb).to(torch.float32) for m in models]
+        return base, models
+
+    def _ctx(self, unit: Unit, stats: Any) -> TensorContext:
+        j = unit.job
+        return TensorContext(name=j.out_name, layer=j.layer, num_layers=j.num_layers, seed=self.plan.seed,
+                             device=self.device, stats=stats, chunk=unit.chunk, shape=tuple(j.shape))
+
+    def _stream(self, units: list[Unit]) -> Iterator[tuple[Unit, Any]]:
+        """Yield (unit, loaded inputs) with the next unit prefetched in a reader thread."""
+        if not units:
+            return
+        with ThreadPoolExecutor(1, thread_name_prefix="mergesmith-read") as reader:
+            fut: Future = reader.submit(self._load, units[0])
+            for k, unit in enumerate(units):
+                data = fut.result()
+                if k + 1 < len(units):
+                    fut = reader.submit(self._load, units[k + 1])
+                yield unit, data
+
+    # -- passes ------------------------------------------------------------------------------------
+    def _statistics(self, merge_jobs: list[TensorJob]) -> Any:
+        if not merge_jobs:
+            return None
+        p0 = merge_jobs[0].params
+        gs = self.spec.stats_for(p0)
+        if gs is None:
+            return None
+        state = gs.init(p0, len(merge_jobs[0].models))
+        units = [Unit(j, 0, None) for j in merge_jobs]
+        for k in range(gs.passes(p0)):
+            partials = []
+            for unit, (base, models) in self._stream(units):
+                partials.append(gs.collect(k, state, self._ctx(unit, state), base, models, unit.job.params))
+            state = gs.reduce(k, state, partials)
+        return state
+
+    def run(self) -> None:
+        old_threads = torch.get_num_threads()
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        try:
+            self._run()
+        finally:
+            torch.set_num_threads(old_threads)
+
+    def _run(self) -> None:
+        merge_jobs = [j for j in self.plan.jobs if j.method is not None]
+        stats = self._statistics(merge_jobs)
+        chunkable = self.spec.can_chunk
+        units = [u for j in self.plan.jobs for u in units_of(j, chunkable, self.chunk_elements)]
+        bar = _Progress(self.progress, len(units), self.plan.method.name)
+        pending: list[Future] = []
+        error: list[BaseException] = []
+        lock = threading.Lock()
+        with ThreadPoolExecutor(1, thread_name_prefix="mergesmith-write") as writer:
+            try:
+                for unit, (base, models) in self._stream(units):
+                    out = self._compute(unit, base, models, stats)
+                    offset = 0
+                    if unit.rows is not None:
+                        row_bytes = out[0].numel() * out.element_size() if out.dim() else 0
+                        offset = unit.rows[0] * row_bytes
+                    # bound the write queue: at most 2 finished tensors waiting
+                    while len(pending) >= 2:
+                        pending.pop(0).result()
+                    pending.append(writer.submit(self.sink.write, unit.job.out_name, out, offset))
+                    bar.advance()
+                for f in pending:
+                    f.result()
+            except BaseException as e:  # noqa: BLE001 - re-raised after the writer drained
+                with lock:
+                    error.append(e)
+                for f in pending:
+                    f.cancel()
+                raise
+            finally:
+                bar.close()
+
+    def _compute(self, unit: Unit, base, models, stats) -> torch.Tensor:
+        job = unit.job
+        if job.method is None:
+            return models[0].to(job.dtype)
+        with torch.no_grad():
+            out = self.spec.fn(self._ctx(unit, stats), base, models, job.params)
+        expected = tuple(job.shape) if unit.rows is None else (unit.rows[1] - unit.rows[0],) + tuple(job.shape[1:])
+        if tuple(out.shape) != expected:
+            raise RuntimeError(f"method {self.spec.name} returned shape {tuple(out.shape)} for {job.out_name}, expected {expected}")
+        return out.to(job.dtype).to("cpu")
+
+
+class _Progress:
+    def __init__(self, enabled: bool, total: int, label: str):
+        self.p = None
+        if enabled and total > 0:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
+
+            self.p = Progress("[bold]{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                              TimeRemainingColumn(), transient=True)
+            self.p.start()
+            self.task = self.p.add_task(f"merging ({label})", total=total)
+
+    def advance(self):
+        if self.p is not None:
+            self.p.advance(self.task)
+
+    def close(self):
+        if self.p is not None:
+            self.p.stop()
+            self.p = None
+
+
+def execute(plan: Plan, sink: Sink, **kwargs) -> None:
+    Executor(plan, sink, **kwargs).run()

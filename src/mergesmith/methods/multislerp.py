@@ -1,0 +1,73 @@
+"""Multi-SLERP: one-step barycentric interpolation of N models on the hypersphere.
+
+Goddard, "Multi-SLERP" (goddard.blog/posts/multislerp-wow-what-a-cool-idea, 2025), mergekit `multislerp`.
+No paper; the construction is the first step of the Buss & Fillmore spherical-average iteration
+("Spherical averages and applications to spherical splines and interpolation", ACM TOG 2001).
+
+With x_i the flattened tensors (task vectors x_i - theta_0 when a base is given), weights w_i
+(divided by sum w when ``normalize_weights``):
+
+    u_i = x_i / (|x_i| + eps)                mu = sum w_i u_i / |sum w_i u_i|
+    g   = sum w_i (u_i - <u_i, mu> mu)       r  = cos|g| mu + sin|g| g/|g|   (r = mu when |g| < eps)
+    theta = (sum w_i |x_i|) r  [+ theta_0]
+
+If |sum w_i u_i| < eps (antipodal inputs that cancel): two models fall back to sum w_i x_i, more
+models are an error. For two equal-norm inputs with equal weights the result is slerp(0.5).
+"""
+from __future__ import annotations
+
+import torch
+
+from .base import MergeError, Param, register
+
+
+@register(
+    "multislerp",
+    aliases=("multi_slerp",),
+    paper="Goddard, Multi-SLERP (goddard.blog, 2025); mergekit `multislerp` (arXiv 2403.13257)",
+    math="mu = normalize(sum w_i u_i); r = exp_mu(sum w_i (u_i - <u_i,mu> mu)); theta = (sum w_i |x_i|) r",
+    base="optional",
+    granularity="tensor",
+    params=(
+        Param("weight", float, 1.0, scope="model", help="per-model weight"),
+        Param("normalize_weights", bool, True, help="divide the weights by their sum"),
+        Param("eps", float, 1e-8, help="numerical floor for norms"),
+    ),
+    min_models=1,
+    mergekit="identical to mergekit `multislerp` (mergekit requires every weight; ours default to 1). "
+    "mergekit adds eps to |g| inside the exponential map; we skip the map when |g| < eps (differs by O(eps)).",
+    notes="with a base the inputs are task vectors (theta_i - theta_0) and theta_0 is added back.",
+    example={},
+)
+def multislerp(ctx, base, models, p):
+    if len(models) == 1:
+        return models[0].clone()
+    eps = p["eps"]
+    shape = models[0].shape
+    x = torch.stack([m.reshape(-1) for m in models])
+    if base is not None:
+        x = x - base.reshape(1, -1)
+    w = torch.tensor(p["weight"], dtype=x.dtype, device=x.device)
+    if p["normalize_weights"]:
+        total = w.sum()
+        if total.abs() < 1e-12:
+            raise MergeError("multislerp: the weights sum to 0 with normalize_weights=true; change the weights")
+        w = w / total
+    norms = torch.linalg.vector_norm(x, dim=1)
+    u = x / (norms + eps).unsqueeze(1)
+    mean = w @ u
+    mean_norm = torch.linalg.vector_norm(mean)
+    if mean_norm < eps:
+        if len(models) != 2:
+            raise MergeError(
+                f"multislerp: the weighted unit vectors of '{ctx.name}' cancel out (antipodal inputs); change the weights"
+            )
+        out = w @ x
+    else:
+        mu = mean / mean_norm
+        g = mean - (w @ (u @ mu)) * mu  # = sum w_i (u_i - <u_i, mu> mu)
+        g_norm = torch.linalg.vector_norm(g)
+        r = mu if g_norm < eps else torch.cos(g_norm) * mu + torch.sin(g_norm) * (g / g_norm)
+        out = (w @ norms) * r
+    out = out.reshape(shape)
+    return out + base if base is not None else out

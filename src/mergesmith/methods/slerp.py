@@ -1,0 +1,41 @@
+"""SLERP: spherical linear interpolation between two models.
+
+Shoemake, "Animating rotation with quaternion curves", SIGGRAPH 1985; used for LLM merging by mergekit
+(Goddard et al., arXiv 2403.13257). There is no merging paper.
+
+The tensor is flattened to one vector per model. With v0 = base (the t=0 end, not a common ancestor) and
+v1 = the other model, d = <v0/|v0|, v1/|v1|> (norms <= 1e-8 are left unnormalised), Omega = arccos(d):
+
+    slerp(t) = sin((1-t) Omega)/sin(Omega) * v0 + sin(t Omega)/sin(Omega) * v1
+
+The coefficients multiply the unnormalised tensors, so norms are interpolated too. When |d| > 0.9995
+(colinear *or* antipodal) it falls back to lerp (1-t) v0 + t v1. d is clamped to [-1, 1] before arccos.
+"""
+from __future__ import annotations
+
+from .base import Param, register
+from .kernels import slerp as slerp_kernel
+
+DOT_THRESHOLD = 0.9995
+EPS = 1e-8
+
+
+@register(
+    "slerp",
+    paper="Shoemake, Animating rotation with quaternion curves, SIGGRAPH 1985 (as used by mergekit, arXiv 2403.13257)",
+    math="v = sin((1-t)W)/sin(W) base + sin(tW)/sin(W) model, W = angle of the flattened tensors; |cos W| > 0.9995 -> lerp",
+    base="required",
+    granularity="tensor",
+    params=(
+        Param("t", float, required=True, help="interpolation factor: 0 = base model, 1 = the other model"),
+    ),
+    min_models=1,
+    max_models=1,
+    mergekit="identical to mergekit `slerp` (base_model is the t=0 end; t may be a per-layer gradient).",
+    notes="the base is only an endpoint, not a common ancestor; exactly one other model.",
+    example={"t": 0.5},
+)
+def slerp(ctx, base, models, p):
+    v0, v1 = base, models[0]
+    out = slerp_kernel(float(p["t"]), v0.reshape(1, -1), v1.reshape(1, -1), DOT_THRESHOLD, EPS)
+    return out.reshape(v0.shape)

@@ -1,0 +1,386 @@
+"""Planner: from a recipe and the inputs' headers to an ordered list of tensor jobs.
+
+Only headers are read (names, shapes, dtypes). Every user error — unknown method or parameter, missing
+model or tensor, shape mismatch, missing base, bad layer ranges, missing required parameter — is
+raised here, before a byte of weights is read.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from .io.checkpoint import Checkpoint, open_checkpoint
+from .layers import layer_index, replace_layer_index
+from .methods.base import MergeError, MethodSpec, Params, get_method
+from .recipe import DTYPES, Recipe, resolve_params, validate_param_names
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+PRE_LAYER_HINTS = ("embed", "wte", "wpe", "word_embeddings", "position_embeddings", "token_type_embeddings", "shared.")
+
+
+@dataclass(frozen=True)
+class InputRef:
+    """One tensor of one input checkpoint; ``rows`` truncates dim 0 (vocabulary truncation)."""
+
+    model: int
+    name: str
+    rows: int | None = None
+
+
+@dataclass
+class TensorJob:
+    out_name: str
+    shape: tuple
+    dtype: torch.dtype
+    method: str | None  # None: copy models[0]
+    base: InputRef | None
+    models: list[InputRef]
+    params: Params
+    layer: int | None
+    num_layers: int | None
+
+    def describe_params(self) -> str:
+        if self.method is None:
+            return "copy"
+        parts = []
+        for k, v in self.params.items():
+            if isinstance(v, list):
+                v = "[" + ", ".join(_fmt(x) for x in v) + "]"
+            else:
+                v = _fmt(v)
+            parts.append(f"{k}={v}")
+        return " ".join(parts)
+
+
+def _fmt(x):
+    return f"{x:.4g}" if isinstance(x, float) else str(x)
+
+
+@dataclass
+class Plan:
+    method: MethodSpec
+    inputs: list[Checkpoint]
+    jobs: list[TensorJob]
+    seed: int
+    config: dict | None
+    recipe: Recipe | None = None
+    tokenizer_donor: Checkpoint | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def output_bytes(self) -> int:
+        total = 0
+        for j in self.jobs:
+            n = 1
+            for s in j.shape:
+                n *= s
+            total += n * torch.empty((), dtype=j.dtype).element_size()
+        return total
+
+    def entries(self) -> dict[str, tuple[tuple, torch.dtype]]:
+        return {j.out_name: (j.shape, j.dtype) for j in self.jobs}
+
+    def describe(self) -> str:
+        lines = [f"method: {self.method.name}   seed: {self.seed}"]
+        for i, c in enumerate(self.inputs):
+            lines.append(f"input {i}: {c.label}")
+        lines.append(f"{len(self.jobs)} output tensors, {self.output_bytes / 1e6:.1f} MB")
+        for w in self.warnings:
+            lines.append(f"warning: {w}")
+        for j in self.jobs:
+            src = ", ".join(f"{r.model}:{r.name}" for r in ([j.base] if j.base else []) + j.models)
+            dt = str(j.dtype).replace("torch.", "")
+            lines.append(f"  {j.out_name}  {list(j.shape)} {dt}  <- {j.method or 'copy'}({src})  {j.describe_params()}")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {
+            "method": self.method.name,
+            "seed": self.seed,
+            "inputs": [c.label for c in self.inputs],
+            "jobs": [
+                {
+                    "name": j.out_name, "shape": list(j.shape), "dtype": str(j.dtype).replace("torch.", ""),
+                    "method": j.method, "base": j.base.__dict__ if j.base else None,
+                    "models": [r.__dict__ for r in j.models], "params": dict(j.params), "layer": j.layer,
+                }
+                for j in self.jobs
+            ],
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
+
+
+def num_layers_of(ckpt: Checkpoint, pattern=None) -> int | None:
+    cfg = ckpt.config or {}
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        if isinstance(cfg.get(key), int):
+            return cfg[key]
+    idx = [layer_index(k, pattern) for k in ckpt.keys()]
+    idx = [i for i in idx if i is not None]
+    return max(idx) + 1 if idx else None
+
+
+def _t_of(layer: int | None, n: int | None) -> float:
+    """mergekit's gradient position: layer/(n-1); outside the stack 0; a one-layer stack 1."""
+    if layer is None or n is None:
+        return 0.0
+    return 1.0 if n <= 1 else layer / (n - 1)
+
+
+def _tied(ckpt: Checkpoint) -> bool:
+    cfg = ckpt.config or {}
+    tied = cfg.get("tie_word_embeddings")
+    if tied is None and isinstance(cfg.get("text_config"), dict):
+        tied = cfg["text_config"].get("tie_word_embeddings")
+    return bool(tied)
+
+
+def _is_embedding_like(name: str) -> bool:
+    n = name.lower()
+    return any(h in n for h in ("embed", "wte", "lm_head", "output.weight", "word_embeddings"))
+
+
+class Planner:
+    """Build a :class:`Plan`. ``opener`` maps a model reference to a Checkpoint (headers only)."""
+
+    def __init__(self, recipe: Recipe, opener: Callable[[Any], Checkpoint] = open_checkpoint, seed: int | None = None):
+        self.recipe = recipe
+        self.opener = opener
+        self.seed = recipe.seed if seed is None else seed
+        self._open: dict[str, int] = {}
+        self.inputs: list[Checkpoint] = []
+        self.warnings: list[str] = []
+
+    # -- inputs -------------------------------------------------------------------------------------
+    def _input(self, ref: Any) -> int:
+        key = ref if isinstance(ref, str) else f"obj:{id(ref)}"
+        if key not in self._open:
+            self._open[key] = len(self.inputs)
+            self.inputs.append(self.opener(ref))
+        return self._open[key]
+
+    # -- main ---------------------------------------------------------------------------------------
+    def build(self) -> Plan:
+        r = self.recipe
+        spec = get_method(r.merge_method)
+        self._validate_param_names(spec)
+        out_dtype = getattr(torch, DTYPES[r.out_dtype or r.dtype]) if (r.out_dtype or r.dtype) else None
+        if r.tokenizer_donor == "union":
+            raise MergeError("tokenizer_source: union (vocabulary merging) is not supported yet; use base or a model path")
+        if r.slices is not None:
+            jobs, ref, cfg = self._plan_slices(spec, out_dtype)
+        else:
+            jobs, ref, cfg = self._plan_models(spec, out_dtype)
+        if not jobs:
+            raise MergeError("the plan is empty: no tensors to write")
+        donor = None
+        tok = r.tokenizer_donor
+        if tok in (None, "base"):
+            donor = ref
+        else:
+            donor = self.inputs[self._input(tok)] if tok not in self._open else self.inputs[self._open[tok]]
+        if cfg is not None:
+            cfg = dict(cfg)
+            dt = jobs_dtype(jobs)
+            if dt is not None:
+                name = str(dt).replace("torch.", "")
+                cfg["torch_dtype"] = name
+                if "dtype" in cfg or "transformers_version" in cfg:
+                    cfg["dtype"] = name
+        return Plan(method=spec, inputs=self.inputs, jobs=jobs, seed=self.seed, config=cfg, recipe=r,
+                    tokenizer_donor=donor, warnings=self.warnings)
+
+    def _validate_param_names(self, spec: MethodSpec) -> None:
+        r = self.recipe
+        validate_param_names(spec, r.parameters, "in `parameters`")
+        entries = [(m.model, m.parameters) for m in (r.models or [])]
+        for s in r.slices or []:
+            validate_param_names(spec, s.parameters, "in a slice's `parameters`")
+            entries += [(src.model, src.parameters) for src in s.sources]
+        for model, params in entries:
+            validate_param_names(spec, params, f"for model {model}")
+            for k in params:
+                if spec.param(k).scope == "global":
+                    raise MergeError(
+                        f"parameter '{k}' of '{spec.name}' is global; set it under top-level `parameters`, not for model {model}"
+                    )
+
+    def _check_counts(self, spec: MethodSpec, n: int, has_base: bool, where: str = "") -> None:
+        if spec.base == "required" and not has_base:
+            raise MergeError(f"method '{spec.name}' needs a base model: set `base_model`{where}")
+        if n < spec.min_models:
+            raise MergeError(f"method '{spec.name}' needs at least {spec.min_models} model(s) besides the base, got {n}{where}")
+        if spec.max_models is not None and n > spec.max_models:
+            raise MergeError(f"method '{spec.name}' takes at most {spec.max_models} model(s) besides the base, got {n}{where}")
+
+    # -- models: whole-model merge ------------------------------------------------------------------
+    def _plan_models(self, spec: MethodSpec, out_dtype):
+        r = self.recipe
+        entries = list(r.models or [])
+        base_idx = None
+        base_ref = r.base_model
+        if base_ref is not None and spec.base != "none":
+            base_idx = self._input(base_ref)
+            entries = [e for e in entries if e.model != base_ref]
+        elif base_ref is not None and not any(e.model == base_ref for e in entries):
+            from .recipe import ModelEntry
+
+            entries.append(ModelEntry(model=base_ref))  # base-free method: the base is one more input
+        model_idx = [self._input(e.model) for e in entries]
+        model_params = [[e.parameters] for e in entries]
+        self._check_counts(spec, len(model_idx), base_idx is not None)
+        ref_i = base_idx if base_idx is not None else model_idx[0]
+        ref = self.inputs[ref_i]
+        n_layers = num_layers_of(ref, r.layer_pattern)
+        jobs = []
+        for name in self._output_names(ref):
+            meta = ref.meta(name)
+            layer = layer_index(name, r.layer_pattern)
+            if meta.dtype not in FLOAT_DTYPES:
+                jobs.append(TensorJob(name, meta.shape, meta.dtype, None, None, [InputRef(ref_i, name)], Params(), layer, n_layers))
+                continue
+            all_idx = ([base_idx] if base_idx is not None else []) + model_idx
+            shape, rows = self._common_shape(name, [(i, name) for i in all_idx])
+            params = resolve_params(spec, name, _t_of(layer, n_layers), [r.parameters], model_params)
+            base = InputRef(base_idx, name, rows) if base_idx is not None else None
+            models = [InputRef(i, name, rows) for i in model_idx]
+            jobs.append(TensorJob(name, shape, out_dtype or meta.dtype, spec.name, base, models, params, layer, n_layers))
+        cfg = self._config_with_vocab(ref, jobs)
+        return jobs, ref, cfg
+
+    def _output_names(self, ref: Checkpoint) -> list[str]:
+        names = ref.keys()
+        if _tied(ref) and "lm_head.weight" in names and any("embed_tokens" in n or n.endswith("wte.weight") for n in names):
+            self.warnings.append("tie_word_embeddings is set: lm_head.weight is not written (it stays tied)")
+            names = [n for n in names if n != "lm_head.weight"]
+        return names
+
+    def _common_shape(self, name: str, refs: list[tuple[int, str]]):
+        shapes = []
+        for i, tname in refs:
+            ck = self.inputs[i]
+            if tname not in ck:
+                raise MergeError(f"tensor '{tname}' is missing from {ck.label}")
+            shapes.append(ck.meta(tname).shape)
+        if len(set(shapes)) == 1:
+            return shapes[0], None
+        same_tail = len({s[1:] for s in shapes}) == 1 and all(len(s) >= 1 for s in shapes)
+        if same_tail and _is_embedding_like(name):
+            if self.recipe.embed_policy == "truncate":
+                rows = min(s[0] for s in shapes)
+                self.warnings.append(f"{name}: vocabulary sizes {sorted({s[0] for s in shapes})} truncated to {rows} rows")
+                return (rows,) + tuple(shapes[0][1:]), rows
+            raise MergeError(
+                f"vocabulary size mismatch for '{name}': {[list(s) for s in shapes]}. "
+                "Set `embed_policy: truncate` in the recipe to keep the common rows"
+            )
+        raise MergeError(f"shape mismatch for '{name}': {[list(s) for s in shapes]} across inputs")
+
+    def _config_with_vocab(self, ref: Checkpoint, jobs: list[TensorJob]) -> dict | None:
+        cfg = dict(ref.config) if ref.config else None
+        if cfg is None:
+            return None
+        truncated = [j for j in jobs if j.models and j.models[0].rows is not None]
+        if truncated and "vocab_size" in cfg:
+            cfg["vocab_size"] = truncated[0].shape[0]
+        return cfg
+
+    # -- slices: layer-wise assembly (frankenmerges) ------------------------------------------------
+    def _plan_slices(self, spec: MethodSpec, out_dtype):
+        r = self.recipe
+        pattern = r.layer_pattern
+        jobs: list[TensorJob] = []
+        out_layer = 0
+        first_ref = None
+        slice_inputs = []
+        for si, s in enumerate(r.slices):
+            base_ref = s.base_model or r.base_model
+            srcs = list(s.sources)
+            idx = [self._input(src.model) for src in srcs]
+            base_pos = None
+            if spec.base != "none" and base_ref is not None:
+                for k, src in enumerate(srcs):
+                    if src.model == base_ref:
+                        base_pos = k
+                        break
+                if base_pos is None:
+                    if spec.base == "required":
+                        raise MergeError(f"slice {si}: base model {base_ref} must be one of the slice's sources")
+            non_base = [k for k in range(len(srcs)) if k != base_pos]
+            self._check_counts(spec, len(non_base), base_pos is not None, f" (slice {si})")
+            for k, src in enumerate(srcs):
+                n = num_layers_of(self.inputs[idx[k]], pattern)
+                a, b = src.layer_range
+                if n is None or b > n:
+                    raise MergeError(f"slice {si}: layer_range [{a}, {b}] is out of range for {src.model} ({n} layers)")
+            slice_inputs.append((s, srcs, idx, base_pos, non_base))
+            if first_ref is None:
+                first_ref = idx[base_pos if base_pos is not None else 0]
+            length = srcs[0].layer_range[1] - srcs[0].layer_range[0]
+            # per-source: names of the layer tensors at each layer
+            for off in range(length):
+                t = 1.0 if length == 1 else off / (length - 1)
+                ref_k = base_pos if base_pos is not None else 0
+                ref_ck = self.inputs[idx[ref_k]]
+                src_layer = srcs[ref_k].layer_range[0] + off
+                for name in ref_ck.keys():
+                    if layer_index(name, pattern) != src_layer:
+                        continue
+                    out_name = replace_layer_index(name, out_layer, pattern)
+                    refs = []
+                    for k, src in enumerate(srcs):
+                        refs.append((idx[k], replace_layer_index(name, src.layer_range[0] + off, pattern)))
+                    jobs.append(self._slice_job(spec, s, srcs, refs, base_pos, non_base, name, out_name, t, out_layer, out_dtype))
+                out_layer += 1
+        # pre-layer tensors come from the first slice, post-layer ones from the last (as mergekit)
+        total = out_layer
+        pre, post = [], []
+        for which, (s, srcs, idx, base_pos, non_base) in (("pre", slice_inputs[0]), ("post", slice_inputs[-1])):
+            ref_k = base_pos if base_pos is not None else 0
+            ref_ck = self.inputs[idx[ref_k]]
+            for name in self._output_names(ref_ck):
+                if layer_index(name, pattern) is not None:
+                    continue
+                is_pre = any(h in name for h in PRE_LAYER_HINTS)
+                if (which == "pre") != is_pre:
+                    continue
+                refs = [(idx[k], name) for k in range(len(srcs))]
+                job = self._slice_job(spec, s, srcs, refs, base_pos, non_base, name, name, 0.0, None, out_dtype)
+                job.num_layers = total
+                (pre if which == "pre" else post).append(job)
+        for j in jobs:
+            j.num_layers = total
+        jobs = pre + jobs + post
+        ref = self.inputs[first_ref]
+        cfg = self._config_with_vocab(ref, jobs)
+        if cfg is not None:
+            for key in ("num_hidden_layers", "n_layer", "num_layers"):
+                if key in cfg:
+                    cfg[key] = total
+        return jobs, ref, cfg
+
+    def _slice_job(self, spec, s, srcs, refs, base_pos, non_base, name, out_name, t, out_layer, out_dtype):
+        ref_i, ref_name = refs[base_pos if base_pos is not None else 0]
+        meta = self.inputs[ref_i].meta(ref_name) if ref_name in self.inputs[ref_i] else None
+        if meta is None:
+            raise MergeError(f"tensor '{ref_name}' is missing from {self.inputs[ref_i].label}")
+        if meta.dtype not in FLOAT_DTYPES:
+            return TensorJob(out_name, meta.shape, meta.dtype, None, None, [InputRef(ref_i, ref_name)], Params(), out_layer, None)
+        shape, rows = self._common_shape(name, refs)
+        model_params = [[srcs[k].parameters, s.parameters] for k in non_base]
+        params = resolve_params(spec, name, t, [s.parameters, self.recipe.parameters], model_params)
+        base = InputRef(refs[base_pos][0], refs[base_pos][1], rows) if base_pos is not None else None
+        models = [InputRef(refs[k][0], refs[k][1], rows) for k in non_base]
+        return TensorJob(out_name, shape, out_dtype or meta.dtype, spec.name, base, models, params, out_layer, None)
+
+
+def jobs_dtype(jobs: list[TensorJob]) -> torch.dtype | None:
+    for j in jobs:
+        if j.method is not None:
+            return j.dtype
+    return None
