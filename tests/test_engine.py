@@ -1,0 +1,312 @@
+"""Engine, planner, writer and CLI: end-to-end on tiny HF models, bad inputs, atomic output."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import load_state
+from mergesmith import merge_state_dicts
+from mergesmith.cli import main as cli_main
+from mergesmith.engine import DictSink, execute
+from mergesmith.io.checkpoint import open_checkpoint
+from mergesmith.methods.base import MergeError, Param, register
+from mergesmith.run import plan_recipe, run_recipe
+
+
+def recipe(method, base, models, **kw):
+    r = {"merge_method": method, "models": [{"model": str(m)} for m in models]}
+    if base is not None:
+        r["base_model"] = str(base)
+    r.update(kw)
+    return r
+
+
+def cli(*args) -> int:
+    try:
+        cli_main([str(a) for a in args])
+    except SystemExit as e:
+        return int(e.code or 0)
+    return 0
+
+
+# --- in-memory API -----------------------------------------------------------------------------------
+
+
+def test_merge_state_dicts_linear_golden():
+    a = {"w": torch.tensor([[1.0, 2.0], [3.0, 4.0]]), "n": torch.tensor(7, dtype=torch.int64)}
+    b = {"w": torch.tensor([[3.0, 2.0], [1.0, 0.0]]), "n": torch.tensor(7, dtype=torch.int64)}
+    out = merge_state_dicts("linear", [a, b], weight=[1.0, 3.0])
+    assert torch.allclose(out["w"], (a["w"] + 3 * b["w"]) / 4)
+    assert out["n"].dtype == torch.int64 and out["n"].item() == 7  # integer buffers copied
+
+
+def test_one_model_in_is_that_model_out():
+    a = {"w": torch.randn(5, 3)}
+    assert torch.equal(merge_state_dicts("linear", [a])["w"], a["w"])
+    base = {"w": torch.randn(5, 3)}
+    assert torch.allclose(merge_state_dicts("task_arithmetic", [a], base=base)["w"], a["w"], atol=1e-6)
+
+
+def test_nn_module_inputs_and_gradient_params():
+    torch.manual_seed(0)
+    m0, m1 = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+    out = merge_state_dicts("linear", [m0, m1], weight=[{"filter": "bias", "value": 1.0}, {"value": 0.0}], normalize=False)
+    assert torch.allclose(out["bias"], m0.bias + m1.bias)
+    assert torch.allclose(out["weight"], torch.zeros(4, 4))
+
+
+def test_bf16_in_bf16_out_matches_fp32_reference():
+    a = {"w": torch.randn(8, 8).bfloat16()}
+    b = {"w": torch.randn(8, 8).bfloat16()}
+    out = merge_state_dicts("linear", [a, b])
+    assert out["w"].dtype == torch.bfloat16
+    ref = (a["w"].float() + b["w"].float()) / 2
+    assert torch.allclose(out["w"].float(), ref, atol=1e-2)
+
+
+def test_chunked_execution_equals_whole_tensor(tiny_zoo):
+    z = tiny_zoo("llama")
+    plan = plan_recipe(recipe("task_arithmetic", z["base"], [z["ft0"], z["ft1"]], parameters={"lambda": 0.7}))
+    whole, chunked = DictSink(plan), DictSink(plan)
+    execute(plan, whole)
+    execute(plan, chunked, chunk_elements=100)  # forces row chunks on every matrix
+    for k in whole.tensors:
+        assert torch.equal(whole.tensors[k], chunked.tensors[k]), k
+
+
+# --- end to end through folders ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_recipe_to_folder_loads_and_matches_memory(tiny_zoo, tmp_path, arch):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    z = tiny_zoo(arch)
+    r = recipe("task_arithmetic", z["base"], [z["ft0"], z["ft1"]], parameters={"lambda": 0.5},
+               chat_template="chatml")
+    out = tmp_path / "out"
+    run_recipe(r, out, shard_size="20KB")
+    files = sorted(p.name for p in out.iterdir())
+    assert "model.safetensors.index.json" in files and "model-00001-of-" in " ".join(files)
+    for f in ("config.json", "README.md", "mergesmith_recipe.yml", "mergesmith_provenance.json", "tokenizer.json"):
+        assert f in files
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\nbase_model:") and "library_name: transformers" in card and "task_arithmetic" in card
+    prov = json.loads((out / "mergesmith_provenance.json").read_text())
+    assert prov["seed"] == 0 and prov["inputs"][0]["files"][0]["bytes"] > 0 and len(prov["inputs"][0]["files"][0]["header_sha256"]) == 64
+    assert yaml.safe_load((out / "mergesmith_recipe.yml").read_text())["merge_method"] == "task_arithmetic"
+
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert AutoTokenizer.from_pretrained(out).chat_template.startswith("{% for message")
+    sd = merge_state_dicts("task_arithmetic", [str(z["ft0"]), str(z["ft1"])], base=str(z["base"]), **{"lambda": 0.5})
+    ref = AutoModelForCausalLM.from_pretrained(z["base"]).eval()
+    missing, unexpected = ref.load_state_dict(sd, strict=False)
+    assert not unexpected
+    ids = torch.tensor([[1, 5, 9, 3]])
+    with torch.no_grad():
+        assert torch.allclose(merged(ids).logits, ref(ids).logits, atol=1e-5)
+    if arch == "gpt2":  # tied embeddings stay tied: no lm_head tensor written
+        assert "lm_head.weight" not in load_state(out)
+        assert merged.lm_head.weight.data_ptr() == merged.transformer.wte.weight.data_ptr()
+
+
+def test_output_dtype_and_config(tiny_zoo, tmp_path):
+    z = tiny_zoo("llama")
+    out = tmp_path / "o"
+    run_recipe(recipe("linear", None, [z["ft0"], z["ft1"]], out_dtype="bfloat16"), out)
+    sd = load_state(out)
+    assert all(v.dtype == torch.bfloat16 for v in sd.values())
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["torch_dtype"] == "bfloat16"
+
+
+def test_bin_inputs_with_weights_only(tiny_zoo, tmp_path):
+    z = tiny_zoo("llama")
+    sd = load_state(z["ft0"])
+    binf = tmp_path / "m.bin"
+    torch.save(sd, binf)
+    out = merge_state_dicts("linear", [str(binf), str(z["ft0"])])
+    for k in sd:
+        assert torch.allclose(out[k], sd[k])
+
+
+def test_slices_passthrough_frankenmerge(tiny_zoo, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    z = tiny_zoo("llama")
+    r = {
+        "merge_method": "passthrough",
+        "slices": [
+            {"sources": [{"model": str(z["ft0"]), "layer_range": [0, 2]}]},
+            {"sources": [{"model": str(z["ft1"]), "layer_range": [1, 3]}]},
+        ],
+    }
+    out = tmp_path / "frank"
+    run_recipe(r, out)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["num_hidden_layers"] == 4
+    got, a, b = load_state(out), load_state(z["ft0"]), load_state(z["ft1"])
+    name = "model.layers.{}.self_attn.q_proj.weight"
+    assert torch.equal(got[name.format(0)], a[name.format(0)])
+    assert torch.equal(got[name.format(1)], a[name.format(1)])
+    assert torch.equal(got[name.format(2)], b[name.format(1)])
+    assert torch.equal(got[name.format(3)], b[name.format(2)])
+    assert torch.equal(got["model.embed_tokens.weight"], a["model.embed_tokens.weight"])  # pre from first slice
+    assert torch.equal(got["lm_head.weight"], b["lm_head.weight"])  # post from last slice
+    AutoModelForCausalLM.from_pretrained(out)
+
+
+def test_gradient_parameters_interpolate_over_layers(tiny_zoo):
+    z = tiny_zoo("llama")
+    plan = plan_recipe(recipe("linear", None, [z["ft0"], z["ft1"]],
+                              parameters={"weight": [0.0, 1.0]}))
+    w = {j.out_name: j.params["weight"] for j in plan.jobs}
+    assert w["model.layers.0.mlp.up_proj.weight"] == [0.0, 0.0]
+    assert w["model.layers.1.mlp.up_proj.weight"] == [0.5, 0.5]
+    assert w["model.layers.2.mlp.up_proj.weight"] == [1.0, 1.0]
+    assert w["model.embed_tokens.weight"] == [0.0, 0.0]  # outside the stack: t = 0 (mergekit)
+
+
+# --- bad input: one clear line, before any weight is read -----------------------------------------------
+
+
+def _bad(tmp_path, r, match):
+    with pytest.raises(MergeError, match=match):
+        run_recipe(r, tmp_path / "never")
+    assert not (tmp_path / "never").exists()
+
+
+def test_bad_inputs(tiny_zoo, tmp_path):
+    z = tiny_zoo("llama")
+    _bad(tmp_path, recipe("dare-tiez", z["base"], [z["ft0"]]), "unknown merge method")
+    _bad(tmp_path, recipe("task_arithmetic", z["base"], [z["ft0"]], parameters={"lamda": 1}), "unknown parameter 'lamda'.*lambda")
+    _bad(tmp_path, recipe("task_arithmetic", z["base"], [tmp_path / "nope"]), "model not found")
+    _bad(tmp_path, recipe("task_arithmetic", None, [z["ft0"]]), "needs a base model")
+    _bad(tmp_path, recipe("task_arithmetic", z["base"], [z["ft0"]], parameters={"lambda": "x"}), "not a valid float")
+    _bad(tmp_path, {"merge_method": "passthrough", "slices": [{"sources": [{"model": str(z["ft0"]), "layer_range": [0, 9]}]}]},
+         "out of range")
+    _bad(tmp_path, {"merge_method": "passthrough", "slices": [{"sources": [{"model": str(z["ft0"]), "layer_range": [2, 1]}]}]},
+         "invalid layer_range")
+    _bad(tmp_path, {"merge_method": "linear", "models": [{"model": str(z["ft0"])}], "colour": 1}, "unknown key")
+
+
+def test_missing_tensor_shape_and_vocab_mismatch(tiny_zoo, tmp_path):
+    from safetensors.torch import save_file
+
+    z = tiny_zoo("llama")
+    sd = load_state(z["ft0"])
+    del sd["model.norm.weight"]
+    save_file(sd, tmp_path / "missing.safetensors")
+    _bad(tmp_path, recipe("linear", None, [z["ft1"], tmp_path / "missing.safetensors"]), "'model.norm.weight' is missing")
+
+    sd = load_state(z["ft0"])
+    sd["model.norm.weight"] = torch.ones(33)
+    save_file(sd, tmp_path / "shape.safetensors")
+    _bad(tmp_path, recipe("linear", None, [z["ft1"], tmp_path / "shape.safetensors"]), "shape mismatch for 'model.norm.weight'")
+
+    sd = load_state(z["ft0"])
+    sd["model.embed_tokens.weight"] = torch.randn(70, 32)
+    sd["lm_head.weight"] = torch.randn(70, 32)
+    save_file(sd, tmp_path / "vocab.safetensors")
+    _bad(tmp_path, recipe("linear", None, [z["ft1"], tmp_path / "vocab.safetensors"]), "vocabulary size mismatch.*embed_policy")
+    out = merge_state_dicts("linear", [str(z["ft1"]), str(tmp_path / "vocab.safetensors")], embed_policy="truncate")
+    assert out["model.embed_tokens.weight"].shape == (64, 32)
+    ref = (load_state(z["ft1"])["model.embed_tokens.weight"] + sd["model.embed_tokens.weight"][:64]) / 2
+    assert torch.allclose(out["model.embed_tokens.weight"], ref)
+
+
+def test_corrupt_file_is_reported(tiny_zoo, tmp_path):
+    z = tiny_zoo("llama")
+    data = (z["ft0"] / "model.safetensors").read_bytes()
+    (tmp_path / "trunc.safetensors").write_bytes(data[: len(data) // 2])
+    _bad(tmp_path, recipe("linear", None, [z["ft1"], tmp_path / "trunc.safetensors"]), "corrupt or unreadable")
+    (tmp_path / "garbage.safetensors").write_bytes(b"\xff" * 100)
+    _bad(tmp_path, recipe("linear", None, [z["ft1"], tmp_path / "garbage.safetensors"]), "corrupt or unreadable")
+
+
+@register("_test_explodes", paper="test", math="raises on the 5th tensor", base="none", granularity="tensor",
+          params=(Param("weight", float, 1.0, scope="model"),))
+def _explodes(ctx, base, models, p):
+    _explodes.calls = getattr(_explodes, "calls", 0) + 1
+    if _explodes.calls == 5:
+        raise RuntimeError("injected failure")
+    return models[0]
+
+
+def test_failure_mid_merge_leaves_no_output(tiny_zoo, tmp_path):
+    z = tiny_zoo("llama")
+    with pytest.raises(RuntimeError, match="injected"):
+        run_recipe(recipe("_test_explodes", None, [z["ft0"]]), tmp_path / "out")
+    assert os.listdir(tmp_path) == []  # neither the output nor the temporary folder remains
+
+
+def test_existing_output_needs_overwrite(tiny_zoo, tmp_path):
+    z = tiny_zoo("llama")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    r = recipe("linear", None, [z["ft0"], z["ft1"]])
+    with pytest.raises(MergeError, match="--overwrite"):
+        run_recipe(r, out)
+    run_recipe(r, out, overwrite=True)
+    assert not (out / "keep.txt").exists() and (out / "config.json").exists()
+
+
+def test_dry_run_reads_no_weights(tiny_zoo, monkeypatch):
+    from mergesmith.io import checkpoint
+
+    z = tiny_zoo("llama")
+
+    def boom(*a, **k):
+        raise AssertionError("weights were read during planning")
+
+    monkeypatch.setattr(checkpoint.SafetensorsCheckpoint, "get", boom)
+    plan = run_recipe(recipe("task_arithmetic", z["base"], [z["ft0"], z["ft1"]]), "/tmp/unused-out", dry_run=True)
+    text = plan.describe()
+    assert "task_arithmetic" in text and "model.layers.2.mlp.up_proj.weight" in text and "MB" in text
+
+
+# --- CLI ---------------------------------------------------------------------------------------------
+
+
+def test_cli_merge_methods_and_errors(tiny_zoo, tmp_path, capsys):
+    z = tiny_zoo("llama")
+    rfile = tmp_path / "r.yml"
+    rfile.write_text(yaml.safe_dump(recipe("task_arithmetic", z["base"], [z["ft0"], z["ft1"]], parameters={"lambda": 0.3})))
+    assert cli("merge", rfile, "-o", tmp_path / "out", "--dry-run") == 0
+    assert "output tensors" in capsys.readouterr().out
+    assert cli("merge", rfile, "-o", tmp_path / "out", "-q") == 0
+    assert (tmp_path / "out" / "model.safetensors").exists()
+    assert cli("merge", rfile, "-o", tmp_path / "out") == 2
+    assert "error: output folder" in capsys.readouterr().err
+    assert cli("methods") == 0
+    listing = capsys.readouterr().out
+    assert "task_arithmetic" in listing and "linear" in listing
+    assert cli("methods", "task_arithmetic") == 0
+    assert "lambda" in capsys.readouterr().out
+    assert cli("methods", "nosuch") == 2
+    rfile.write_text("merge_method: linear\nmodels: [{model: /nonexistent}]\n")
+    assert cli("merge", rfile, "-o", tmp_path / "o2") == 2
+    assert "model not found" in capsys.readouterr().err
+
+
+def test_seed_reproducible_across_threads(tiny_zoo, tmp_path):
+    """Identical bytes for identical recipe + seed, whatever the thread count."""
+    from mergesmith.methods.base import list_methods
+
+    random_methods = [m.name for m in list_methods() if m.name in ("dare_ties", "dare_linear", "della")]
+    method = random_methods[0] if random_methods else "task_arithmetic"
+    z = tiny_zoo("llama")
+    r = recipe(method, z["base"], [z["ft0"], z["ft1"]], random_seed=7)
+    run_recipe(r, tmp_path / "a", threads=1)
+    run_recipe(r, tmp_path / "b", threads=2)
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+    if random_methods:
+        r["random_seed"] = 8
+        run_recipe(r, tmp_path / "c")
+        assert (tmp_path / "a" / "model.safetensors").read_bytes() != (tmp_path / "c" / "model.safetensors").read_bytes()
