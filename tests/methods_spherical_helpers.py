@@ -45,4 +45,4 @@ def ref_slerp(t, a, b, threshold=0.9995):
 
 
 def randn(*shape, seed=0):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+    return torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed))

@@ -1,0 +1,183 @@
+"""Speed and memory benchmark of the streaming engine (a script that prints figures, not a test).
+
+Builds once (cached) 4 Llama-shaped checkpoints of ~0.54B parameters in bf16 — a base and 3
+fine-tune-like variants (base + small noise), sharded ~400 MB — then, for each method, runs an end-to-end
+merge in a fresh subprocess and prints wall seconds, peak RSS and input GB/s next to the *floor*: the time
+to merely read every input tensor once and write an output of the same size.
+
+    python benchmarks/speed.py [--methods linear,ties,...] [--cache DIR] [--hidden 2048 --layers 8]
+
+Targets (2 cores): element-wise methods within 2x of the floor; ties/dare/della within 4x; peak RSS
+under 1.5 GB.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+DEFAULT_METHODS = [
+    "linear", "task_arithmetic", "slerp", "nuslerp", "multislerp", "karcher", "ties", "dare_linear", "dare_ties",
+    "della", "della_linear", "breadcrumbs", "breadcrumbs_ties", "model_stock", "sce", "nearswap", "arcee_fusion",
+    "magmax", "emr", "consensus_ta", "pcb", "lines", "tsv_m", "iso_c", "iso_cts", "opcm",
+]
+
+PARAMS = {  # sensible settings per method (others use the method's `example`)
+    "ties": {"density": 0.2},
+    "dare_linear": {"density": 0.5},
+    "dare_ties": {"density": 0.5},
+}
+
+
+def llama_shapes(hidden: int, layers: int, inter: int, vocab: int) -> dict[str, tuple]:
+    shapes = {"model.embed_tokens.weight": (vocab, hidden)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            shapes[p + f"self_attn.{n}.weight"] = (hidden, hidden)
+        shapes[p + "mlp.gate_proj.weight"] = (inter, hidden)
+        shapes[p + "mlp.up_proj.weight"] = (inter, hidden)
+        shapes[p + "mlp.down_proj.weight"] = (hidden, inter)
+        shapes[p + "input_layernorm.weight"] = (hidden,)
+        shapes[p + "post_attention_layernorm.weight"] = (hidden,)
+    shapes["model.norm.weight"] = (hidden,)
+    shapes["lm_head.weight"] = (vocab, hidden)
+    return shapes
+
+
+def build(cache: Path, hidden: int, layers: int, inter: int, vocab: int) -> dict[str, Path]:
+    import torch
+
+    from mergesmith.io.writer import ShardedWriter
+
+    shapes = llama_shapes(hidden, layers, inter, vocab)
+    cfg = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
+        "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": hidden // 128,
+        "num_key_value_heads": hidden // 128, "vocab_size": vocab, "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    }
+    paths = {}
+    for k, name in enumerate(["base", "ft0", "ft1", "ft2"]):
+        folder = cache / name
+        paths[name] = folder
+        if (folder / "model.safetensors.index.json").exists():
+            continue
+        folder.mkdir(parents=True, exist_ok=True)
+        entries = {n: (s, torch.bfloat16) for n, s in shapes.items()}
+        w = ShardedWriter(folder, entries, 400 * 10**6)
+        for j, (n, s) in enumerate(shapes.items()):
+            g = torch.Generator().manual_seed(j)
+            t = torch.randn(s, generator=g) * 0.02 if len(s) > 1 else torch.ones(s)
+            if k > 0:  # fine-tune-like: small structured delta
+                g2 = torch.Generator().manual_seed(1000 * k + j)
+                t = t + torch.randn(s, generator=g2) * 0.002
+            w.write(n, t.to(torch.bfloat16))
+        w.close()
+        (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+        print(f"built {folder}", file=sys.stderr)
+    return paths
+
+
+CHILD = r"""
+import json, resource, sys, time
+args = json.loads(sys.argv[1])
+from pathlib import Path
+import torch
+from mergesmith.io.checkpoint import open_checkpoint
+from mergesmith.io.writer import ShardedWriter
+from mergesmith.run import run_recipe
+t0 = time.time()  # imports excluded: the figure is the merge itself
+if args["method"] == "__floor__":
+    cks = [open_checkpoint(p) for p in args["inputs"]]
+    names = cks[0].keys()
+    w = ShardedWriter(Path(args["out"]), {n: (cks[0].meta(n).shape, cks[0].meta(n).dtype) for n in names}, 2 * 10**9)
+    for n in names:
+        ts = [c.get(n) for c in cks]
+        w.write(n, ts[0])
+        del ts
+    w.close()
+else:
+    run_recipe(args["recipe"], args["out"], threads=args.get("threads"))
+wall = time.time() - t0
+print(json.dumps({"wall": wall, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def run_one(method: str, paths: dict, threads: int | None) -> dict:
+    from mergesmith.methods.base import get_method
+
+    with tempfile.TemporaryDirectory(dir=paths["base"].parent) as tmp:
+        out = Path(tmp) / "out"
+        args: dict = {"out": str(out), "threads": threads, "method": method}
+        if method == "__floor__":
+            out.mkdir()
+            args["inputs"] = [str(paths[k]) for k in ("base", "ft0", "ft1", "ft2")]
+            n_in = 4
+        else:
+            spec = get_method(method)
+            n = spec.max_models if spec.max_models is not None else 3
+            n = max(spec.min_models, min(n, 3))
+            models = [str(paths[f"ft{i}"]) for i in range(n)]
+            recipe = {"merge_method": method, "models": [{"model": m} for m in models],
+                      "parameters": {**spec.example, **PARAMS.get(method, {})}}
+            if spec.base != "none":
+                recipe["base_model"] = str(paths["base"])
+            args["recipe"] = recipe
+            n_in = n + (1 if spec.base != "none" else 0)
+        res = subprocess.run([sys.executable, "-c", CHILD, json.dumps(args)], capture_output=True, text=True)
+        if res.returncode != 0:
+            return {"method": method, "error": res.stderr.strip().splitlines()[-1] if res.stderr.strip() else "failed"}
+        data = json.loads(res.stdout.strip().splitlines()[-1])
+        data["method"] = method
+        data["inputs"] = n_in
+        return data
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--methods", default=",".join(DEFAULT_METHODS))
+    ap.add_argument("--cache", default=os.environ.get("MERGESMITH_BENCH_CACHE", str(Path.home() / ".cache" / "mergesmith" / "speedbench")))
+    ap.add_argument("--hidden", type=int, default=2048)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--intermediate", type=int, default=5632)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--json", default=None, help="also write the results to this JSON file")
+    a = ap.parse_args()
+    cache = Path(a.cache) / f"llama-h{a.hidden}-l{a.layers}-i{a.intermediate}-v{a.vocab}"
+    paths = build(cache, a.hidden, a.layers, a.intermediate, a.vocab)
+    model_gb = sum(f.stat().st_size for f in paths["base"].glob("*.safetensors")) / 1e9
+    floor = run_one("__floor__", paths, a.threads)
+    rows = [floor]
+    print(f"model size {model_gb:.2f} GB (bf16); floor: read 4 inputs + write 1 output: {floor['wall']:.1f} s, "
+          f"peak RSS {floor['rss_mb']:.0f} MB")
+    print(f"{'method':<18}{'inputs':>7}{'wall s':>9}{'floor s':>9}{'x floor':>9}{'RSS MB':>9}{'in GB/s':>9}")
+    from mergesmith.methods.base import MergeError, get_method
+
+    for m in [x for x in a.methods.split(",") if x]:
+        try:
+            get_method(m)
+        except MergeError:
+            print(f"{m:<18} (not registered)")
+            continue
+        r = run_one(m, paths, a.threads)
+        rows.append(r)
+        if "error" in r:
+            print(f"{m:<18} error: {r['error']}")
+            continue
+        fl = floor["wall"] * (r["inputs"] + 1) / 5  # floor (4 reads + 1 write) scaled to this input count
+        r["floor"] = fl
+        print(f"{m:<18}{r['inputs']:>7}{r['wall']:>9.1f}{fl:>9.1f}{r['wall'] / fl:>9.2f}{r['rss_mb']:>9.0f}"
+              f"{r['inputs'] * model_gb / r['wall']:>9.2f}", flush=True)
+    if a.json:
+        Path(a.json).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
