@@ -41,8 +41,10 @@ class TensorMeta:
         return n
 
 
-def read_safetensors_header(path: Path) -> tuple[dict[str, TensorMeta], dict, bytes]:
-    """Parse a safetensors header without touching tensor data. Returns (metas, metadata, raw header)."""
+def read_safetensors_header(path: Path) -> tuple[dict[str, TensorMeta], dict, bytes, dict[str, tuple[int, int]]]:
+    """Parse a safetensors header without touching tensor data.
+
+    Returns (metas, metadata, raw header bytes, absolute byte range of each tensor in the file)."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -55,6 +57,7 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorMeta], dict, by
             raw = f.read(n)
         header = json.loads(raw)
         metas = {}
+        offsets: dict[str, tuple[int, int]] = {}
         data_len = size - 8 - n
         for name, info in header.items():
             if name == "__metadata__":
@@ -65,8 +68,12 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorMeta], dict, by
             begin, end = info["data_offsets"]
             if end > data_len or begin > end:
                 raise ValueError(f"tensor {name} lies past the end of the file (truncated download?)")
-            metas[name] = TensorMeta(tuple(int(s) for s in info["shape"]), dtype)
-        return metas, header.get("__metadata__") or {}, raw
+            meta = TensorMeta(tuple(int(s) for s in info["shape"]), dtype)
+            if end - begin != meta.numel * torch.empty((), dtype=dtype).element_size():
+                raise ValueError(f"tensor {name}: byte range does not match its shape and dtype")
+            metas[name] = meta
+            offsets[name] = (8 + n + begin, 8 + n + end)
+        return metas, header.get("__metadata__") or {}, raw, offsets
     except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError) as e:
         raise MergeError(f"corrupt or unreadable safetensors file {path}: {e}") from None
 
@@ -101,41 +108,64 @@ class Checkpoint:
 
 
 class SafetensorsCheckpoint(Checkpoint):
+    """Safetensors files read with positioned reads (``os.pread``) of exactly the bytes asked for.
+
+    No memory map: resident memory holds only the tensors (or row chunks) the engine is using, and
+    reads are thread-safe without per-thread handles."""
+
     def __init__(self, label: str, files: list[Path], weight_map: dict[str, str] | None = None):
         super().__init__(label)
         self.files = files
         self.file_of: dict[str, Path] = {}
+        self.ranges: dict[str, tuple[int, int]] = {}
         self.header_hash: dict[str, str] = {}
         for f in files:
-            metas, _, raw = read_safetensors_header(f)
+            metas, _, raw, offsets = read_safetensors_header(f)
             self.header_hash[f.name] = hashlib.sha256(raw).hexdigest()
             for k, m in metas.items():
                 self.metas[k] = m
                 self.file_of[k] = f
+                self.ranges[k] = offsets[k]
         if weight_map is not None:
             missing = [k for k in weight_map if k not in self.metas]
             if missing:
                 raise MergeError(
                     f"{label}: index lists tensor '{missing[0]}' that is not in {weight_map[missing[0]]} (corrupt or incomplete download)"
                 )
-        self._local = threading.local()
+        self._fds: dict[Path, int] = {}
+        self._lock = threading.Lock()
 
-    def _handle(self, path: Path):
-        handles = getattr(self._local, "handles", None)
-        if handles is None:
-            handles = self._local.handles = {}
-        h = handles.get(path)
-        if h is None:
-            from safetensors import safe_open
-
-            h = handles[path] = safe_open(str(path), framework="pt", device="cpu")
-        return h
+    def _fd(self, path: Path) -> int:
+        fd = self._fds.get(path)
+        if fd is None:
+            with self._lock:
+                fd = self._fds.get(path)
+                if fd is None:
+                    fd = self._fds[path] = os.open(path, os.O_RDONLY)
+        return fd
 
     def get(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
-        h = self._handle(self.file_of[name])
-        if rows is None or len(self.metas[name].shape) == 0:
-            return h.get_tensor(name)
-        return h.get_slice(name)[rows[0] : rows[1]]
+        meta = self.metas[name]
+        begin, end = self.ranges[name]
+        shape = meta.shape
+        if rows is not None and len(shape) >= 1:
+            row_bytes = (end - begin) // shape[0] if shape[0] else 0
+            a, b = max(0, rows[0]), min(shape[0], rows[1])
+            begin, end = begin + a * row_bytes, begin + b * row_bytes
+            shape = (b - a,) + tuple(shape[1:])
+        n = end - begin
+        buf = bytearray(n)
+        view = memoryview(buf)
+        fd = self._fd(self.file_of[name])
+        got = 0
+        while got < n:
+            k = os.preadv(fd, [view[got:]], begin + got)
+            if k <= 0:
+                raise MergeError(f"{self.file_of[name]}: unexpected end of file while reading {name}")
+            got += k
+        if n == 0:
+            return torch.empty(shape, dtype=meta.dtype)
+        return torch.frombuffer(buf, dtype=meta.dtype).reshape(shape)
 
     def identity(self) -> dict:
         return {
@@ -145,6 +175,17 @@ class SafetensorsCheckpoint(Checkpoint):
                 for f in self.files
             ],
         }
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds = {}
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001
+            pass
 
 
 class MemoryCheckpoint(Checkpoint):
