@@ -88,7 +88,14 @@ def methods(name: Optional[str] = typer.Argument(None, help="show one method in 
         typer.echo(f"{spec.name:<20} {spec.granularity:<9} {base:<6} {spec.paper}")
 
 
+_ATTACHED = False
+
+
 def _attach_plugins() -> None:
+    global _ATTACHED
+    if _ATTACHED:
+        return
+    _ATTACHED = True
     for mod_name in COMMAND_MODULES:
         try:
             mod = importlib.import_module(mod_name)
