@@ -9,7 +9,7 @@ from .methods.base import MergeError, Params, TensorContext, get_method
 from .recipe import resolve_params, validate_param_names
 
 
-def method_params(method: str, num_models: int, name: str = "tensor", t: float = 0.0, **params) -> Params:
+def method_params(method: str, num_models: int, name: str = "tensor", *, layer_t: float = 0.0, **params) -> Params:
     """Resolve ``params`` (scalars, per-model lists, gradients, filters) for one tensor of ``method``.
 
     A per-model parameter given as a list of length ``num_models`` is taken as one value per model;
@@ -28,7 +28,7 @@ def method_params(method: str, num_models: int, name: str = "tensor", t: float =
                 per_model[i][k] = v[i]
         else:
             glob[k] = v
-    return resolve_params(spec, name, t, [glob], [[d] for d in per_model])
+    return resolve_params(spec, name, layer_t, [glob], [[d] for d in per_model])
 
 
 def merge_tensors(
