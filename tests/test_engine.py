@@ -310,3 +310,19 @@ def test_seed_reproducible_across_threads(tiny_zoo, tmp_path):
         r["random_seed"] = 8
         run_recipe(r, tmp_path / "c")
         assert (tmp_path / "a" / "model.safetensors").read_bytes() != (tmp_path / "c" / "model.safetensors").read_bytes()
+
+
+def test_method_checks_run_at_planning(tiny_zoo, monkeypatch):
+    """Per-tensor parameter checks and statistics-pass checks fail before any weight is read."""
+    from mergesmith.io import checkpoint
+
+    def boom(*a, **k):
+        raise AssertionError("weights were read")
+
+    monkeypatch.setattr(checkpoint.SafetensorsCheckpoint, "get", boom)
+    z = tiny_zoo("llama")
+    with pytest.raises(MergeError, match="scope global needs one 'density'"):
+        plan_recipe(recipe("ties", z["base"], [z["ft0"], z["ft1"]], parameters={"density": [0.2, 0.6]}))
+    with pytest.raises(MergeError, match="density - epsilon"):
+        plan_recipe(recipe("della", z["base"], [z["ft0"], z["ft1"]], parameters={"density": 0.9, "epsilon": 0.2}))
+    plan_recipe(recipe("ties", z["base"], [z["ft0"], z["ft1"]], parameters={"density": [0.2, 0.6], "scope": "tensor"}))

@@ -178,6 +178,7 @@ class Planner:
             jobs, ref, cfg = self._plan_models(spec, out_dtype)
         if not jobs:
             raise MergeError("the plan is empty: no tensors to write")
+        self._validate_jobs(spec, jobs)
         donor = None
         tok = r.tokenizer_donor
         if tok in (None, "base"):
@@ -194,6 +195,16 @@ class Planner:
                     cfg["dtype"] = name
         return Plan(method=spec, inputs=self.inputs, jobs=jobs, seed=self.seed, config=cfg, recipe=r,
                     tokenizer_donor=donor, warnings=self.warnings)
+
+    def _validate_jobs(self, spec: MethodSpec, jobs: list[TensorJob]) -> None:
+        """Method-specific parameter checks for every tensor, and the statistics pass's own check."""
+        merge_params = [j.params for j in jobs if j.method is not None]
+        if spec.validate is not None:
+            for p in merge_params:
+                spec.validate(p)
+        gs = spec.stats_for(merge_params[0]) if merge_params else None
+        if gs is not None:
+            gs.check_plan(merge_params)
 
     def _validate_param_names(self, spec: MethodSpec) -> None:
         r = self.recipe

@@ -141,6 +141,10 @@ class GlobalStats:
     def reduce(self, pass_index: int, state: Any, partials: list) -> Any:
         raise NotImplementedError
 
+    def check_plan(self, params: list[Params]) -> None:
+        """Called by the planner with every tensor's parameters, before any weight is read: raise
+        MergeError when they cannot share one statistics pass (e.g. a per-layer global density)."""
+
 
 MergeFn = Callable[[TensorContext, "torch.Tensor | None", "list[torch.Tensor]", Params], torch.Tensor]
 
@@ -162,6 +166,7 @@ class MethodSpec:
     chunkable: bool | None = None  # may the engine split tensors into row chunks? default: element/row
     notes: str = ""
     example: dict = field(default_factory=dict)  # parameters for a smoke run (tests, demo, docs)
+    validate: Callable[[Params], None] | None = None  # per-tensor parameter check, run at planning
 
     def param(self, name: str) -> Param | None:
         for p in self.params:
@@ -224,6 +229,7 @@ def register(
     chunkable: bool | None = None,
     notes: str = "",
     example: dict | None = None,
+    validate: Callable[[Params], None] | None = None,
 ):
     """Decorator that registers a tensor-level merge function under ``name``."""
 
@@ -232,7 +238,7 @@ def register(
             name=name, fn=fn, paper=paper, math=math, base=base, granularity=granularity,
             params=tuple(params), aliases=tuple(aliases), min_models=min_models, max_models=max_models,
             stats=stats, mergekit=mergekit, chunkable=chunkable, notes=notes,
-            example=dict(example or {}),
+            example=dict(example or {}), validate=validate,
         )
         if name in _REGISTRY and _REGISTRY[name].fn is not fn:
             raise RuntimeError(f"merge method {name!r} registered twice")
