@@ -148,9 +148,10 @@ def _is_embedding_like(name: str) -> bool:
 class Planner:
     """Build a :class:`Plan`. ``opener`` maps a model reference to a Checkpoint (headers only)."""
 
-    def __init__(self, recipe: Recipe, opener: Callable[[Any], Checkpoint] = open_checkpoint, seed: int | None = None):
+    def __init__(self, recipe: Recipe, opener: Callable[[Any], Checkpoint] | None = None, seed: int | None = None):
         self.recipe = recipe
-        self.opener = opener
+        # a bare PEFT adapter folder among the inputs opens as base_model+adapter
+        self.opener = opener or (lambda ref: open_checkpoint(ref, base=recipe.base_model))
         self.seed = recipe.seed if seed is None else seed
         self._open: dict[str, int] = {}
         self.inputs: list[Checkpoint] = []

@@ -5,26 +5,16 @@ An interrupted or failed merge leaves no partial output: everything is written i
 """
 from __future__ import annotations
 
-import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
+from .io.atomic import check_output_dir, staging
 from .io.card import write_extras
 from .io.writer import ShardedWriter, parse_size
 from .methods.base import MergeError
 from .plan import Plan, Planner
 from .recipe import Recipe, load_recipe
-
-
-def check_output_dir(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise MergeError(f"output {out} exists and is not a folder")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise MergeError(f"output folder {out} is not empty; pass --overwrite to replace it")
-    if not out.parent.exists():
-        raise MergeError(f"parent folder of {out} does not exist")
 
 
 def plan_recipe(recipe: Any, seed: int | None = None) -> Plan:
@@ -62,38 +52,17 @@ def run_recipe(
 
 def write_plan(plan: Plan, out: Path, *, device="cpu", threads=None, shard_size: int = 2 * 10**9,
                overwrite: bool = False, progress: bool = False) -> None:
+    """Execute ``plan`` into the folder ``out`` (atomically)."""
     from .engine import execute
 
-    out = Path(out)
-    tmp = out.parent / f".{out.name}.mergesmith-tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    writer = None
-    try:
+    with staging(out, overwrite, check=False) as tmp:
         started = time.time()
         writer = ShardedWriter(tmp, plan.entries(), shard_size, metadata={"mergesmith_method": plan.method.name})
-        execute(plan, writer, device=device, threads=threads, progress=progress)
-        writer.close()
+        try:
+            execute(plan, writer, device=device, threads=threads, progress=progress)
+        finally:
+            writer.close()
         missing = set(plan.entries()) - writer.written
         if missing:
             raise RuntimeError(f"internal error: {len(missing)} tensors were not written, e.g. {sorted(missing)[0]}")
         write_extras(plan, tmp, seconds=time.time() - started)
-        _replace(tmp, out, overwrite)
-    except BaseException:
-        if writer is not None:
-            writer.abort()
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _replace(tmp: Path, out: Path, overwrite: bool) -> None:
-    if out.exists():
-        if any(out.iterdir()) and not overwrite:
-            raise MergeError(f"output folder {out} appeared during the merge; pass --overwrite")
-        trash = out.parent / f".{out.name}.mergesmith-old-{os.getpid()}"
-        os.rename(out, trash)
-        os.rename(tmp, out)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.rename(tmp, out)
