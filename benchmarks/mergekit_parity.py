@@ -15,7 +15,8 @@ mergekit-compatible setting (the ``mergekit=`` note of ``mergesmith methods NAME
 * stochastic methods (DARE, DELLA): the random masks cannot match (different RNGs), so statistics of a
   one-model merge are compared instead: kept fraction, kept fraction of the top and bottom magnitude
   halves of each row (DELLA's magnitude-ranked keep probabilities), mean rescale factor of the kept
-  entries and the L1 ratio ||merged - base||_1 / ||tau||_1.
+  entries, the L1 ratio ||merged - base||_1 / ||tau||_1 over the model and its largest deviation from 1
+  over single tensors (0 for mergekit's per-tensor L1-matching rescale, not for the paper's 1/p).
 
 Usage::
 
@@ -100,6 +101,18 @@ CASES: list[dict] = [
     dict(name="ties_unnormalized_lambda", mk={
         "merge_method": "ties", "base_model": "base", "parameters": {"normalize": False, "lambda": 0.7},
         "models": _models(("ft0", {"weight": 0.5, "density": 0.4}), ("ft1", {"weight": 0.5, "density": 0.4}))}),
+    dict(name="ties_density_gradient", mk={
+        "merge_method": "ties", "base_model": "base",
+        "models": _models(("ft0", {"weight": 1.0, "density": [0.3, 0.9]}),
+                          ("ft1", {"weight": 0.7, "density": [{"filter": "mlp", "value": 0.4}, {"value": 0.8}]}))}),
+    # DARE with density 1 draws no mask: deterministic, checks DARE's combination step exactly
+    dict(name="dare_ties_dense", mk={
+        "merge_method": "dare_ties", "base_model": "base",
+        "models": _models(("ft0", {"weight": 1.0, "density": 1.0}), ("ft1", {"weight": 0.5, "density": 1.0}),
+                          ("ft2", {"weight": 0.8, "density": 1.0}))}),
+    dict(name="dare_linear_dense", mk={
+        "merge_method": "dare_linear", "base_model": "base", "parameters": {"normalize": True, "lambda": 0.9},
+        "models": _models(("ft0", {"weight": 0.6, "density": 1.0}), ("ft1", {"weight": 0.4, "density": 1.0}))}),
     dict(name="breadcrumbs", mk={
         "merge_method": "breadcrumbs", "base_model": "base",
         "models": _models(("ft0", {"weight": 0.6, "density": 0.8, "gamma": 0.05}), ("ft1", {"weight": 0.4, "density": 0.9, "gamma": 0.01}))}),
@@ -254,6 +267,7 @@ def dropout_stats(merged: dict, base: dict, ft: dict) -> dict:
     top_kept = top_n = bot_kept = bot_n = 0
     fac_sum = 0.0
     l1_out = l1_tau = 0.0
+    dev = 0.0  # max over tensors of | ||merged - base||_1 / ||tau||_1 - 1 |: 0 for mergekit's L1 rescale
     for k, y in merged.items():
         if not torch.is_floating_point(y) or k not in base:
             continue
@@ -267,6 +281,8 @@ def dropout_stats(merged: dict, base: dict, ft: dict) -> dict:
         fac_sum += float((d[keep] / tau[keep]).sum())
         l1_out += float(d.abs().sum())
         l1_tau += float(tau.abs().sum())
+        if bool(keep.any()) and float(tau.abs().sum()) > 0:
+            dev = max(dev, abs(float(d.abs().sum()) / float(tau.abs().sum()) - 1.0))
         # keep rate of the top and bottom magnitude halves of each row
         if tau.shape[-1] >= 2:
             order = tau.abs().argsort(dim=-1)
@@ -282,10 +298,12 @@ def dropout_stats(merged: dict, base: dict, ft: dict) -> dict:
         "kept_bottom_half": bot_kept / max(bot_n, 1),
         "mean_factor": fac_sum / max(kept, 1),
         "l1_ratio": l1_out / max(l1_tau, 1e-30),
+        "l1_ratio_max_dev": dev,
     }
 
 
-STAT_TOL = {"kept": 0.02, "kept_top_half": 0.03, "kept_bottom_half": 0.03, "mean_factor": 0.05, "l1_ratio": 0.05}
+STAT_TOL = {"kept": 0.02, "kept_top_half": 0.03, "kept_bottom_half": 0.03, "mean_factor": 0.05, "l1_ratio": 0.05,
+            "l1_ratio_max_dev": 0.01}
 
 
 def run_mergekit(binary: str, cfg: Path, out: Path, seed: int) -> tuple[bool, str, float]:
@@ -321,6 +339,13 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=2, help="mergekit runs in parallel")
     ap.add_argument("--markdown", default=None, help="also write the result table to this markdown file")
     ap.add_argument("--json", default=None, help="also write the results as JSON")
+    ap.add_argument("--large", action="store_true",
+                    help="wider zoo (hidden 512, MLP 2304: MLP matrices have 1.18M elements, above mergekit's 1M "
+                         "slerp chunk and arcee_fusion sample size)")
+    ap.add_argument("--reuse", action="store_true", help="reuse mergekit outputs in --workdir whose recipe is unchanged")
+    ap.add_argument("--paper-defaults", action="store_true",
+                    help="negative control: run mergesmith WITHOUT the mergekit-mode parameters (expect FAILs where "
+                         "the paper default differs from mergekit)")
     args = ap.parse_args(argv)
 
     if not Path(args.mergekit_bin).exists():
@@ -346,7 +371,8 @@ def main(argv=None) -> int:
     if (zoo_dir / "ft2" / "config.json").exists():
         paths = {k: zoo_dir / k for k in ("base", "ft0", "ft1", "ft2")}
     else:
-        paths = write_zoo(zoo_dir, "llama", n=3, seed=args.seed, dtype=torch.float32)
+        kw = dict(hidden_size=512, intermediate_size=2304, num_attention_heads=8, num_key_value_heads=4) if args.large else {}
+        paths = write_zoo(zoo_dir, "llama", n=3, seed=args.seed, dtype=torch.float32, **kw)
     import yaml
 
     version = mergekit_version(args.mergekit_bin)
@@ -355,16 +381,22 @@ def main(argv=None) -> int:
     # mergekit runs go to a small thread pool (subprocesses) while mergesmith runs here
     pool = ThreadPoolExecutor(max_workers=max(1, args.jobs))
     futures = {}
+    import shutil
+
     for c in cases:
         d = work / c["name"]
-        if d.exists():
-            import shutil
-
-            shutil.rmtree(d)
-        d.mkdir(parents=True)
-        mk = _subst(c["mk"], paths)
-        (d / "mergekit.yml").write_text(yaml.safe_dump(mk, sort_keys=False))
-        futures[c["name"]] = pool.submit(run_mergekit, args.mergekit_bin, d / "mergekit.yml", d / "mk_out", args.seed)
+        d.mkdir(parents=True, exist_ok=True)
+        if (d / "ms_out").exists():
+            shutil.rmtree(d / "ms_out")
+        text = yaml.safe_dump(_subst(c["mk"], paths), sort_keys=False)
+        cfg = d / "mergekit.yml"
+        if args.reuse and cfg.exists() and cfg.read_text() == text and (d / "mk_out" / "config.json").exists():
+            futures[c["name"]] = pool.submit(lambda: (True, "reused", 0.0))
+            continue
+        if (d / "mk_out").exists():
+            shutil.rmtree(d / "mk_out")
+        cfg.write_text(text)
+        futures[c["name"]] = pool.submit(run_mergekit, args.mergekit_bin, cfg, d / "mk_out", args.seed)
 
     rows = []
     for c in cases:
@@ -373,9 +405,10 @@ def main(argv=None) -> int:
         row = {"case": c["name"], "method": method, "stochastic": bool(c.get("stochastic"))}
         try:
             get_method(method)
-            mode = mergekit_mode_params(method)
+            mode = {} if args.paper_defaults else mergekit_mode_params(method)
             ms = _subst(mergesmith_recipe(c, mode), paths)
-            (d / "mergesmith.yml").write_text(yaml.safe_dump(ms, sort_keys=False))
+            ms_name = "mergesmith_paper_defaults.yml" if args.paper_defaults else "mergesmith.yml"
+            (d / ms_name).write_text(yaml.safe_dump(ms, sort_keys=False))
             row["ms_params"] = mergesmith_recipe(c, mode).get("parameters", {})
             t0 = time.time()
             run_recipe(ms, d / "ms_out", seed=args.seed)

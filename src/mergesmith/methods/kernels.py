@@ -35,12 +35,15 @@ def topk_mask(x: torch.Tensor, density: float, exact: bool = True) -> torch.Tens
     flat = x.reshape(-1).abs()
     n = flat.numel()
     k = max(1, int(density * n))
+    thr = torch.kthvalue(flat, n - k + 1).values
     if not exact:
-        thr = torch.kthvalue(flat, n - k + 1).values
         return (flat >= thr).reshape(x.shape)
-    idx = torch.topk(flat, k, sorted=False).indices
-    mask = torch.zeros(n, dtype=torch.bool, device=x.device)
-    mask[idx] = True
+    # exactly k: everything above the k-th largest, then the lowest-index ties (= mergekit's stable
+    # CPU argsort; torch.topk picks tied entries arbitrarily, see docs/mergekit_parity.md)
+    mask = flat > thr
+    need = k - int(mask.sum())
+    if need > 0:
+        mask[(flat == thr).nonzero().flatten()[:need]] = True
     return mask.reshape(x.shape)
 
 
