@@ -35,6 +35,19 @@ def drive(method, base_sd, model_sds, seed=0, **params):
             for x in names}
 
 
+def drive_stats(method, base_sd, model_sds, seed=0, **params):
+    spec = get_method(method)
+    names = list(base_sd)
+    ps = {k: method_params(method, len(model_sds), name=k, **params) for k in names}
+    gs = spec.stats_for(ps[names[0]])
+    state = gs.init(ps[names[0]], len(model_sds))
+    for k in range(gs.passes(ps[names[0]])):
+        parts = [gs.collect(k, state, TensorContext(name=x, seed=seed), base_sd[x], [m[x] for m in model_sds], ps[x])
+                 for x in names]
+        state = gs.reduce(k, state, parts)
+    return state
+
+
 def flat(sd, names):
     return torch.cat([sd[x].reshape(-1) for x in names])
 
@@ -121,7 +134,7 @@ def test_ties_hand_golden_mergekit_setting():
     base = torch.ones(5)
     t1 = torch.tensor([4.0, -3.0, 2.0, -1.0, 0.5])
     t2 = torch.tensor([-4.0, 1.0, 3.0, 0.5, 5.0])
-    mk = dict(scope="tensor", exact_topk=True, weighted_elect=True, zero_sign="positive", normalize=True)
+    mk = dict(scope="tensor", exact_topk=True, weighted_elect=True, zero_sign="positive", normalize=True, int8_mask=True)
     # exact top-2: t1 [4,-3,0,0,0], t2 [-4,0,0,0,5]; sum [0,-3,0,0,5] -> sign 0 -> +1; weighted mean
     out = merge_tensors("ties", [base + t1, base + t2], base, density=0.4, **mk)
     assert torch.equal(out, base + torch.tensor([4.0, -3.0, 0.0, 0.0, 5.0]))
@@ -168,11 +181,16 @@ def test_ties_global_equals_tensor_scope_on_one_tensor():
 
 
 def test_ties_global_multi_tensor_equals_concatenated_reference():
-    shapes = {"a.weight": (30, 17), "b.bias": (17,), "c.scale": (), "d.weight": (8, 64)}
+    shapes = {"a.weight": (30, 17), "b.bias": (17,), "c.scale": (), "d.weight": (8, 16)}
     base, models = quantized_model(7, shapes, negative_bias=1.5)
-    # make the majority differ locally: tensor d votes mostly positive
+    # make the majority differ locally: tensor d votes only positive, the model as a whole negative
     for m in models:
         m["d.weight"] = base["d.weight"] + (m["d.weight"] - base["d.weight"]).abs()
+    spec = get_method("ties")
+    p = method_params("ties", 3, name="a.weight", density=0.35)
+    assert spec.stats_for(p).passes(p) == 3
+    state = drive_stats("ties", base, models, density=0.35)
+    assert state["major"] == -1.0
     for d in (0.1, 0.35):
         got = drive("ties", base, models, density=d)
         ref = ref_ties_official(base, models, d)
@@ -498,3 +516,19 @@ def test_engine_integration_matches_driver():
         ref = drive(method, base, models, seed=5, **kw)
         for k in shapes:
             assert torch.equal(got[k], ref[k]), (method, k)
+
+
+def test_radix_select_equals_kthvalue():
+    from mergesmith.methods._radix import kth_smallest
+
+    g = torch.Generator().manual_seed(22)
+    cases = [
+        torch.randn(10007, generator=g).abs(),
+        (torch.randint(0, 4, (5000,), generator=g).float() * 0.25),  # many ties and zeros
+        torch.randn(3000, generator=g).abs() * 1e-40,  # subnormals
+        torch.cat([torch.randn(100, generator=g).abs(), torch.tensor([float("inf"), 0.0])]),
+        torch.tensor([2.5]),
+    ]
+    for x in cases:
+        for r in {1, x.numel() // 3 + 1, x.numel() - 1, x.numel()} - {0}:
+            assert kth_smallest(x, r, nonneg=True) == torch.kthvalue(x, r).values.item()

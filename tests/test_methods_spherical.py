@@ -148,8 +148,8 @@ def ref_multislerp(xs, w, base=None, eps=1e-8):
     m = sum(wi * u for wi, u in zip(w, us))
     m = m / m.norm()
     g = sum(wi * (u - (u @ m) * m) for wi, u in zip(w, us))
-    gn = g.norm()
-    r = math.cos(gn) * m + math.sin(gn) * g / gn
+    gn = float(g.norm())
+    r = m if gn < 1e-12 else math.cos(gn) * m + math.sin(gn) * g / gn
     out = sum(wi * x.norm() for wi, x in zip(w, xs)) * r
     return out + (base.double().reshape(-1) if base is not None else 0)
 
@@ -173,6 +173,11 @@ def test_multislerp_matches_reference_three_models():
     base = randn(4, 5, seed=30)
     out = run("multislerp", xs, base, weight=[0.2, 0.3, 0.5])
     close(out, ref_multislerp(xs, [0.2, 0.3, 0.5], base).reshape(4, 5))
+
+
+def test_multislerp_unnormalised_weights_scale_the_norm():
+    a, b = randn(6, seed=42), randn(6, seed=43)
+    close(run("multislerp", [a, b], weight=[2.0, 2.0], normalize_weights=False), 4 * run("multislerp", [a, b]))
 
 
 def test_multislerp_antipodal():

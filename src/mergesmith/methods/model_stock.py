@@ -49,13 +49,9 @@ def interpolation_ratio(cos: torch.Tensor, n: int, clamp: bool) -> torch.Tensor:
 )
 def model_stock(ctx, base, models, p):
     shape = base.shape
-    if p["filter_wise"]:
-        rows = base.reshape(-1, shape[-1]) if base.dim() >= 1 else base.reshape(1, 1)
-        w0 = rows
-        ws = [m.reshape(w0.shape) for m in models]
-    else:
-        w0 = base.reshape(1, -1)
-        ws = [m.reshape(1, -1) for m in models]
+    view = (-1, shape[-1]) if p["filter_wise"] and base.dim() >= 1 else (1, -1)  # rows, or one row
+    w0 = base.reshape(view)
+    ws = [m.reshape(view) for m in models]
     deltas = [w - w0 for w in ws]
     norms = [torch.linalg.vector_norm(d, dim=-1) for d in deltas]
     pairs = []

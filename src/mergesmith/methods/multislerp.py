@@ -5,14 +5,18 @@ No paper; the construction is the first step of the Buss & Fillmore spherical-av
 ("Spherical averages and applications to spherical splines and interpolation", ACM TOG 2001).
 
 With x_i the flattened tensors (task vectors x_i - theta_0 when a base is given), weights w_i
-(divided by sum w when ``normalize_weights``):
+(divided by sum w when ``normalize_weights``), the blog's algorithm is
 
-    u_i = x_i / (|x_i| + eps)                mu = sum w_i u_i / |sum w_i u_i|
-    g   = sum w_i (u_i - <u_i, mu> mu)       r  = cos|g| mu + sin|g| g/|g|   (r = mu when |g| < eps)
+    u_i = x_i / (|x_i| + eps)                mu = m / |m|,  m = sum w_i u_i
+    g   = sum w_i (u_i - <u_i, mu> mu)       r  = cos|g| mu + sin|g| g/|g|   (exponential map)
     theta = (sum w_i |x_i|) r  [+ theta_0]
 
-If |sum w_i u_i| < eps (antipodal inputs that cancel): two models fall back to sum w_i x_i, more
-models are an error. For two equal-norm inputs with equal weights the result is slerp(0.5).
+The tangent step vanishes identically: g = m - <m, mu> mu = m - |m| mu = 0, so r = mu and
+theta = (sum w_i |x_i|) * normalize(sum w_i u_i): the normalised weighted mean of the directions,
+rescaled to the weighted mean norm (mergekit evaluates the exponential map and gets mu up to O(eps)).
+If |m| < eps (antipodal inputs that cancel): two models fall back to sum w_i x_i, more models are an
+error. For two equal-norm inputs with equal weights the result is slerp(0.5); unequal weights give
+normalised-lerp directions, not slerp(t).
 """
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ from .base import MergeError, Param, register
     "multislerp",
     aliases=("multi_slerp",),
     paper="Goddard, Multi-SLERP (goddard.blog, 2025); mergekit `multislerp` (arXiv 2403.13257)",
-    math="mu = normalize(sum w_i u_i); r = exp_mu(sum w_i (u_i - <u_i,mu> mu)); theta = (sum w_i |x_i|) r",
+    math="theta = (sum w_i |x_i|) * normalize(sum w_i x_i/|x_i|)  (the tangent-space step of Multi-SLERP is zero)",
     base="optional",
     granularity="tensor",
     params=(
@@ -34,8 +38,7 @@ from .base import MergeError, Param, register
         Param("eps", float, 1e-8, help="numerical floor for norms"),
     ),
     min_models=1,
-    mergekit="identical to mergekit `multislerp` (mergekit requires every weight; ours default to 1). "
-    "mergekit adds eps to |g| inside the exponential map; we skip the map when |g| < eps (differs by O(eps)).",
+    mergekit="identical to mergekit `multislerp` up to O(eps) (mergekit requires every weight; ours default to 1).",
     notes="with a base the inputs are task vectors (theta_i - theta_0) and theta_0 is added back.",
     example={},
 )
@@ -54,8 +57,7 @@ def multislerp(ctx, base, models, p):
             raise MergeError("multislerp: the weights sum to 0 with normalize_weights=true; change the weights")
         w = w / total
     norms = torch.linalg.vector_norm(x, dim=1)
-    u = x / (norms + eps).unsqueeze(1)
-    mean = w @ u
+    mean = (w / (norms + eps)) @ x  # sum_i w_i u_i
     mean_norm = torch.linalg.vector_norm(mean)
     if mean_norm < eps:
         if len(models) != 2:
@@ -64,10 +66,6 @@ def multislerp(ctx, base, models, p):
             )
         out = w @ x
     else:
-        mu = mean / mean_norm
-        g = mean - (w @ (u @ mu)) * mu  # = sum w_i (u_i - <u_i, mu> mu)
-        g_norm = torch.linalg.vector_norm(g)
-        r = mu if g_norm < eps else torch.cos(g_norm) * mu + torch.sin(g_norm) * (g / g_norm)
-        out = (w @ norms) * r
+        out = (w @ norms) * (mean / mean_norm)  # the exponential map of the (zero) tangent mean is mu
     out = out.reshape(shape)
     return out + base if base is not None else out

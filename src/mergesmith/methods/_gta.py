@@ -1,0 +1,277 @@
+"""Generalized task arithmetic (GTA): the pipeline shared by TIES, DARE, DELLA and Breadcrumbs.
+
+For one tensor, with base theta_0, models theta_i, weights w_i and scale lambda::
+
+    tau_i   = theta_i - theta_0                              task vectors
+    tau_i  <- S(tau_i)                                       sparsify (DARE / DELLA / Breadcrumbs), optional
+    tau_i  <- tau_i * 1[|tau_i| >= t_i]                      TIES trim (top-k magnitude), optional
+    gamma   = sgn(sum_i v_i)   v_i = tau_i or w_i tau_i      sign election (consensus), optional
+    delta   = agg_i { w_i tau_i : sgn(v_i) = gamma }         disjoint merge (mean / sum / max / weighted mean)
+            | sum_i w_i tau_i [/ sum_i w_i]                  plain combination without consensus
+    theta   = theta_0 + lambda * delta
+
+Method files declare their parameters with the helpers below and call :meth:`Pipeline.merge`.
+Whole-model (``scope: global``) trimming and the global majority sign come from
+:mod:`._gta_stats`. Everything runs in float32 on ``ctx.device``; randomness only through
+``ctx.generator(i)``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from . import kernels as K
+from .base import MergeError, Param, Params, TensorContext
+
+# --------------------------------------------------------------------------------------------------
+# Parameters with validation at resolution time (the planner resolves every tensor's parameters
+# before any weight is read, so a bad value fails there with one line).
+
+
+@dataclass(frozen=True)
+class Bounded(Param):
+    """A float parameter restricted to [lo, hi]."""
+
+    lo: float | None = None
+    hi: float | None = None
+
+    def coerce(self, value, where):
+        v = super().coerce(value, where)
+        if v is None:
+            return v
+        if math.isnan(v) or (self.lo is not None and v < self.lo) or (self.hi is not None and v > self.hi):
+            lo = "-inf" if self.lo is None else f"{self.lo:g}"
+            hi = "inf" if self.hi is None else f"{self.hi:g}"
+            raise MergeError(f"parameter '{self.name}' {where}: {v:g} is outside [{lo}, {hi}]")
+        return v
+
+
+@dataclass(frozen=True)
+class Rescale(Param):
+    """A rescale mode. mergekit's booleans are accepted: true -> ``l1`` (its RescaleNorm.l1), false -> ``none``."""
+
+    def coerce(self, value, where):
+        if isinstance(value, bool) or (isinstance(value, (int, float)) and value in (0, 1)):
+            value = "l1" if value else "none"
+        elif isinstance(value, str) and value.strip().lower() in ("true", "false"):
+            value = "l1" if value.strip().lower() == "true" else "none"
+        return super().coerce(value, where)
+
+
+def weight_param() -> Param:
+    return Param("weight", float, 1.0, scope="model", help="per-model weight w_i")
+
+
+def density_param(default: float, help: str) -> Param:
+    return Bounded("density", float, default, scope="model", help=help, lo=0.0, hi=1.0)
+
+
+def lambda_param(default: float, help: str = "scale of the merged task vector") -> Param:
+    return Param("lambda", float, default, help=help)
+
+
+def rescale_param(default: str, choices: tuple, help: str) -> Param:
+    return Rescale("rescale", str, default, help=help + " (mergekit's true/false = l1/none)", choices=choices)
+
+
+def normalize_param(default, consensus: bool) -> Param:
+    if consensus:
+        h = "mergekit switch, overrides agg: true = weighted mean over agreeing models, false = sum"
+    else:
+        h = "divide the weighted sum by sum_i w_i (mergekit normalize)"
+    return Param("normalize", bool, default, help=h)
+
+
+def int8_mask_param() -> Param:
+    return Param("int8_mask", bool, False, help="accepted for mergekit recipes; no effect (masks are bool here)")
+
+
+def trim_params(scope_default: str = "global") -> tuple[Param, ...]:
+    return (
+        Param("scope", str, scope_default, choices=("global", "tensor"),
+              help="top-k over the whole model (paper, exact, streaming) or per tensor (mergekit/PEFT)"),
+        Param("exact_topk", bool, False,
+              help="tensor scope: keep exactly max(1, floor(k n)) by topk (mergekit) instead of the official "
+                   "|tau| >= (n - floor(k n))-th smallest (ties kept)"),
+    )
+
+
+def consensus_params(*, elect: str = "mass", agg: str = "mean", zero_sign: str = "majority",
+                     weighted_elect: bool = False, normalize=None) -> tuple[Param, ...]:
+    return (
+        Param("elect", str, elect, choices=("mass", "count"),
+              help="sign rule: sgn(sum of deltas) (paper) or sgn(sum of signs)"),
+        Param("agg", str, agg, choices=("mean", "sum", "max", "weighted_mean"),
+              help="disjoint merge: mean over agreeing non-zeros (paper), sum, max magnitude, or sum/sum of agreeing weights"),
+        normalize_param(normalize, consensus=True),
+        Param("zero_sign", str, zero_sign, choices=("majority", "positive"),
+              help="elected sign 0 -> majority sign sgn(sum gamma) (official TIES) or +1 (mergekit)"),
+        Param("weighted_elect", bool, weighted_elect,
+              help="elect the sign from the weighted deltas w_i tau_i (mergekit) instead of tau_i"),
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Trim thresholds (official TIES rule)
+
+
+def official_rank(n: int, density: float) -> int:
+    """1-based rank r such that keeping |x| >= (r-th smallest |x|) is the official TIES trim.
+
+    The official code keeps ``|x| >= kthvalue(n - floor(k n))``, i.e. floor(k n) + 1 entries when there
+    are no ties (the paper says "top k%"; we follow the code). 0 means keep everything.
+    """
+    return n - int(density * n)
+
+
+def needs_selection(d: float) -> bool:
+    """A trim density that needs a threshold (0 and 1 are handled without one)."""
+    return 0.0 < d < 1.0
+
+
+def tensor_threshold(x: torch.Tensor, density: float) -> float | None:
+    """The official TIES threshold of one tensor (None = keep all): exact, by radix selection."""
+    from ._radix import kth_smallest
+
+    r = official_rank(x.numel(), density)
+    if r <= 0:
+        return None
+    return kth_smallest(x.abs(), r, nonneg=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# The pipeline
+
+Sparsifier = Callable[[TensorContext, int, torch.Tensor, Params], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """One GTA method: an optional sparsifier, an optional TIES trim (reading its density from the
+    per-model parameter named ``trim``), and whether a sign consensus runs."""
+
+    name: str
+    sparsify: Sparsifier | None = None
+    trim: str | None = None
+    consensus: bool = False
+    trim_rescale: bool = False  # apply p["rescale"] (l1/l2) after the trim (ties)
+    check: Callable[[Params], None] | None = None  # cross-parameter validation
+
+    # -- statistics hook for register(stats=...) --------------------------------------------------
+    def stats_for(self, p: Params):
+        from ._gta_stats import GTAStats
+
+        s = GTAStats(self)
+        return s if s.passes(p) > 0 else None
+
+    def stat_steps(self, p: Params) -> list[str]:
+        """Whole-model passes this tensor's parameters need: ``high``/``low`` (global trim thresholds),
+        ``major`` (global majority sign)."""
+        if self.trim is None or p.get("scope") != "global":
+            return []
+        out = ["high", "low"] if any(needs_selection(float(d)) for d in p[self.trim]) else []
+        if self.consensus and p.get("zero_sign") == "majority":
+            out.append("major")
+        return out
+
+    def validate(self, p: Params) -> None:
+        if self.trim is not None and p.get("scope") == "global" and p.get("exact_topk"):
+            raise MergeError(f"{self.name}: exact_topk needs scope: tensor (global scope keeps the official ties at the threshold)")
+        if self.check is not None:
+            self.check(p)
+
+    # -- stages ----------------------------------------------------------------------------------
+    def deltas(self, ctx: TensorContext, base: torch.Tensor, models: list[torch.Tensor], p: Params,
+               thresholds: list | None = None, trim: bool = True) -> list[torch.Tensor]:
+        """Sparsified and trimmed task vectors. ``thresholds``: per-model global thresholds (scope global)."""
+        out = []
+        for i, m in enumerate(models):
+            t = m - base
+            if self.sparsify is not None:
+                t = self.sparsify(ctx, i, t, p)
+            if trim and self.trim is not None:
+                t = self._trim(t, i, p, thresholds)
+            out.append(t)
+        return out
+
+    def _trim(self, t: torch.Tensor, i: int, p: Params, thresholds) -> torch.Tensor:
+        d = p[self.trim][i]
+        if d >= 1:
+            return t
+        if d <= 0:
+            return torch.zeros_like(t)
+        if p.get("exact_topk") and thresholds is None:
+            kept = t * K.topk_mask(t, d, exact=True)
+        else:
+            thr = thresholds[i] if thresholds is not None else tensor_threshold(t, d)
+            kept = t if thr is None else torch.where(t.abs() >= thr, t, 0.0)
+        if self.trim_rescale and p.get("rescale", "none") != "none":
+            kept = K.rescale(t, kept, p["rescale"])
+        return kept
+
+    def elect(self, taus: list[torch.Tensor], p: Params):
+        """(stacked weighted deltas, votes, raw elected sign with zeros left in). Empties ``taus`` so the
+        unstacked copies are freed (peak memory ~ N tensors less)."""
+        w = p["weight"]
+        stacked = torch.stack(taus)
+        taus.clear()
+        if all(x == 1.0 for x in w):
+            weighted = stacked
+        else:
+            wt = torch.tensor(w, dtype=stacked.dtype, device=stacked.device).reshape((-1,) + (1,) * (stacked.dim() - 1))
+            weighted = stacked * wt
+        votes = weighted if p.get("weighted_elect") else stacked
+        sign = K.elect_sign(votes, p.get("elect", "mass"), zero_fallback="none")
+        return weighted, votes, sign
+
+    def fill_zero_sign(self, sign: torch.Tensor, p: Params, major: float | None) -> torch.Tensor:
+        if p.get("zero_sign", "positive") == "positive":
+            fill = 1.0
+        else:
+            fill = major if major is not None else float(torch.sign(sign.sum(dtype=torch.float64)))
+            fill = fill if fill != 0 else 1.0
+        return torch.where(sign == 0, torch.full_like(sign, fill), sign)
+
+    def combine(self, taus: list[torch.Tensor], p: Params, major: float | None = None) -> torch.Tensor:
+        w = p["weight"]
+        if self.consensus:
+            weighted, votes, sign = self.elect(taus, p)
+            sign = self.fill_zero_sign(sign, p, major)
+            norm = p.get("normalize")
+            agg = p.get("agg", "mean") if norm is None else ("weighted_mean" if norm else "sum")
+            wt = torch.tensor(w, dtype=weighted.dtype, device=weighted.device)
+            return K.disjoint_merge(weighted, sign, agg, weights=wt, votes=votes)
+        delta = torch.zeros_like(taus[0])
+        for wi, t in zip(w, taus):
+            delta.add_(t, alpha=wi)
+        if p.get("normalize"):
+            total = sum(w)
+            if abs(total) >= 1e-8:  # mergekit: a weight sum of ~0 divides by 1
+                delta.div_(total)
+        return delta
+
+    # -- the method ------------------------------------------------------------------------------
+    def merge(self, ctx: TensorContext, base: torch.Tensor, models: list[torch.Tensor], p: Params) -> torch.Tensor:
+        self.validate(p)
+        if base.numel() == 0:
+            return base.clone()
+        thresholds, major = None, None
+        steps = self.stat_steps(p)
+        if steps:
+            st = ctx.stats
+            if not isinstance(st, dict) or st.get("method") != self.name:
+                raise MergeError(f"{self.name}: scope global needs the whole-model statistics pass (or set scope: tensor)")
+            if "high" in steps:
+                thresholds = st.get("thr")
+                if thresholds is None or [float(x) for x in p[self.trim]] != st.get("density"):
+                    raise MergeError(f"{self.name}: scope global needs one '{self.trim}' per model for the whole model "
+                                     f"(got {p[self.trim]} at {ctx.name}); use scope: tensor for per-layer values")
+            if "major" in steps:
+                major = st.get("major")
+                if major is None:
+                    raise MergeError(f"{self.name}: scope and zero_sign must be the same for every tensor")
+        delta = self.combine(self.deltas(ctx, base, models, p, thresholds), p, major)
+        return delta.mul_(p["lambda"]).add_(base)
