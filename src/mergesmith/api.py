@@ -52,12 +52,10 @@ def merge_tensors(
     b = base.to(torch.float32) if base is not None else None
     ms = [m.to(torch.float32) for m in models]
     ctx = TensorContext(name=name, seed=seed, shape=tuple(ms[0].shape))
-    if stats is None and spec.stats_for(p) is not None:
-        gs = spec.stats_for(p)
-        state = gs.init(p, len(ms))
-        for k in range(gs.passes(p)):
-            state = gs.reduce(k, state, [gs.collect(k, state, ctx, b, ms, p)])
-        stats = state
+    if stats is None:
+        from .engine import run_statistics
+
+        stats = run_statistics(spec, p, [(ctx, b, ms, p)], len(ms))
     ctx.stats = stats
     return spec.fn(ctx, b, ms, p).to(dtype)
 

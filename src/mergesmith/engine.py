@@ -71,6 +71,27 @@ def units_of(job: TensorJob, chunkable: bool, chunk_elements: int = CHUNK_ELEMEN
     return [Unit(job, k, (a, min(a + step, job.shape[0]))) for k, a in enumerate(range(0, job.shape[0], step))]
 
 
+def run_statistics(spec, params, items, num_models: int) -> Any:
+    """Run ``spec``'s whole-model statistics passes (``GlobalStats``); the final state, or None.
+
+    ``params``: the first tensor's parameters (they choose the statistics and the number of passes);
+    ``items``: per tensor ``(ctx, base, models, params)``, read once per pass: a re-iterable, or a
+    callable returning a fresh iterable (so inputs can be streamed). ``ctx.stats`` is set to the
+    current state before each ``collect``.
+    """
+    gs = spec.stats_for(params)
+    if gs is None:
+        return None
+    state = gs.init(params, num_models)
+    for k in range(gs.passes(params)):
+        partials = []
+        for ctx, base, models, p in (items() if callable(items) else items):
+            ctx.stats = state
+            partials.append(gs.collect(k, state, ctx, base, models, p))
+        state = gs.reduce(k, state, partials)
+    return state
+
+
 class Executor:
     def __init__(self, plan: Plan, sink: Sink, device: str | torch.device | None = "cpu",
                  threads: int | None = None, progress: bool = False, chunk_elements: int = CHUNK_ELEMENTS):
@@ -123,18 +144,13 @@ class Executor:
     def _statistics(self, merge_jobs: list[TensorJob]) -> Any:
         if not merge_jobs:
             return None
-        p0 = merge_jobs[0].params
-        gs = self.spec.stats_for(p0)
-        if gs is None:
-            return None
-        state = gs.init(p0, len(merge_jobs[0].models))
         units = [Unit(j, 0, None) for j in merge_jobs]
-        for k in range(gs.passes(p0)):
-            partials = []
+
+        def items():
             for unit, (base, models) in self._stream(units):
-                partials.append(gs.collect(k, state, self._ctx(unit, state), base, models, unit.job.params))
-            state = gs.reduce(k, state, partials)
-        return state
+                yield self._ctx(unit, None), base, models, unit.job.params
+
+        return run_statistics(self.spec, merge_jobs[0].params, items, len(merge_jobs[0].models))
 
     def run(self) -> None:
         old_threads = torch.get_num_threads()

@@ -90,20 +90,16 @@ class _TallDelta:
                              stats=self.stats, shape=tuple(shape))
 
     def statistics(self, names: list[str], load) -> None:
-        p0 = self.resolve(names[0]) if names else None
-        gs = self.spec.stats_for(p0) if names else None
-        if gs is None:
+        if not names:
             return
-        state = gs.init(p0, self.n)
-        for k in range(gs.passes(p0)):
-            partials = []
+        from ..engine import run_statistics
+
+        def items():
             for name in names:
                 b, ms = load(name)
-                ctx = self.ctx(name, b.shape)
-                ctx.stats = state
-                partials.append(gs.collect(k, state, ctx, b, ms, self.resolve(name)))
-            state = gs.reduce(k, state, partials)
-        self.stats = state
+                yield self.ctx(name, b.shape), b, ms, self.resolve(name)
+
+        self.stats = run_statistics(self.spec, self.resolve(names[0]), items, self.n)
 
     def __call__(self, name: str, base: torch.Tensor, models: list[torch.Tensor]) -> torch.Tensor:
         return self.spec.fn(self.ctx(name, base.shape), base, models, self.resolve(name)) - base

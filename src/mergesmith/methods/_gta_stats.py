@@ -20,9 +20,8 @@ every pass from ``ctx.generator``.
 """
 from __future__ import annotations
 
-from . import kernels as K
 from ._gta import needs_selection, official_rank
-from ._radix import HIGH, LOW, dense, high_bits, locate, low_bits_in, sparse_hist
+from ._radix import dense, high_hist, key_value, keys, locate, low_hist
 from .base import GlobalStats, MergeError, Params
 
 
@@ -58,11 +57,8 @@ class GTAStats(GlobalStats):
             if not needs_selection(dens[i]):
                 hists.append(None)
                 continue
-            bits = K.float_bits(t.abs()).reshape(-1)
-            if step == "high":
-                hists.append(sparse_hist(high_bits(bits), HIGH))
-            else:
-                hists.append(sparse_hist(low_bits_in(bits, state["bucket"][i][0]), LOW))
+            k = keys(t.abs(), nonneg=True)
+            hists.append(high_hist(k, nonneg=True) if step == "high" else low_hist(k, state["bucket"][i][0]))
         return {"numel": base.numel(), "density": dens, "hist": hists, "name": ctx.name}
 
     # -- reduce ------------------------------------------------------------------------------------
@@ -87,15 +83,15 @@ class GTAStats(GlobalStats):
             for i in range(n):
                 if needs_selection(dens[i]):
                     r = official_rank(count, dens[i])
-                    buckets[i] = locate(dense([x["hist"][i] for x in parts], HIGH), r)
+                    buckets[i] = locate(dense([x["hist"][i] for x in parts]), r)
             state.update(count=count, density=dens, bucket=buckets)
             return state
         thr = [None] * n
         for i in range(n):
             if needs_selection(dens[i]):
                 b, rest = state["bucket"][i]
-                low, _ = locate(dense([x["hist"][i] for x in parts], LOW), rest)
-                thr[i] = K.bits_to_float((b << 16) | low)
+                low, _ = locate(dense([x["hist"][i] for x in parts]), rest)
+                thr[i] = key_value(b, low)
         state["thr"] = thr
         return state
 
