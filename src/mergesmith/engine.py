@@ -23,6 +23,15 @@ from .methods.base import TensorContext, get_method
 from .plan import InputRef, Plan, TensorJob
 
 CHUNK_ELEMENTS = 1 << 22  # 4M elements (16 MB in float32) per input per chunk
+PREFETCH_BYTES = 1 << 28  # prefetch the next unit only when its float32 inputs fit in 256 MB
+
+
+def _input_bytes(unit: "Unit") -> int:
+    rows = unit.rows[1] - unit.rows[0] if unit.rows is not None else None
+    n = 1
+    for k, s in enumerate(unit.job.shape):
+        n *= rows if (k == 0 and rows is not None) else s
+    return 4 * n * (len(unit.job.models) + (unit.job.base is not None))
 
 
 class Sink(Protocol):
@@ -129,16 +138,22 @@ class Executor:
                              device=self.device, stats=stats, chunk=unit.chunk, shape=tuple(j.shape))
 
     def _stream(self, units: list[Unit]) -> Iterator[tuple[Unit, Any]]:
-        """Yield (unit, loaded inputs) with the next unit prefetched in a reader thread."""
+        """Yield (unit, loaded inputs) with the next unit prefetched in a reader thread.
+
+        A unit whose inputs exceed PREFETCH_BYTES (a whole embedding for a tensor-wise method) is
+        loaded only after the previous unit is done, so two big units are never held at once."""
         if not units:
             return
         with ThreadPoolExecutor(1, thread_name_prefix="mergesmith-read") as reader:
-            fut: Future = reader.submit(self._load, units[0])
+            fut: Future | None = reader.submit(self._load, units[0])
             for k, unit in enumerate(units):
-                data = fut.result()
-                if k + 1 < len(units):
-                    fut = reader.submit(self._load, units[k + 1])
+                data = fut.result() if fut is not None else self._load(unit)
+                fut = None
+                nxt = units[k + 1] if k + 1 < len(units) else None
+                if nxt is not None and _input_bytes(nxt) <= PREFETCH_BYTES:
+                    fut = reader.submit(self._load, nxt)
                 yield unit, data
+                del data
 
     # -- passes ------------------------------------------------------------------------------------
     def _statistics(self, merge_jobs: list[TensorJob]) -> Any:
@@ -174,6 +189,7 @@ class Executor:
             try:
                 for unit, (base, models) in self._stream(units):
                     out = self._compute(unit, base, models, stats)
+                    del base, models  # free the inputs before the next (possibly big) unit loads
                     offset = 0
                     if unit.rows is not None:
                         row_bytes = out[0].numel() * out.element_size() if out.dim() else 0

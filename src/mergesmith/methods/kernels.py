@@ -176,14 +176,15 @@ def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = 0
     n1 = torch.linalg.vector_norm(v1, dim=-1, keepdim=True)
     one = torch.ones_like(n0)
     denom = torch.where(n0 > eps, n0, one) * torch.where(n1 > eps, n1, one)
-    dot = ((v0 * v1).sum(dim=-1, keepdim=True) / denom).clamp(-1.0, 1.0)
+    dot = (torch.linalg.vecdot(v0, v1, dim=-1).unsqueeze(-1) / denom).clamp(-1.0, 1.0)  # no full-size temporary
     omega = torch.arccos(dot)
     sin_omega = torch.sin(omega)
     lerp = (dot.abs() > dot_threshold) | (sin_omega.abs() < 1e-8)
     safe = torch.where(lerp, one, sin_omega)
     c0 = torch.where(lerp, one * (1.0 - t), torch.sin((1.0 - t) * omega) / safe)
     c1 = torch.where(lerp, one * t, torch.sin(t * omega) / safe)
-    return c0 * v0 + c1 * v1
+    out = v0 * c0
+    return out.addcmul_(v1, c1)
 
 
 def tall_masks(deltas: torch.Tensor, merged: torch.Tensor, lambdas, strict: bool = False) -> torch.Tensor:

@@ -57,11 +57,16 @@ def model_stock(ctx, base, models, p):
     pairs = []
     for i in range(len(deltas)):
         for j in range(i + 1, len(deltas)):
-            c = ((deltas[i] * deltas[j]).sum(dim=-1) / (norms[i] * norms[j]).clamp_min(1e-6)).clamp(-1.0, 1.0)
+            dot = torch.linalg.vecdot(deltas[i], deltas[j], dim=-1)  # no full-size temporary
+            c = (dot / (norms[i] * norms[j]).clamp_min(1e-6)).clamp(-1.0, 1.0)
             pairs.append(torch.arccos(c) if p["cos_mode"] == "angle" else c)
+    del deltas
     comb = torch.stack(pairs).mean(dim=0)
     cos = torch.cos(comb) if p["cos_mode"] == "angle" else comb
     n = len(models)
     t = interpolation_ratio(cos, n, p["clamp"]).unsqueeze(-1)
-    avg = sum(ws) / n
-    return (t * avg + (1.0 - t) * w0).reshape(shape)
+    out = ws[0].clone()
+    for w in ws[1:]:
+        out.add_(w)
+    out.div_(n).mul_(t)  # t * mean(theta_i)
+    return out.addcmul_(w0, 1.0 - t).reshape(shape)
