@@ -326,3 +326,18 @@ def test_method_checks_run_at_planning(tiny_zoo, monkeypatch):
     with pytest.raises(MergeError, match="density - epsilon"):
         plan_recipe(recipe("della", z["base"], [z["ft0"], z["ft1"]], parameters={"density": 0.9, "epsilon": 0.2}))
     plan_recipe(recipe("ties", z["base"], [z["ft0"], z["ft1"]], parameters={"density": [0.2, 0.6], "scope": "tensor"}))
+
+
+@pytest.mark.parametrize("method,params", [
+    ("ties", {"density": 0.3}),                      # global scope: thresholds from the statistics pass
+    ("breadcrumbs", {"density": 0.5, "gamma": 0.1}),  # per-row ranking
+    ("ties", {"density": 0.3, "scope": "tensor"}),   # not chunkable: must still agree (runs whole)
+])
+def test_chunked_statistics_and_apply_equal_whole(tiny_zoo, method, params):
+    z = tiny_zoo("llama")
+    plan = plan_recipe(recipe(method, z["base"], [z["ft0"], z["ft1"], z["ft2"]], parameters=params))
+    whole, chunked = DictSink(plan), DictSink(plan)
+    execute(plan, whole)
+    execute(plan, chunked, chunk_elements=100)
+    for k in whole.tensors:
+        assert torch.equal(whole.tensors[k], chunked.tensors[k]), k

@@ -159,7 +159,7 @@ class Executor:
     def _statistics(self, merge_jobs: list[TensorJob]) -> Any:
         if not merge_jobs:
             return None
-        units = [Unit(j, 0, None) for j in merge_jobs]
+        units = [u for j in merge_jobs for u in self._units(j)]  # chunked exactly as in the apply pass
 
         def items():
             for unit, (base, models) in self._stream(units):
@@ -179,8 +179,7 @@ class Executor:
     def _run(self) -> None:
         merge_jobs = [j for j in self.plan.jobs if j.method is not None]
         stats = self._statistics(merge_jobs)
-        chunkable = self.spec.can_chunk
-        units = [u for j in self.plan.jobs for u in units_of(j, chunkable, self.chunk_elements)]
+        units = [u for j in self.plan.jobs for u in self._units(j)]
         bar = _Progress(self.progress, len(units), self.plan.method.name)
         pending: list[Future] = []
         error: list[BaseException] = []
@@ -209,6 +208,10 @@ class Executor:
                 raise
             finally:
                 bar.close()
+
+    def _units(self, job: TensorJob) -> list[Unit]:
+        chunkable = job.method is not None and self.spec.can_chunk(job.params)
+        return units_of(job, chunkable, self.chunk_elements)
 
     def _compute(self, unit: Unit, base, models, stats) -> torch.Tensor:
         job = unit.job

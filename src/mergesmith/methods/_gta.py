@@ -177,6 +177,19 @@ class Pipeline:
             out.append("major")
         return out
 
+    def chunkable(self, p: Params) -> bool:
+        """Row chunks (dim 0) give the same result when every statistic is per element, per row, or
+        from the whole-model pass: not with l1/l2 rescaling, per-tensor top-k, a per-tensor majority
+        sign, or tensor-wide breadcrumbs ranking."""
+        if p.get("rescale", "none") in ("l1", "l2"):
+            return False
+        selects = self.trim is not None and any(needs_selection(float(d)) for d in p[self.trim])
+        if p.get("scope") == "tensor" and (self.trim is None or selects):  # per-tensor ranking / top-k
+            return False
+        if self.consensus and p.get("zero_sign", "positive") == "majority" and "major" not in self.stat_steps(p):
+            return False
+        return True
+
     def validate(self, p: Params) -> None:
         if self.trim is not None and p.get("scope") == "global" and p.get("exact_topk"):
             raise MergeError(f"{self.name}: exact_topk needs scope: tensor (global scope keeps the official ties at the threshold)")

@@ -163,7 +163,9 @@ class MethodSpec:
     max_models: int | None = None
     stats: GlobalStats | Callable[[Params], GlobalStats | None] | None = None
     mergekit: str = ""  # how to reproduce mergekit's behaviour, if it differs
-    chunkable: bool | None = None  # may the engine split tensors into row chunks? default: element/row
+    # may the engine split big tensors into row chunks (dim 0)? A bool, or a function of the tensor's
+    # parameters; None: yes for element/row granularity without statistics
+    chunkable: bool | Callable[[Params], bool] | None = None
     notes: str = ""
     example: dict = field(default_factory=dict)  # parameters for a smoke run (tests, demo, docs)
     validate: Callable[[Params], None] | None = None  # per-tensor parameter check, run at planning
@@ -174,8 +176,9 @@ class MethodSpec:
                 return p
         return None
 
-    @property
-    def can_chunk(self) -> bool:
+    def can_chunk(self, params: Params) -> bool:
+        if callable(self.chunkable):
+            return bool(self.chunkable(params))
         if self.chunkable is not None:
             return self.chunkable
         return self.granularity in ("element", "row") and self.stats is None
@@ -226,7 +229,7 @@ def register(
     max_models: int | None = None,
     stats=None,
     mergekit: str = "",
-    chunkable: bool | None = None,
+    chunkable: bool | Callable[[Params], bool] | None = None,
     notes: str = "",
     example: dict | None = None,
     validate: Callable[[Params], None] | None = None,

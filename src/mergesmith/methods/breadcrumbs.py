@@ -88,13 +88,13 @@ PAPER = "Davari & Belilovsky, Model Breadcrumbs, ECCV 2024 (arXiv 2312.06795)"
 @register(
     "breadcrumbs",
     validate=_LINEAR.validate,
+    chunkable=_LINEAR.chunkable,
     aliases=("model_breadcrumbs",),
     paper=PAPER,
     math="BC(tau_i) keeps |tau| ranks (gamma n, (gamma + beta) n] per row; theta = theta_0 + lambda * sum_i w_i BC(tau_i)",
     base="required",
     granularity="row",
     params=(*_params(), G.normalize_param(False, consensus=False), G.int8_mask_param()),
-    chunkable=False,
     mergekit="mergekit `breadcrumbs` = scope: tensor, lambda: 1 (and gamma: 0.01 is its default).",
     example={"density": 0.5, "gamma": 0.05},
 )
@@ -105,6 +105,7 @@ def breadcrumbs(ctx, base, models, p):
 @register(
     "breadcrumbs_ties",
     validate=_TIES.validate,
+    chunkable=_TIES.chunkable,
     aliases=(),
     paper=PAPER + "; sign election from TIES (mergekit's combination)",
     math="BC(tau_i) as breadcrumbs; gamma = sgn(sum_i w_i BC(tau_i)) (0 -> +1); "
@@ -116,7 +117,6 @@ def breadcrumbs(ctx, base, models, p):
         *G.consensus_params(elect="mass", agg="sum", zero_sign="positive", weighted_elect=True),
         G.int8_mask_param(),
     ),
-    chunkable=False,
     mergekit="mergekit `breadcrumbs_ties` = scope: tensor, lambda: 1 (normalize false is its default too).",
     example={"density": 0.5, "gamma": 0.05},
 )

@@ -60,6 +60,7 @@ MERGEKIT_TIES = "ties_density: 1, rescale: l1, weighted_elect: true, zero_sign: 
 @register(
     "dare_linear",
     validate=_LINEAR.validate,
+    chunkable=_LINEAR.chunkable,
     aliases=("dare", "dare_ta", "dare_task_arithmetic"),
     paper="Yu et al., Language Models are Super Mario (DARE), ICML 2024 (arXiv 2311.03099)",
     math="tau~_i = Bernoulli(d_i) * tau_i / d_i; theta = theta_0 + lambda * sum_i w_i tau~_i [/ sum_i w_i]",
@@ -71,7 +72,6 @@ MERGEKIT_TIES = "ties_density: 1, rescale: l1, weighted_elect: true, zero_sign: 
         G.normalize_param(False, consensus=False),
         G.int8_mask_param(),
     ),
-    chunkable=False,
     mergekit="mergekit `dare_linear` = rescale: l1 (its default rescale=true matches the L1 norm).",
     notes="p = 0 (density 1) is the identity on each task vector. Seeded per (seed, tensor, model).",
     example={"density": 0.5},
@@ -83,6 +83,7 @@ def dare_linear(ctx, base, models, p):
 @register(
     "dare_ties",
     validate=_TIES.validate,
+    chunkable=_TIES.chunkable,
     aliases=("dare_ties_merging",),
     paper="Yu et al., Language Models are Super Mario (DARE), ICML 2024 (arXiv 2311.03099)",
     math="tau~_i = Bernoulli(d_i) * tau_i / d_i; then TIES on tau~_i: trim to ties_density (whole model), "
@@ -99,7 +100,6 @@ def dare_linear(ctx, base, models, p):
         G.int8_mask_param(),
     ),
     stats=_TIES.stats_for,
-    chunkable=False,
     mergekit=f"mergekit `dare_ties` = {MERGEKIT_TIES}.",
     notes="Default = MergeLM's DARE followed by full TIES (second magnitude trim over the whole model).",
     example={"density": 0.5},

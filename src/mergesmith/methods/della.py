@@ -83,6 +83,7 @@ PAPER = "Deep et al., DELLA-Merging (MagPrune), 2024 (arXiv 2406.11617)"
 @register(
     "della",
     validate=_DELLA.validate,
+    chunkable=_DELLA.chunkable,
     aliases=("della_merging",),
     paper=PAPER,
     math="q_j = (d - eps) + 2 eps rank_j/(n-1) per row; tau~ = Bernoulli(q) tau / q; gamma = sgn(sum_i w_i tau~_i); "
@@ -94,7 +95,6 @@ PAPER = "Deep et al., DELLA-Merging (MagPrune), 2024 (arXiv 2406.11617)"
         *G.consensus_params(elect="mass", agg="weighted_mean", zero_sign="positive", weighted_elect=True),
         G.int8_mask_param(),
     ),
-    chunkable=False,
     mergekit="mergekit `della` = rescale: l1 (and its epsilon default is 0.15, lambda 1.0).",
     example={},
 )
@@ -105,6 +105,7 @@ def della(ctx, base, models, p):
 @register(
     "della_linear",
     validate=_LINEAR.validate,
+    chunkable=_LINEAR.chunkable,
     aliases=(),
     paper=PAPER,
     math="q_j = (d - eps) + 2 eps rank_j/(n-1) per row; tau~ = Bernoulli(q) tau / q; "
@@ -116,7 +117,6 @@ def della(ctx, base, models, p):
         G.normalize_param(False, consensus=False),
         G.int8_mask_param(),
     ),
-    chunkable=False,
     mergekit="mergekit `della_linear` = rescale: l1 (epsilon default 0.15 there).",
     example={},
 )

@@ -33,6 +33,7 @@ MERGEKIT = "scope: tensor, exact_topk: true, weighted_elect: true, zero_sign: po
 @register(
     "ties",
     validate=_PIPE.validate,
+    chunkable=_PIPE.chunkable,
     aliases=("ties_merging", "ties-merging"),
     paper="Yadav et al., TIES-Merging: Resolving Interference When Merging Models, NeurIPS 2023 (arXiv 2306.01708)",
     math="trim tau_i to |tau_i| >= t_i (top-k per model, whole model); gamma = sgn(sum_i tau_i) (0 -> global "
@@ -49,7 +50,6 @@ MERGEKIT = "scope: tensor, exact_topk: true, weighted_elect: true, zero_sign: po
         G.int8_mask_param(),
     ),
     stats=_PIPE.stats_for,
-    chunkable=False,
     mergekit=f"mergekit `ties` = {MERGEKIT}; set density explicitly (mergekit's default is 1.0).",
     notes="scope: global runs up to three streaming statistics passes (thresholds, majority sign) before merging.",
     example={"density": 0.5},
