@@ -322,6 +322,15 @@ def test_truncated_svd_backends_agree():
         assert U.shape == (60, 5) and Vh.shape == (5, 80)
 
 
+def test_gram_svd_of_singular_square_matrix_has_orthonormal_u():
+    # Iso-CTS relies on U of a square (or wide) matrix being a full orthonormal basis in gram mode too
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(10, 3, generator=g, dtype=torch.float64) @ torch.randn(3, 10, generator=g, dtype=torch.float64)
+    U, S, Vh = sp.full_svd(x, "gram", torch.float64)
+    assert torch.allclose(U.T @ U, torch.eye(10, dtype=torch.float64), atol=1e-10)
+    assert torch.allclose((U * S) @ Vh, x, atol=1e-10)
+
+
 @pytest.mark.parametrize("method,opts", [("tsv_m", {"svd": "gram"}), ("tsv_m", {"orthogonalize": "eigh"}),
                                          ("tsv_m", {"svd": "randomized", "svd_niter": 4}),
                                          ("iso_c", {"svd": "gram"}), ("iso_cts", {"orthogonalize": "eigh"}),

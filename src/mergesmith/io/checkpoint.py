@@ -269,6 +269,10 @@ def open_folder_or_file(ref: str | os.PathLike) -> Checkpoint:
         ckpt = TorchBinCheckpoint(str(ref), sorted({path / v for v in wm.values()}))
     elif (path / "pytorch_model.bin").exists():
         ckpt = TorchBinCheckpoint(str(ref), [path / "pytorch_model.bin"])
+    elif (path / "adapter_config.json").exists():
+        raise MergeError(
+            f"{ref} is a PEFT LoRA adapter, not a model: give it as 'BASE+{ref}' (base model folder + adapter folder)"
+        )
     else:
         raise MergeError(f"no weights found in {ref} (expected *.safetensors or pytorch_model*.bin)")
     if (path / "config.json").exists():
@@ -277,8 +281,9 @@ def open_folder_or_file(ref: str | os.PathLike) -> Checkpoint:
     return ckpt
 
 
-def open_checkpoint(ref: Any, label: str | None = None) -> Checkpoint:
-    """Open any supported input: path, ``model+adapter`` string, state dict, nn.Module or Checkpoint."""
+def open_checkpoint(ref: Any, label: str | None = None, base: Any = None) -> Checkpoint:
+    """Open any supported input: path, ``model+adapter`` string, state dict, nn.Module or Checkpoint.
+    With ``base`` (a recipe's base_model), a bare PEFT adapter folder opens as ``base+adapter``."""
     if isinstance(ref, Checkpoint):
         return ref
     if isinstance(ref, torch.nn.Module):
@@ -295,4 +300,8 @@ def open_checkpoint(ref: Any, label: str | None = None) -> Checkpoint:
         except ImportError:
             raise MergeError(f"'{ref_s}': model+adapter inputs need mergesmith.lora") from None
         return open_model_with_adapter(model, adapter)
+    if base is not None and (Path(ref_s).expanduser() / "adapter_config.json").is_file():
+        from ..lora.apply import open_model_with_adapter
+
+        return open_model_with_adapter(base, ref_s)
     return open_folder_or_file(ref_s)
