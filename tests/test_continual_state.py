@@ -229,3 +229,18 @@ def test_row_chunked_streaming_gives_the_same_state(zoo, tmp_path, monkeypatch, 
         chunked.add(zoo[0])
     h1 = [h["content_blake2b"] for h in whole.folder.manifest()["history"]]
     assert h1 == [h["content_blake2b"] for h in chunked.folder.manifest()["history"]]
+
+
+def test_parallel_workers_give_identical_state(zoo, tmp_path):
+    def fold(name, workers):
+        cm = ContinualMerger(tmp_path / name, workers=workers)
+        cm.init(zoo["base"], method="opcm")
+        for i in range(3):
+            cm.add(zoo[i])
+        return cm
+
+    a, b = fold("seq", 1), fold("par", 2)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert a.folder.manifest()["scalars"] == b.folder.manifest()["scalars"]
+    assert torch.get_num_threads() >= 1

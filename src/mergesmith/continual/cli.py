@@ -59,6 +59,8 @@ def add(
     allow_duplicate: bool = typer.Option(False, "--allow-duplicate", help="accept a model whose weights were already added"),
     device: str = typer.Option("cpu", "--device", help="compute device: cpu, cuda, cuda:1, auto"),
     threads: Optional[int] = typer.Option(None, "--threads", "-j", help="compute threads (default: all cores)"),
+    workers: int = typer.Option(1, "--workers", "-w", help="tensors computed at once, one thread each (OPCM on "
+                                "CPU: --workers 2 is ~2x faster on 2 cores than 2 threads)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="print nothing on success"),
 ):
     """Fold MODELS into the merge in STATE, one at a time (each add is atomic)."""
@@ -81,7 +83,7 @@ def add(
         order = list(models)
         if shuffle_seed is not None:
             order = [models[i] for i in permutation(len(models), shuffle_seed)]
-        cm = ContinualMerger(state, device=device)
+        cm = ContinualMerger(state, device=device, workers=workers)
         for m in order:
             entry = cm.add(m, label=label, allow_duplicate=allow_duplicate)
             if not quiet:
