@@ -128,8 +128,9 @@ class Executor:
             return base, models
         dev = self.device
         nb = dev.type == "cuda"
-        base = base.to(dev, non_blocking=nb).to(torch.float32) if base is not None else None
-        models = [m.to(dev, non_blocking=nb).to(torch.float32) for m in models]
+        # copy=True: methods may work in place without touching the caller's tensors (in-memory inputs)
+        base = base.to(dev, torch.float32, non_blocking=nb, copy=True) if base is not None else None
+        models = [m.to(dev, torch.float32, non_blocking=nb, copy=True) for m in models]
         return base, models
 
     def _ctx(self, unit: Unit, stats: Any) -> TensorContext:

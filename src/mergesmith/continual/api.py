@@ -151,8 +151,10 @@ class ContinualMerger:
     """A continual merge kept in ``state_dir``; see the module docstring."""
 
     def __init__(self, state_dir, device: str | torch.device = "cpu", workers: int = 1):
-        """``workers`` > 1 computes that many tensors at once, one thread each (on CPU, LAPACK's SVD
-        scales poorly with threads; 2 workers x 1 thread is ~2x faster on 2 cores than 1 x 2)."""
+        """``workers`` > 1 computes that many tensors at once, one torch thread each.  On CPU, LAPACK's SVD
+        scales poorly with threads and collapses when cores are shared (a 2048^2 OPCM step: 2 threads
+        were 2.6x slower than 1 on a loaded 2-core machine); independent tensors in parallel do not.
+        Peak memory grows with the number of tensors in flight."""
         self.folder = StateFolder(state_dir)
         self.workers = max(1, int(workers))
         self.device = torch.device(device) if device != "auto" else torch.device(

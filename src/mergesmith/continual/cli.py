@@ -4,6 +4,7 @@ the work is imported inside the commands."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import List, Optional
 
@@ -59,8 +60,8 @@ def add(
     allow_duplicate: bool = typer.Option(False, "--allow-duplicate", help="accept a model whose weights were already added"),
     device: str = typer.Option("cpu", "--device", help="compute device: cpu, cuda, cuda:1, auto"),
     threads: Optional[int] = typer.Option(None, "--threads", "-j", help="compute threads (default: all cores)"),
-    workers: int = typer.Option(1, "--workers", "-w", help="tensors computed at once, one thread each (OPCM on "
-                                "CPU: --workers 2 is ~2x faster on 2 cores than 2 threads)"),
+    workers: Optional[int] = typer.Option(None, "--workers", "-w", help="tensors computed at once, one thread "
+                                          "each (default: cores, at most 4; 1 = one tensor with --threads threads)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="print nothing on success"),
 ):
     """Fold MODELS into the merge in STATE, one at a time (each add is atomic)."""
@@ -83,7 +84,8 @@ def add(
         order = list(models)
         if shuffle_seed is not None:
             order = [models[i] for i in permutation(len(models), shuffle_seed)]
-        cm = ContinualMerger(state, device=device, workers=workers)
+        n = workers if workers is not None else (1 if device != "cpu" or threads else min(4, os.cpu_count() or 1))
+        cm = ContinualMerger(state, device=device, workers=n)
         for m in order:
             entry = cm.add(m, label=label, allow_duplicate=allow_duplicate)
             if not quiet:
