@@ -27,10 +27,12 @@ def drive(method, base_sd, model_sds, seed=0, **params):
     state = None
     if gs is not None:
         state = gs.init(p0, n)
-        for k in range(gs.passes(p0)):
+        k = 0
+        while k < gs.passes(p0, state):
             parts = [gs.collect(k, state, TensorContext(name=x, seed=seed), base_sd[x], [m[x] for m in model_sds], ps[x])
                      for x in names]
             state = gs.reduce(k, state, parts)
+            k += 1
     return {x: spec.fn(TensorContext(name=x, seed=seed, stats=state), base_sd[x], [m[x] for m in model_sds], ps[x])
             for x in names}
 
@@ -41,10 +43,12 @@ def drive_stats(method, base_sd, model_sds, seed=0, **params):
     ps = {k: method_params(method, len(model_sds), name=k, **params) for k in names}
     gs = spec.stats_for(ps[names[0]])
     state = gs.init(ps[names[0]], len(model_sds))
-    for k in range(gs.passes(ps[names[0]])):
+    k = 0
+    while k < gs.passes(ps[names[0]], state):
         parts = [gs.collect(k, state, TensorContext(name=x, seed=seed), base_sd[x], [m[x] for m in model_sds], ps[x])
                  for x in names]
         state = gs.reduce(k, state, parts)
+        k += 1
     return state
 
 
@@ -188,7 +192,7 @@ def test_ties_global_multi_tensor_equals_concatenated_reference():
         m["d.weight"] = base["d.weight"] + (m["d.weight"] - base["d.weight"]).abs()
     spec = get_method("ties")
     p = method_params("ties", 3, name="a.weight", density=0.35)
-    assert spec.stats_for(p).passes(p) == 3
+    assert spec.stats_for(p).passes(p) == 3  # sample, window, major
     state = drive_stats("ties", base, models, density=0.35)
     assert state["major"] == -1.0
     for d in (0.1, 0.35):
@@ -220,6 +224,46 @@ def test_ties_global_threshold_is_exact_on_continuous_values():
     ref = unflat(b + ((T * torch.tensor([[0.5], [2.0]])) * agree).sum(0), base, names)
     for k in names:
         assert torch.allclose(got[k], ref[k], atol=1e-6)
+
+
+def _big_model(seed):
+    """Tensors larger than the engine's sampling cut-off, with layer-dependent delta scales."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = {"a.weight": (700, 130), "b.weight": (257, 300), "c.bias": (300,)}
+    base = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
+    scale = {"a.weight": 1e-3, "b.weight": 3e-3, "c.bias": 1e-2}
+    models = [{k: (v + torch.randn(v.shape, generator=g) * scale[k]).to(torch.bfloat16).float() for k, v in base.items()}
+              for _ in range(3)]
+    return base, models
+
+
+def test_ties_global_sampled_estimate_then_exact_window_through_the_engine():
+    from mergesmith.api import merge_state_dicts
+    from mergesmith.engine import sample_units
+
+    base, models = _big_model(5)
+    for d in (0.03, 0.2, 0.8):
+        got = merge_state_dicts("ties", models, base=base, density=d, scope="global")
+        ref = ref_ties_official(base, models, d)
+        for k in base:
+            assert torch.equal(got[k], ref[k]), (d, k)
+    # the sampled pass really reads a subset of rows
+    job = type("Job", (), {"shape": (700, 130)})()
+    rows = sum(u.rows[1] - u.rows[0] for u in sample_units(job, 16))
+    assert 700 // 32 <= rows <= 700 // 8
+
+
+def test_ties_global_falls_back_to_exact_passes_when_the_sample_misses(monkeypatch):
+    from mergesmith.methods import _gta_stats
+
+    base, models = _big_model(6)
+    monkeypatch.setattr(_gta_stats, "_window", lambda hist, n, d: (0, 1 << 16))  # a window of tiny values only
+    state = drive_stats("ties", base, models, density=0.2)
+    assert state["steps"] == ["sample", "window", "high", "low", "major"]
+    got = drive("ties", base, models, density=0.2)
+    ref = ref_ties_official(base, models, 0.2)
+    for k in base:
+        assert torch.equal(got[k], ref[k]), k
 
 
 def test_ties_global_needs_constant_density():

@@ -415,3 +415,92 @@ def test_tsv_c_state_dict_round_trip():
         assert torch.allclose(rec[k].float(), ft[k].float(), atol=1e-5), k
     small = tsv_c_state_dict(base, ft, rank_fraction=0.2)
     assert small["model.layers.0.w.weight"].rank == 1
+
+
+# ---------------------------------------------------------------------------------------------------
+# streaming: row chunks for the fallback tensors; concurrent per-task decompositions
+
+
+def test_fallback_chunkable_follows_the_exclusion_list():
+    from mergesmith.methods.base import get_method
+
+    p = {"spectral_exclude": "default"}
+    for m in ("tsv_m", "iso_c", "iso_cts", "resm"):
+        spec = get_method(m)
+        assert spec.can_chunk(p, "model.embed_tokens.weight", (32000, 2048)), m
+        assert spec.can_chunk(p, "lm_head.weight", (32000, 2048)), m
+        assert spec.can_chunk(p, "conv.weight", (64, 3, 3, 3)), m  # not 2-D: element-wise fallback
+        assert not spec.can_chunk(p, W, (5632, 2048)), m
+        assert not spec.can_chunk({"spectral_exclude": ""}, "lm_head.weight", (32000, 2048)), m
+        assert spec.can_chunk({"spectral_exclude": r"up_proj"}, W, (5632, 2048)), m
+    assert sp.is_matrix_shape(W, (3, 4)) and not sp.is_matrix_shape(W, (0, 4)) and not sp.is_matrix_shape(W, (4,))
+
+
+@pytest.mark.parametrize("method,params", [
+    ("tsv_m", {}), ("tsv_m", {"svd": "gram", "orthogonalize": "eigh"}), ("iso_c", {}), ("iso_cts", {}),
+    ("resm", {}), ("twin_merging", {}),
+])
+def test_chunked_fallback_equals_whole_tensor(tiny_zoo, method, params):
+    from mergesmith.engine import DictSink, execute
+    from mergesmith.run import plan_recipe
+
+    z = tiny_zoo("llama")
+    plan = plan_recipe({"merge_method": method, "base_model": str(z["base"]), "parameters": params,
+                        "models": [{"model": str(z[f"ft{i}"])} for i in range(3)]})
+    assert any(plan.method.can_chunk(j.params, j.out_name, tuple(j.shape)) and len(j.shape) == 2
+               for j in plan.jobs if j.method is not None)  # the embeddings / lm_head are chunked
+    whole, chunked = DictSink(plan), DictSink(plan)
+    execute(plan, whole)
+    execute(plan, chunked, chunk_elements=100)
+    for k in whole.tensors:
+        assert torch.equal(whole.tensors[k], chunked.tensors[k]), k
+
+
+def test_opcm_chunked_embeddings_agree(tiny_zoo):
+    from mergesmith.engine import DictSink, execute
+    from mergesmith.run import plan_recipe
+
+    z = tiny_zoo("llama")
+    plan = plan_recipe({"merge_method": "opcm", "base_model": str(z["base"]),
+                        "models": [{"model": str(z[f"ft{i}"])} for i in range(3)]})
+    assert plan.method.can_chunk({}, "model.embed_tokens.weight", (64, 32))
+    assert not plan.method.can_chunk({}, "lm_head.weight", (64, 32))  # projected by OPCM
+    whole, chunked = DictSink(plan), DictSink(plan)
+    execute(plan, whole)
+    execute(plan, chunked, chunk_elements=100)
+    for k in whole.tensors:  # only the float64 summation order of the whole-model norms may differ
+        assert torch.allclose(whole.tensors[k], chunked.tensors[k], rtol=1e-6, atol=0), k
+
+
+@pytest.mark.parametrize("method,opts", [
+    ("tsv_m", {}), ("tsv_m", {"svd": "gram", "orthogonalize": "eigh"}),
+    ("tsv_m", {"svd": "randomized", "rank_fraction": 0.1}), ("iso_cts", {}),
+    ("iso_cts", {"svd": "gram", "orthogonalize": "eigh"}), ("resm", {}),
+])
+@pytest.mark.parametrize("shape", [(96, 64), (64, 96)])
+def test_results_do_not_depend_on_the_number_of_workers(monkeypatch, method, opts, shape):
+    base, models = _models(shape, 3, seed=21)
+    outs = []
+    for w in (1, 2, 3):
+        monkeypatch.setattr(sp, "WORKERS", w)
+        outs.append(merge_tensors(method, models, base, name=W, **opts))
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    monkeypatch.setattr(sp, "PARALLEL", False)  # the plain loop: same maths, other rounding at most
+    assert torch.allclose(merge_tensors(method, models, base, name=W, **opts), outs[0], atol=1e-5)
+
+
+def test_parallel_map_restores_the_thread_count():
+    torch.set_num_threads(2)
+    seen = sp.parallel_map(lambda _: torch.get_num_threads(), range(4))
+    assert seen == [1] * 4 and torch.get_num_threads() == 2
+
+    def boom(i):
+        if i == 2:
+            raise ValueError("x")
+        return i
+
+    with pytest.raises(ValueError):
+        sp.parallel_map(boom, range(4))
+    assert torch.get_num_threads() == 2
+    assert sp.parallel_map(lambda i: i * i, range(5)) == [0, 1, 4, 9, 16]  # order kept
+    assert sp.parallel_map(lambda _: torch.get_num_threads(), range(2), enabled=False) == [2, 2]

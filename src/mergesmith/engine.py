@@ -19,11 +19,13 @@ from typing import Any, Iterator, Protocol
 
 import torch
 
+from ._memory import trim_if_above
 from .methods.base import TensorContext, get_method
 from .plan import InputRef, Plan, TensorJob
 
 CHUNK_ELEMENTS = 1 << 22  # 4M elements (16 MB in float32) per input per chunk
 PREFETCH_BYTES = 1 << 28  # prefetch the next unit only when its float32 inputs fit in 256 MB
+TRIM_RSS_BYTES = 1280 << 20  # above this resident size, hand freed heap holes back to the OS (see _memory)
 
 
 def _input_bytes(unit: "Unit") -> int:
@@ -83,22 +85,41 @@ def units_of(job: TensorJob, chunkable: bool, chunk_elements: int = CHUNK_ELEMEN
 def run_statistics(spec, params, items, num_models: int) -> Any:
     """Run ``spec``'s whole-model statistics passes (``GlobalStats``); the final state, or None.
 
-    ``params``: the first tensor's parameters (they choose the statistics and the number of passes);
-    ``items``: per tensor ``(ctx, base, models, params)``, read once per pass: a re-iterable, or a
-    callable returning a fresh iterable (so inputs can be streamed). ``ctx.stats`` is set to the
-    current state before each ``collect``.
+    ``params``: the first tensor's parameters (they choose the statistics and the number of passes,
+    which may grow while running, see ``GlobalStats.passes``); ``items``: per tensor ``(ctx, base,
+    models, params)``, read once per pass: a re-iterable, or a callable returning a fresh iterable (so
+    inputs can be streamed). A pass for which ``GlobalStats.sample_stride`` is > 0 calls
+    ``items(stride)``: the callable may then yield only about one row in ``stride`` of each tensor.
+    ``ctx.stats`` is set to the current state before each ``collect``.
     """
     gs = spec.stats_for(params)
     if gs is None:
         return None
     state = gs.init(params, num_models)
-    for k in range(gs.passes(params)):
+    k = 0
+    while k < gs.passes(params, state):
+        stride = gs.sample_stride(k, state)
         partials = []
-        for ctx, base, models, p in (items() if callable(items) else items):
+        for ctx, base, models, p in (items(stride) if callable(items) else items):
             ctx.stats = state
             partials.append(gs.collect(k, state, ctx, base, models, p))
         state = gs.reduce(k, state, partials)
+        k += 1
     return state
+
+
+def sample_units(job: TensorJob, stride: int, blocks: int = 32) -> list[Unit]:
+    """About one row in ``stride`` of a tensor, as ~``blocks`` evenly spaced runs of rows (for an
+    estimate; chunk ids are negative so seeded sparsifiers draw fresh masks). Small tensors are whole."""
+    numel = 1
+    for s in job.shape:
+        numel *= s
+    rows = job.shape[0] if job.shape else 1
+    if len(job.shape) < 2 or numel <= 1 << 16 or rows < 2 * stride:
+        return [Unit(job, -1, None)]
+    run = max(1, -(-rows // (stride * blocks)))
+    step = run * stride
+    return [Unit(job, -1 - j, (a, min(a + run, rows))) for j, a in enumerate(range(step // 2, rows, step))]
 
 
 class Executor:
@@ -155,6 +176,7 @@ class Executor:
                     fut = reader.submit(self._load, nxt)
                 yield unit, data
                 del data
+                trim_if_above(TRIM_RSS_BYTES)
 
     # -- passes ------------------------------------------------------------------------------------
     def _statistics(self, merge_jobs: list[TensorJob]) -> Any:
@@ -162,8 +184,9 @@ class Executor:
             return None
         units = [u for j in merge_jobs for u in self._units(j)]  # chunked exactly as in the apply pass
 
-        def items():
-            for unit, (base, models) in self._stream(units):
+        def items(stride: int = 0):
+            todo = [u for j in merge_jobs for u in sample_units(j, stride)] if stride > 0 else units
+            for unit, (base, models) in self._stream(todo):
                 yield self._ctx(unit, None), base, models, unit.job.params
 
         return run_statistics(self.spec, merge_jobs[0].params, items, len(merge_jobs[0].models))
@@ -211,7 +234,7 @@ class Executor:
                 bar.close()
 
     def _units(self, job: TensorJob) -> list[Unit]:
-        chunkable = job.method is not None and self.spec.can_chunk(job.params)
+        chunkable = job.method is not None and self.spec.can_chunk(job.params, job.out_name, tuple(job.shape))
         return units_of(job, chunkable, self.chunk_elements)
 
     def _compute(self, unit: Unit, base, models, stats) -> torch.Tensor:

@@ -94,7 +94,7 @@ class _TallDelta:
             return
         from ..engine import run_statistics
 
-        def items():
+        def items(stride: int = 0):  # in memory: sampled passes simply see every row
             for name in names:
                 b, ms = load(name)
                 yield self.ctx(name, b.shape), b, ms, self.resolve(name)

@@ -137,13 +137,15 @@ class _Pool:
 def run_stats(gs, gp, names, inputs) -> Any:
     """Stream every tensor through a GlobalStats' passes: ``inputs(name) -> (ctx, base, models)``."""
     state = gs.init(gp, 2)
-    for k in range(gs.passes(gp)):
+    k = 0
+    while k < gs.passes(gp, state):  # the count may grow (GlobalStats.passes); sampled passes read all
         partials = []
         for name in names:
             ctx, b, ms = inputs(name)
             ctx.stats = state
             partials.append(gs.collect(k, state, ctx, b, ms, gp))
         state = gs.reduce(k, state, partials)
+        k += 1
     return state
 
 

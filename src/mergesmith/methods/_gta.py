@@ -168,16 +168,16 @@ class Pipeline:
         return s if s.passes(p) > 0 else None
 
     def stat_steps(self, p: Params) -> list[str]:
-        """Whole-model passes this tensor's parameters need: ``high``/``low`` (global trim thresholds),
-        ``major`` (global majority sign)."""
+        """Whole-model passes this tensor's parameters need: ``sample``/``window`` (global trim
+        thresholds; see ``_gta_stats``), ``major`` (global majority sign)."""
         if self.trim is None or p.get("scope") != "global":
             return []
-        out = ["high", "low"] if any(needs_selection(float(d)) for d in p[self.trim]) else []
+        out = ["sample", "window"] if any(needs_selection(float(d)) for d in p[self.trim]) else []
         if self.consensus and p.get("zero_sign") == "majority":
             out.append("major")
         return out
 
-    def chunkable(self, p: Params) -> bool:
+    def chunkable(self, p: Params, name: str = "", shape: tuple = ()) -> bool:
         """Row chunks (dim 0) give the same result when every statistic is per element, per row, or
         from the whole-model pass: not with l1/l2 rescaling, per-tensor top-k, a per-tensor majority
         sign, or tensor-wide breadcrumbs ranking."""
@@ -220,25 +220,23 @@ class Pipeline:
             kept = t * K.topk_mask(t, d, exact=True)
         else:
             thr = thresholds[i] if thresholds is not None else tensor_threshold(t, d)
-            kept = t if thr is None else torch.where(t.abs() >= thr, t, 0.0)
+            if thr is None:
+                kept = t
+            elif self.trim_rescale and p.get("rescale", "none") != "none":
+                kept = torch.where(t.abs() >= thr, t, 0.0)
+            else:
+                kept = t.masked_fill_(t.abs() < thr, 0.0)  # t is this call's own task vector
         if self.trim_rescale and p.get("rescale", "none") != "none":
             kept = K.rescale(t, kept, p["rescale"])
         return kept
 
     def elect(self, taus: list[torch.Tensor], p: Params):
-        """(stacked weighted deltas, votes, raw elected sign with zeros left in). Empties ``taus`` so the
-        unstacked copies are freed (peak memory ~ N tensors less)."""
+        """(weighted deltas, votes, raw elected sign with zeros left in); lists of tensors, never
+        stacked (an [N, ...] stack costs N full-size copies per step)."""
         w = p["weight"]
-        stacked = torch.stack(taus)
-        taus.clear()
-        if all(x == 1.0 for x in w):
-            weighted = stacked
-        else:
-            wt = torch.tensor(w, dtype=stacked.dtype, device=stacked.device).reshape((-1,) + (1,) * (stacked.dim() - 1))
-            weighted = stacked * wt
-        votes = weighted if p.get("weighted_elect") else stacked
-        sign = K.elect_sign(votes, p.get("elect", "mass"), zero_fallback="none")
-        return weighted, votes, sign
+        weighted = taus if all(x == 1.0 for x in w) else [t * wi for t, wi in zip(taus, w)]
+        votes = weighted if p.get("weighted_elect") else taus
+        return weighted, votes, K.elect_sign_list(votes, p.get("elect", "mass"))
 
     def fill_zero_sign(self, sign: torch.Tensor, p: Params, major: float | None) -> torch.Tensor:
         if p.get("zero_sign", "positive") == "positive":
@@ -246,7 +244,7 @@ class Pipeline:
         else:
             fill = major if major is not None else float(torch.sign(sign.sum(dtype=torch.float64)))
             fill = fill if fill != 0 else 1.0
-        return torch.where(sign == 0, torch.full_like(sign, fill), sign)
+        return sign.masked_fill_(sign == 0, fill)
 
     def combine(self, taus: list[torch.Tensor], p: Params, major: float | None = None) -> torch.Tensor:
         w = p["weight"]
@@ -255,8 +253,7 @@ class Pipeline:
             sign = self.fill_zero_sign(sign, p, major)
             norm = p.get("normalize")
             agg = p.get("agg", "mean") if norm is None else ("weighted_mean" if norm else "sum")
-            wt = torch.tensor(w, dtype=weighted.dtype, device=weighted.device)
-            return K.disjoint_merge(weighted, sign, agg, weights=wt, votes=votes)
+            return K.disjoint_merge_list(weighted, sign, agg, weights=w, votes=votes)
         delta = torch.zeros_like(taus[0])
         for wi, t in zip(w, taus):
             delta.add_(t, alpha=wi)
@@ -277,7 +274,7 @@ class Pipeline:
             st = ctx.stats
             if not isinstance(st, dict) or st.get("method") != self.name:
                 raise MergeError(f"{self.name}: scope global needs the whole-model statistics pass (or set scope: tensor)")
-            if "high" in steps:
+            if "window" in steps:
                 thresholds = st.get("thr")
                 if thresholds is None or [float(x) for x in p[self.trim]] != st.get("density"):
                     raise MergeError(f"{self.name}: scope global needs one '{self.trim}' per model for the whole model "

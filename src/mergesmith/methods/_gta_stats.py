@@ -2,27 +2,38 @@
 
 The official TIES code flattens each task vector over the whole model and keeps
 ``|tau_i| >= t_i`` with ``t_i`` the ``(P - floor(k_i P))``-th smallest ``|tau_i|`` (P = number of
-merged parameters). We find every ``t_i`` exactly without holding a task vector:
+merged parameters). We find every ``t_i`` exactly without holding a task vector. Keys are the
+float32 bit patterns of ``|tau_i|`` (for non-negative IEEE-754 floats integer order is value order):
 
-* pass ``high``: per model, a histogram of the high 16 bits of the float32 bit pattern of ``|tau_i|``
-  (for non-negative IEEE-754 floats the bit pattern's integer order is the value order), plus the
-  element count P. The bucket holding rank ``P - floor(k_i P)`` follows from the cumulative counts.
-* pass ``low``: per model, a histogram of the low 16 bits of the entries inside that bucket, which
-  pins the rank to one exact bit pattern, i.e. exactly ``torch.kthvalue`` of the concatenated vector.
+* pass ``sample``: per model, a histogram of the high 16 key bits over about one row in
+  ``SAMPLE_STRIDE`` of every tensor (the engine reads only those rows). It brackets the wanted
+  quantile 1 - k_i with a wide margin: a window of at most ``MAX_WINDOW`` high buckets.
+* pass ``window`` (every element): the exact count of keys below the window, and the exact histogram
+  of the keys inside it. When the rank falls inside (the normal case) this is the exact threshold,
+  bit-identical to ``torch.kthvalue`` of the concatenated vector.
+* only if the sample missed (the rank lies outside the window): passes ``high`` (high 16 bits of every
+  key) and ``low`` (low 16 bits inside the found bucket) redo the selection exactly for those models.
 * pass ``major`` (when ``zero_sign: majority``): the official fallback for coordinates whose elected
   sign is 0 is the *global* majority sign ``sgn(sum_p gamma_p)`` over the whole trimmed model, so the
   signed count of elected signs is summed over every tensor.
 
-The histogram helpers are in ``_radix`` (tensor scope uses the same selection in memory, so a
+So the exact global threshold costs one full read plus a ~1/16 sampled read instead of two full
+reads. The histogram helpers are in ``_radix`` (tensor scope uses the same selection in memory, so a
 one-tensor model gives bit-identical thresholds in both scopes). Partials are sparse histograms
-(non-zero buckets only) or one integer per tensor; the state is a few numbers per model. Sparsifiers before the trim (DARE in ``dare_ties``) are recomputed identically in
-every pass from ``ctx.generator``.
+(non-zero buckets only) or one integer per tensor; the state is a few numbers per model. Sparsifiers
+before the trim (DARE in ``dare_ties``) are recomputed identically in every full pass from
+``ctx.generator`` (the sampled pass draws its own masks: it only estimates).
 """
 from __future__ import annotations
 
+import math
+
 from ._gta import needs_selection, official_rank
-from ._radix import dense, high_hist, key_value, keys, locate, low_hist
+from ._radix import _OFFSET, dense, high_hist, key_value, keys, locate, low_hist, window_hist
 from .base import GlobalStats, MergeError, Params
+
+SAMPLE_STRIDE = 16  # the sample pass reads ~1 row in 16 of every tensor
+MAX_WINDOW = 8  # at most 8 high buckets (8 x 65536 exact bins) in the window pass
 
 
 class GTAStats(GlobalStats):
@@ -31,13 +42,16 @@ class GTAStats(GlobalStats):
     def __init__(self, pipe):
         self.pipe = pipe
 
-    def passes(self, params: Params) -> int:
-        return len(self.pipe.stat_steps(params))
+    def passes(self, params: Params, state=None) -> int:
+        return len(state["steps"]) if state is not None else len(self.pipe.stat_steps(params))
+
+    def sample_stride(self, pass_index, state) -> int:
+        return SAMPLE_STRIDE if state["steps"][pass_index] == "sample" else 0
 
     def init(self, params: Params, num_models: int):
         self.pipe.validate(params)
-        return {"method": self.pipe.name, "steps": self.pipe.stat_steps(params), "count": 0, "density": None,
-                "bucket": None, "thr": None, "major": None}
+        return {"method": self.pipe.name, "steps": list(self.pipe.stat_steps(params)), "count": 0,
+                "density": None, "window": None, "redo": [], "bucket": None, "thr": None, "major": None}
 
     # -- collect -----------------------------------------------------------------------------------
     def collect(self, pass_index, state, ctx, base, models, p):
@@ -54,11 +68,17 @@ class GTAStats(GlobalStats):
         taus = self.pipe.deltas(ctx, base, models, p, trim=False)
         hists = []
         for i, t in enumerate(taus):
-            if not needs_selection(dens[i]):
+            if not needs_selection(dens[i]) or (step in ("high", "low") and i not in state["redo"]):
                 hists.append(None)
                 continue
-            k = keys(t.abs(), nonneg=True)
-            hists.append(high_hist(k, nonneg=True) if step == "high" else low_hist(k, state["bucket"][i][0]))
+            k = keys(t.abs_(), nonneg=True)  # t is this call's own task vector
+            if step in ("sample", "high"):
+                hists.append(high_hist(k, nonneg=True))
+            elif step == "window":
+                lo, hi = state["window"][i]
+                hists.append(window_hist(k, lo, hi))
+            else:
+                hists.append(low_hist(k, state["bucket"][i][0]))
         return {"numel": base.numel(), "density": dens, "hist": hists, "name": ctx.name}
 
     # -- reduce ------------------------------------------------------------------------------------
@@ -77,22 +97,39 @@ class GTAStats(GlobalStats):
             if x["density"] != dens:
                 raise MergeError(self._mixed(x["density"], x["name"], dens))
         n = len(dens)
-        if step == "high":
-            count = sum(x["numel"] for x in parts)
-            buckets = [None] * n
+        count = sum(x["numel"] for x in parts)
+        want = [needs_selection(d) for d in dens]
+        if step == "sample":
+            state.update(density=dens, window=[_window(dense([x["hist"][i] for x in parts]), count, dens[i])
+                                               if want[i] else None for i in range(n)])
+        elif step == "window":
+            thr, redo = [None] * n, []
             for i in range(n):
-                if needs_selection(dens[i]):
-                    r = official_rank(count, dens[i])
-                    buckets[i] = locate(dense([x["hist"][i] for x in parts]), r)
-            state.update(count=count, density=dens, bucket=buckets)
-            return state
-        thr = [None] * n
-        for i in range(n):
-            if needs_selection(dens[i]):
+                if not want[i]:
+                    continue
+                r = official_rank(count, dens[i])
+                below = sum(x["hist"][i][0] for x in parts)
+                lo, hi = state["window"][i]
+                inside = dense([x["hist"][i][1] for x in parts], hi - lo)
+                if below < r <= below + int(inside.sum()):
+                    thr[i] = _key_float(lo + locate(inside, r - below)[0])
+                else:
+                    redo.append(i)
+            state.update(count=count, density=dens, thr=thr, redo=redo)
+            if redo:  # the sample missed for these models: exact two-level selection over every element
+                state["steps"] = state["steps"][: pass_index + 1] + ["high", "low"] + state["steps"][pass_index + 1:]
+        elif step == "high":
+            buckets = [None] * n
+            for i in state["redo"]:
+                buckets[i] = locate(dense([x["hist"][i] for x in parts]), official_rank(count, dens[i]))
+            state.update(bucket=buckets)
+        else:  # low
+            thr = list(state["thr"])
+            for i in state["redo"]:
                 b, rest = state["bucket"][i]
                 low, _ = locate(dense([x["hist"][i] for x in parts]), rest)
                 thr[i] = key_value(b, low)
-        state["thr"] = thr
+            state.update(thr=thr, redo=[])
         return state
 
     def check_plan(self, params) -> None:
@@ -109,3 +146,23 @@ class GTAStats(GlobalStats):
         first = f"{first} elsewhere, " if first is not None else ""
         return (f"{self.pipe.name}: scope global needs one '{self.pipe.trim}' per model for the whole model "
                 f"({first}{got} at {name}); use scope: tensor for per-layer values")
+
+
+def _key_float(key: int) -> float:
+    """The non-negative float32 whose bit pattern is ``key``."""
+    return key_value((key >> 16) + _OFFSET, key & 0xFFFF)
+
+
+def _window(hist, n: int, density: float) -> tuple[int, int]:
+    """[lo_key, hi_key): high buckets around the sample's (1 - density) quantile, with a margin of
+    8 binomial standard deviations plus 0.5 % of the ranks, at most MAX_WINDOW buckets wide."""
+    q = 1.0 - density
+    margin = 8.0 * math.sqrt(max(n * q * (1 - q), 1.0)) + 0.005 * n + 1
+    mid = min(max(1, round(q * n)), n)
+    b_lo = locate(hist, int(min(max(1, math.floor(q * n - margin)), n)))[0]
+    b_hi = locate(hist, int(min(max(1, math.ceil(q * n + margin)), n)))[0]
+    if b_hi - b_lo + 1 > MAX_WINDOW:  # keep the buckets nearest the estimate
+        b_mid = locate(hist, mid)[0]
+        b_lo = max(b_lo, b_mid - MAX_WINDOW // 2)
+        b_hi = b_lo + MAX_WINDOW - 1
+    return (b_lo - _OFFSET) << 16, (b_hi - _OFFSET + 1) << 16

@@ -15,10 +15,14 @@ Not a method module (the registry skips names starting with ``_``). What lives h
   seeded through ``ctx.generator``), and the polar (orthogonal Procrustes) factor of a matrix, by SVD
   (``P Q^T`` for ``A = P S Q^T``) or by the Gram eigendecomposition ``A (A^T A)^{-1/2}``.
 * :class:`LowRank`: a factored matrix ``B @ A`` (TSV-C and Twin-Merging's exclusive knowledge).
+* :func:`fallback_chunkable`: the methods' ``chunkable`` rule (row chunks for the element-wise fallback only).
+* :func:`parallel_map`: the independent per-task decompositions of one matrix run concurrently, one
+  single-threaded LAPACK call per worker (LAPACK scales poorly with threads; see docs/methods/spectral.md).
 """
 from __future__ import annotations
 
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -86,11 +90,23 @@ def exclude_patterns(spec: str | None) -> tuple[re.Pattern, ...]:
     return tuple(out)
 
 
-def is_matrix(name: str, x: torch.Tensor, spec: str | None = "default") -> bool:
-    """True when ``x`` is SVD'd: 2-D, non-empty, and its name matches no exclusion regex."""
-    if x.dim() != 2 or x.numel() == 0:
+def is_matrix_shape(name: str, shape, spec: str | None = "default") -> bool:
+    """True when a tensor of this name and shape is SVD'd: 2-D, non-empty, name matching no exclusion regex."""
+    shape = tuple(shape)
+    if len(shape) != 2 or 0 in shape:
         return False
     return not any(p.search(name) for p in exclude_patterns(spec))
+
+
+def is_matrix(name: str, x: torch.Tensor, spec: str | None = "default") -> bool:
+    """:func:`is_matrix_shape` of a tensor."""
+    return is_matrix_shape(name, x.shape, spec)
+
+
+def fallback_chunkable(params, name: str, shape: tuple) -> bool:
+    """``chunkable`` of the spectral methods: True exactly for the tensors that take the element-wise mean
+    fallback (non-2-D or excluded), so the engine streams e.g. the vocab x hidden embeddings in row chunks."""
+    return not is_matrix_shape(name, shape, params.get("spectral_exclude", "default"))
 
 
 def delta_sum(base: torch.Tensor, models: list[torch.Tensor]) -> torch.Tensor:
@@ -106,6 +122,42 @@ def mean_fallback(base: torch.Tensor, models: list[torch.Tensor], alpha: float) 
     """The fallback of TSV/Iso/RESM for non-matrices (official code): theta_0 + alpha * mean_i (theta_i -
     theta_0), with two extra buffers at most (these tensors include vocab x hidden embeddings)."""
     return delta_sum(base, models).mul_(alpha / len(models)).add_(base)
+
+
+# ---------------------------------------------------------------------------------------------------
+# concurrency of independent decompositions
+
+PARALLEL = True  # False: one after another with the caller's torch threads (multi-threaded LAPACK)
+WORKERS: int | None = None  # pool size; None: torch.get_num_threads() at the call
+
+
+def parallel_map(fn, items, *, enabled: bool = True) -> list:
+    """``[fn(x) for x in items]`` with the calls run concurrently by ``min(WORKERS or torch.get_num_threads(),
+    len(items))`` threads, each call single-threaded (torch/MKL thread count 1; torch ops release the GIL).
+
+    LAPACK's SVD/eigh gain only ~1.5x from two threads, while independent single-threaded calls side by side
+    gain ~2x. Every call runs single-threaded whatever the pool size, so results do not depend on ``WORKERS``.
+    The process-wide thread count is set to 1 for the section and restored afterwards. ``enabled=False``
+    (e.g. CUDA tensors) or ``PARALLEL = False`` runs the plain loop with the caller's threads.
+    """
+    items = list(items)
+    if not (PARALLEL and enabled) or not items:
+        return [fn(x) for x in items]
+    old = torch.get_num_threads()
+    workers = max(1, min(WORKERS or old, len(items)))
+
+    def call(x):
+        torch.set_num_threads(1)  # OpenMP/MKL thread counts are per thread: set them in the worker too
+        return fn(x)
+
+    torch.set_num_threads(1)
+    try:
+        if workers == 1:
+            return [call(x) for x in items]
+        with ThreadPoolExecutor(workers, thread_name_prefix="mergesmith-svd") as pool:
+            return list(pool.map(call, items))
+    finally:
+        torch.set_num_threads(old)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -219,7 +271,7 @@ def orthogonal_merge(Us: list[torch.Tensor], Ss: list[torch.Tensor], Vhs: list[t
         return U.new_zeros(U.shape[0], V.shape[0])
     if isotropic:
         S = torch.full_like(S, S.mean())
-    Up, Vp = polar(U, method), polar(V, method)
+    Up, Vp = parallel_map(lambda a: polar(a, method), [U, V], enabled=U.device.type == "cpu")
     return (Up * S) @ Vp.mT
 
 

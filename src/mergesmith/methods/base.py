@@ -117,20 +117,30 @@ class TensorContext:
     def generator(self, model_index: int) -> torch.Generator:
         """A generator seeded by (seed, tensor name, model index, chunk), on ctx.device."""
         g = torch.Generator(device=self.device)
-        g.manual_seed(seed_for(self.seed, self.name, model_index, self.chunk))
+        g.manual_seed(self.seed_of(model_index))
         return g
+
+    def seed_of(self, model_index: int) -> int:
+        """The 63-bit seed of (seed, tensor name, model index, chunk), for the seeded kernels."""
+        return seed_for(self.seed, self.name, model_index, self.chunk)
 
 
 class GlobalStats:
     """Whole-model statistics gathered by the engine before the apply pass.
 
     The engine calls ``collect`` on every tensor of a pass (streaming), then ``reduce`` on the partial
-    results of that pass; it repeats for ``passes(params)`` passes. The final state is given to the
+    results of that pass; it repeats for ``passes(params, state)`` passes. The final state is given to the
     method as ``ctx.stats``. Implementations must hold O(1) state per tensor, never the tensors.
     """
 
-    def passes(self, params: Params) -> int:
+    def passes(self, params: Params, state: Any = None) -> int:
+        """Number of passes; with ``state`` (during the run) it may grow, e.g. when an estimate from a
+        sampled pass has to be redone exactly."""
         return 1
+
+    def sample_stride(self, pass_index: int, state: Any) -> int:
+        """> 0: pass ``pass_index`` only needs an estimate, the engine may feed ~1 row in this many."""
+        return 0
 
     def init(self, params: Params, num_models: int) -> Any:
         return None
@@ -165,7 +175,7 @@ class MethodSpec:
     mergekit: str = ""  # how to reproduce mergekit's behaviour, if it differs
     # may the engine split big tensors into row chunks (dim 0)? A bool, or a function of the tensor's
     # parameters; None: yes for element/row granularity without statistics
-    chunkable: bool | Callable[[Params], bool] | None = None
+    chunkable: bool | Callable[[Params, str, tuple], bool] | None = None
     notes: str = ""
     example: dict = field(default_factory=dict)  # parameters for a smoke run (tests, demo, docs)
     validate: Callable[[Params], None] | None = None  # per-tensor parameter check, run at planning
@@ -176,9 +186,11 @@ class MethodSpec:
                 return p
         return None
 
-    def can_chunk(self, params: Params) -> bool:
+    def can_chunk(self, params: Params, name: str = "", shape: tuple = ()) -> bool:
+        """Whether row chunks of this tensor give the same result as the whole tensor. A callable
+        ``chunkable`` gets ``(params, name, shape)`` (e.g. spectral methods chunk their excluded tensors)."""
         if callable(self.chunkable):
-            return bool(self.chunkable(params))
+            return bool(self.chunkable(params, name, tuple(shape)))
         if self.chunkable is not None:
             return self.chunkable
         return self.granularity in ("element", "row") and self.stats is None
@@ -229,7 +241,7 @@ def register(
     max_models: int | None = None,
     stats=None,
     mergekit: str = "",
-    chunkable: bool | Callable[[Params], bool] | None = None,
+    chunkable: bool | Callable[[Params, str, tuple], bool] | None = None,
     notes: str = "",
     example: dict | None = None,
     validate: Callable[[Params], None] | None = None,

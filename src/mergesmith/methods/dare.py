@@ -3,7 +3,8 @@
 Yu, Yu, Yu, Huang, Li, "Language Models are Super Mario: Absorbing Abilities from Homologous Models
 as a Free Lunch", ICML 2024 (arXiv 2311.03099); official code yule-BUAA/MergeLM.
 
-    m_i ~ Bernoulli(d_i) element-wise (drop rate p_i = 1 - d_i), from ctx.generator(i)
+    m_i ~ Bernoulli(d_i) element-wise (drop rate p_i = 1 - d_i): m = 1[u < d_i], u from the PCG64
+    stream of ctx.seed_of(i) (see _sampling)
     tau~_i = m_i * tau_i / d_i                     (unbiased: E[tau~_i] = tau_i)
     dare_linear: theta = theta_0 + lambda * sum_i w_i tau~_i   [/ sum_i w_i if normalize]
     dare_ties:   TIES (trim, elect, disjoint merge) on tau~_i
@@ -26,6 +27,7 @@ from __future__ import annotations
 import torch
 
 from . import _gta as G
+from . import _sampling as S
 from . import kernels as K
 from .base import register
 
@@ -33,13 +35,18 @@ RESCALE = ("inverse_keep_prob", "l1", "l2", "none")
 
 
 def dare_sparsify(ctx, i: int, t: torch.Tensor, p) -> torch.Tensor:
-    """Drop each entry with probability 1 - density_i and rescale the survivors."""
+    """Drop each entry with probability 1 - density_i and rescale the survivors. ``t`` is a fresh task
+    vector and is overwritten on the CPU fast path (one fused pass: draw, mask, divide by d)."""
     d = p["density"][i]
     if d >= 1:
         return t
     if d <= 0:
         return torch.zeros_like(t)
-    mask = K.bernoulli_mask(t.shape, d, ctx.generator(i), device=t.device)
+    seed = ctx.seed_of(i)
+    if (p["rescale"] == "inverse_keep_prob" and t.device.type == "cpu" and t.dtype == torch.float32
+            and t.is_contiguous()):
+        return S.drop_rescale_(t, d, seed)
+    mask = K.bernoulli_mask(t.shape, d, seed, device=t.device)
     return K.rescale(t, t * mask, p["rescale"], keep_prob=d)
 
 

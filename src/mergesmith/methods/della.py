@@ -11,6 +11,10 @@ half-window eps:
     q_j   = (d - eps) + 2 eps rho_j        keep probability: d - eps (smallest) ... d + eps (largest)
     tau~_j = Bernoulli(q_j) * tau_j / q_j  (paper rescale, per element; unbiased)
 
+Bernoulli(q_j) = 1[u_j < q_j], u from the PCG64 stream of ctx.seed_of(i) (:mod:`._sampling`). On the
+CPU the exact stable ranks come from one SIMD sort of unique int64 keys per row (:func:`_by_rank`),
+fused with the draw and the rescale block by block over threads.
+
 della:        gamma = sgn(sum_i w_i tau~_i) (0 -> +1), theta = theta_0 + lambda * sum_i w_i tau~_i[agree] / sum_i w_i[agree]
 della_linear: theta = theta_0 + lambda * sum_i w_i tau~_i  [/ sum_i w_i if normalize]
 
@@ -23,21 +27,71 @@ default epsilon 0.15; ``della_linear`` is mergekit's (no election, normalize fal
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from . import _gta as G
+from . import _sampling as S
 from . import kernels as K
 from .base import MergeError, register
 
 RESCALE = ("inverse_keep_prob", "l1", "l2", "none")
 
 
+def _q_of_rank(n: int, d: float, eps: float) -> torch.Tensor:
+    """q for ranks 0..n-1 of a row (n >= 2): the same float32 operations as on a full row."""
+    rho = torch.arange(n, dtype=torch.float32).div_(n - 1)
+    return (d - eps) + (2 * eps) * rho
+
+
+def _by_rank(x: np.ndarray, vals: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """out[r, j] = vals[r * n + rk(r, j)], rk = stable ascending rank of |x[r, j]| in row r (float32
+    rows; ``vals``: one row of values tiled over at least the rows of ``x``).
+
+    The key (bits(|x_j|) << b) | j, b = bits of n - 1, is unique per row and sorts exactly as
+    (|x|, position) (IEEE-754 orders non-negative floats like their bit patterns), so a plain SIMD
+    sort of it gives the stable order; its low bits give j."""
+    r, n = x.shape
+    b = max(1, (n - 1).bit_length())
+    key = np.left_shift(x.view(np.int32), b, dtype=np.int64)
+    key &= 0x7FFFFFFF << b  # drop the sign: |x|
+    key |= np.arange(n, dtype=np.int64)
+    key.sort(axis=-1)
+    key &= (1 << b) - 1
+    key += np.arange(0, r * n, n, dtype=np.int64)[:, None]
+    if out is None:
+        out = np.empty((r, n), dtype=np.float32)
+    out.reshape(-1)[key.reshape(-1)] = vals[: r * n]
+    return out
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1, t.shape[-1]) if t.dim() >= 1 else t.reshape(1, 1)
+
+
+def _fast(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu" and t.dtype == torch.float32 and t.dim() >= 1 and t.shape[-1] >= 2
+
+
+def _row_blocks(n: int, d: float, eps: float) -> tuple[int, np.ndarray]:
+    """Rows per work item and q tiled over them."""
+    rows = max(1, S.BLOCK // n)
+    return rows, np.tile(_q_of_rank(n, d, eps).numpy(), rows)
+
+
 def magprune_probs(t: torch.Tensor, d: float, eps: float) -> torch.Tensor:
     """Keep probabilities q (shape of ``t``) from the within-row magnitude ranks."""
-    rows = t.reshape(-1, t.shape[-1]) if t.dim() >= 1 else t.reshape(1, 1)
+    rows = _rows(t)
     n = rows.shape[-1]
     if n <= 1:
         rho = torch.ones_like(rows)
+    elif _fast(t):
+        x = rows.contiguous().numpy()
+        out = torch.empty(rows.shape, dtype=torch.float32)
+        on = out.numpy()
+        step, qt = _row_blocks(n, d, eps)
+        S.run_blocks(x.shape[0], step, lambda a, b: _by_rank(x[a:b], qt, out=on[a:b]))
+        return out.reshape(t.shape)
     else:
         # int32 bit patterns of |x| sort like the values (IEEE order) and ~30% faster than floats
         order = torch.argsort(K.float_bits(rows.abs()), dim=-1, stable=True)
@@ -46,13 +100,35 @@ def magprune_probs(t: torch.Tensor, d: float, eps: float) -> torch.Tensor:
     return ((d - eps) + (2 * eps) * rho).reshape(t.shape)
 
 
+def _magprune_fused_(t: torch.Tensor, d: float, eps: float, seed: int) -> torch.Tensor:
+    """In place on a contiguous float32 CPU tensor: t <- t * keep / q, keep = u < q, row block by row
+    block (rank, draw and rescale in one pass over memory; the values of the unfused formula)."""
+    x = t.view(-1, t.shape[-1]).numpy()
+    n = x.shape[1]
+    step, qt = _row_blocks(n, d, eps)
+
+    def work(a: int, b: int) -> None:
+        q = _by_rank(x[a:b], qt)
+        keep = np.less(S.uniform_np(seed, a * n, (b - a) * n).reshape(b - a, n), q)
+        np.multiply(x[a:b], keep, out=x[a:b])
+        np.divide(x[a:b], q, out=x[a:b])
+
+    S.run_blocks(x.shape[0], step, work)
+    return t
+
+
 def magprune(ctx, i: int, t: torch.Tensor, p) -> torch.Tensor:
+    """MagPrune of task vector ``t`` (a fresh tensor, overwritten on the CPU fast path)."""
     d, eps = p["density"][i], p["epsilon"][i]
     if d >= 1 or t.numel() == 0:
         return t
-    q = magprune_probs(t, d, eps)
-    mask = K.bernoulli_mask(t.shape, q, ctx.generator(i))
     mode = p["rescale"]
+    seed = ctx.seed_of(i)
+    # q >= d - eps > 0 (check_window); the fused path skips rescale()'s clamp at 1e-12
+    if mode == "inverse_keep_prob" and _fast(t) and t.is_contiguous() and float(_q_of_rank(2, d, eps)[0]) >= 1e-12:
+        return _magprune_fused_(t, d, eps, seed)
+    q = magprune_probs(t, d, eps)
+    mask = K.bernoulli_mask(t.shape, q, seed)
     return K.rescale(t, t * mask, mode, keep_prob=q if mode == "inverse_keep_prob" else None)
 
 

@@ -67,9 +67,9 @@ def common_space_size(r: int, n_models: int, fraction: float) -> tuple[int, int]
 def iso_cts_matrix(deltas: list[torch.Tensor], fraction: float, *, svd: str = "exact", niter: int = 2,
                    orthogonalize: str = "svd", dtype=torch.float32, generators=None) -> torch.Tensor:
     """The Iso-CTS merged task matrix (float32 out)."""
-    n = len(deltas)
+    n_models = len(deltas)
     r = min(deltas[0].shape)
-    k_c, s = common_space_size(r, n, fraction)
+    k_c, s = common_space_size(r, n_models, fraction)
     U, S, Vh = sp.full_svd(_sum(deltas), "gram" if svd == "gram" else "exact", dtype)
     Uc, Sc, Vhc = U[:, :k_c], S[:k_c], Vh[:k_c]
     Us, Ss, Vhs = [Uc], [Sc], [Vhc]
@@ -78,15 +78,17 @@ def iso_cts_matrix(deltas: list[torch.Tensor], fraction: float, *, svd: str = "e
     # Delta_i - U_c U_c^T Delta_i = U_perp (U_perp^T Delta_i) with U_perp = U[:, k_c:], and its SVD is that of
     # the small (m - k_c) x n matrix lifted by U_perp (same result, far cheaper)
     complement = U[:, k_c:] if m <= n else None
-    if s > 0:
-        for i, d in enumerate(deltas):
-            d = d.to(dtype)
-            g = generators[i] if generators is not None else None
-            if complement is not None:
-                Ui, Si, Vhi = sp.top_svd(complement.mT @ d, s, svd, generator=g, niter=niter, dtype=dtype)
-                Ui = complement @ Ui
-            else:
-                Ui, Si, Vhi = sp.top_svd(d - Uc @ (Uc.mT @ d), s, svd, generator=g, niter=niter, dtype=dtype)
+
+    def task(i):
+        d = deltas[i].to(dtype)
+        g = generators[i] if generators is not None else None
+        if complement is not None:
+            Ui, Si, Vhi = sp.top_svd(complement.mT @ d, s, svd, generator=g, niter=niter, dtype=dtype)
+            return complement @ Ui, Si, Vhi
+        return sp.top_svd(d - Uc @ (Uc.mT @ d), s, svd, generator=g, niter=niter, dtype=dtype)
+
+    if s > 0:  # independent task-specific SVDs: concurrently, one single-threaded LAPACK call each
+        for Ui, Si, Vhi in sp.parallel_map(task, range(n_models), enabled=U.device.type == "cpu"):
             Us.append(Ui), Ss.append(Si), Vhs.append(Vhi)
     return sp.orthogonal_merge(Us, Ss, Vhs, orthogonalize, isotropic=True).to(torch.float32)
 
@@ -109,7 +111,7 @@ _COMMON = (
         Param("rank_tol", float, None, help="keep only S_j > rank_tol * S_1 (our option for low-rank deltas; "
                                             "off = paper)"),
     ) + sp.spectral_params(svd_modes=("exact", "gram"), orthogonalize=False),
-    chunkable=False,
+    chunkable=sp.fallback_chunkable,  # excluded/non-2-D tensors (element-wise mean) stream in row chunks
     mergekit="not in mergekit. FusionBench `ISO_C_Merge` = defaults with spectral_exclude: ''.",
     notes="fallback for non-matrices and excluded tensors: mean of the task vectors (official).",
     example={"alpha": 1.0},
@@ -138,7 +140,7 @@ def iso_c(ctx, base, models, p):
     params=_COMMON + (
         Param("common_space_fraction", float, 0.8, help="fraction f of the rank given to the common subspace"),
     ) + sp.spectral_params(),
-    chunkable=False,
+    chunkable=sp.fallback_chunkable,  # excluded/non-2-D tensors (element-wise mean) stream in row chunks
     mergekit="not in mergekit. FusionBench `ISO_CTS_Merge` = defaults with spectral_exclude: ''.",
     notes="fallback for non-matrices and excluded tensors: mean of the task vectors (official). Speed: svd=gram "
           "and orthogonalize=eigh (the `example` settings) are ~1.6x faster on CPU; svd=randomized applies to the "

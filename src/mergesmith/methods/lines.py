@@ -74,27 +74,37 @@ class LinesStats(GlobalStats):
         s = self.inner
         return s(pin) if callable(s) and not isinstance(s, GlobalStats) else s
 
-    def passes(self, params) -> int:
+    def passes(self, params, state=None) -> int:
+        return self._ni(params, state) + 1
+
+    def _ni(self, params, state) -> int:
+        """The base merge's own passes (their number may grow during the run, see GlobalStats)."""
+        if state is not None:
+            gs = state["gs"]
+            return gs.passes(state["pin"], state["inner"]) if gs else 0
         inner = self._inner(inner_params(params, 1))
-        return (inner.passes(inner_params(params, 1)) if inner else 0) + 1
+        return inner.passes(inner_params(params, 1)) if inner else 0
+
+    def sample_stride(self, k, state) -> int:
+        gs = state["gs"]
+        return gs.sample_stride(k, state["inner"]) if gs and k < self._ni(None, state) else 0
 
     def init(self, params, num_models):
         pin = inner_params(params, num_models)
         inner = self._inner(pin)
-        ni = inner.passes(pin) if inner else 0
-        return {"inner": inner.init(pin, num_models) if inner else None, "gs": inner, "ni": ni, "l1": [0.0, 0.0]}
+        return {"inner": inner.init(pin, num_models) if inner else None, "gs": inner, "pin": pin, "l1": [0.0, 0.0]}
 
     def collect(self, k, state, ctx, base, models, p):
         pin = inner_params(p, len(models))
         ictx = dataclasses.replace(ctx, stats=state["inner"])
-        if k < state["ni"]:
+        if k < self._ni(None, state):
             return state["gs"].collect(k, state["inner"], ictx, base, models, pin)
         total = torch.stack(task_vectors(base, models)).sum(0)
         merged = merged_delta(ictx, base, models, pin, p["merge"])
         return float(total.abs().sum(dtype=torch.float64)), float(merged.abs().sum(dtype=torch.float64))
 
     def reduce(self, k, state, partials):
-        if k < state["ni"]:
+        if k < self._ni(None, state):
             state["inner"] = state["gs"].reduce(k, state["inner"], partials)
             return state
         for a, b in partials:
@@ -115,8 +125,8 @@ def _stats(p):
 class _InnerOnly(LinesStats):
     """alpha given: only the base merge's own statistics."""
 
-    def passes(self, params) -> int:
-        return super().passes(params) - 1
+    def passes(self, params, state=None) -> int:
+        return super().passes(params, state) - 1
 
 
 def _alpha(p, n: int, stats) -> float:

@@ -69,7 +69,10 @@ class OPCMStats(GlobalStats):
               help="merge in an order drawn from the seed (official default true) instead of recipe order"),
     ),
     stats=OPCMStats(),
-    chunkable=False,
+    # element-wise tensors (not projected: embeddings, lm_head, norms) stream in row chunks, as in
+    # `mergesmith continual`; the statistics pass uses the same chunks. Only the float64 summation order
+    # of the whole-model norms depends on the chunking (relative ~1e-16 in the scale factor).
+    chunkable=lambda p, name, shape: not O.is_projected(name, shape),
     mergekit="not in mergekit.",
     notes="order dependent: models are folded in recipe order (or a seeded shuffle); the statistics pass "
           "repeats the SVDs. For models that arrive over time use `mergesmith continual` (one SVD per "

@@ -101,7 +101,7 @@ class PCBStats(GlobalStats):
     """Whole-model PCB statistics per task: clip bounds (passes 0-1), drop threshold and max of the
     balancing scores (passes 2-3). State: two radix selections and one float per task."""
 
-    def passes(self, params) -> int:
+    def passes(self, params, state=None) -> int:
         return 4
 
     def init(self, params, num_models: int):

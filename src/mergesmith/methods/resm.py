@@ -91,7 +91,7 @@ def sparsity_ranks(deltas: list[torch.Tensor], r: int, rank_fraction: float | No
         Param("rank_fraction", float, None, help="average fraction of the rank kept per task (default 1/N)"),
         Param("sparsity_tol", float, 0.0, help="entries with |x| <= sparsity_tol * max|x| count as zero"),
     ) + sp.spectral_params(),
-    chunkable=False,
+    chunkable=sp.fallback_chunkable,  # excluded/non-2-D tensors (element-wise mean) stream in row chunks
     mergekit="not in mergekit.",
     notes="EXPERIMENTAL: the paper's exact outlier-weight and rank formulas were not recoverable; the rules used "
           "are documented in the module docstring and docs/methods/spectral.md. outlier_threshold: 0 with "
@@ -107,10 +107,12 @@ def resm(ctx, base, models, p):
     if sum(ks) == 0:
         return sp.mean_fallback(base, models, alpha)
     dt = sp.compute_dtype(p)
-    Us, Ss, Vhs = [], [], []
-    for i, (d, k) in enumerate(zip(deltas, ks)):
-        d = outlier_reweight(d, p["outlier_threshold"])
-        U, S, Vh = sp.top_svd(d, k, p["svd"], generator=ctx.generator(i), niter=p["svd_niter"], dtype=dt)
-        Us.append(U), Ss.append(S), Vhs.append(Vh)
-    merged = sp.orthogonal_merge(Us, Ss, Vhs, p["orthogonalize"]).to(torch.float32)
+    gens = [ctx.generator(i) for i in range(len(deltas))]
+
+    def one(i):
+        d = outlier_reweight(deltas[i], p["outlier_threshold"])
+        return sp.top_svd(d, ks[i], p["svd"], generator=gens[i], niter=p["svd_niter"], dtype=dt)
+
+    Us, Ss, Vhs = zip(*sp.parallel_map(one, range(len(deltas)), enabled=base.device.type == "cpu"))
+    merged = sp.orthogonal_merge(list(Us), list(Ss), list(Vhs), p["orthogonalize"]).to(torch.float32)
     return base + alpha * merged

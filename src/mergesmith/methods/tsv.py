@@ -41,12 +41,13 @@ def rank_per_task(r: int, n_models: int, rank_fraction: float | None) -> int:
 def tsv_merge_matrix(deltas: list[torch.Tensor], k: int, *, svd: str = "exact", niter: int = 2,
                      orthogonalize: str = "svd", dtype: torch.dtype = torch.float32, generators=None) -> torch.Tensor:
     """The TSV-M merged task matrix ``U_perp S^ V_perp^T`` of 2-D task matrices (float32 out)."""
-    Us, Ss, Vhs = [], [], []
-    for i, d in enumerate(deltas):
+    def one(i):
         g = generators[i] if generators is not None else None
-        U, S, Vh = sp.top_svd(d, k, svd, generator=g, niter=niter, dtype=dtype)
-        Us.append(U), Ss.append(S), Vhs.append(Vh)
-    return sp.orthogonal_merge(Us, Ss, Vhs, orthogonalize).to(torch.float32)
+        return sp.top_svd(deltas[i], k, svd, generator=g, niter=niter, dtype=dtype)
+
+    # the per-task SVDs are independent: run concurrently, one single-threaded LAPACK call each
+    Us, Ss, Vhs = zip(*sp.parallel_map(one, range(len(deltas)), enabled=deltas[0].device.type == "cpu"))
+    return sp.orthogonal_merge(list(Us), list(Ss), list(Vhs), orthogonalize).to(torch.float32)
 
 
 @register(
@@ -64,7 +65,7 @@ def tsv_merge_matrix(deltas: list[torch.Tensor], k: int, *, svd: str = "exact", 
         Param("rank_fraction", float, None, help="fraction of each matrix's rank kept per task (default 1/N; 1 = "
                                                  "lossless variant)"),
     ) + sp.spectral_params(),
-    chunkable=False,
+    chunkable=sp.fallback_chunkable,  # excluded/non-2-D tensors (element-wise mean) stream in row chunks
     mergekit="not in mergekit. FusionBench `TaskSingularVectorMerging` (alpha=1, exclude_keys) = defaults with "
              "spectral_exclude: ''.",
     notes="fallback for non-matrices and excluded tensors: mean of the task vectors (official). Speed: svd=gram "

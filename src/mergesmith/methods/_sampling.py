@@ -1,0 +1,137 @@
+"""Seeded random streams and a block thread pool for the CPU kernels of DARE and DELLA.
+
+Stream of a seed s (a 63-bit ``seed_for`` value): the 32-bit words w_0, w_1, ... of PCG64(s)
+(O'Neill 2014; numpy's bit generator, whose raw output numpy keeps stable across versions), raw
+64-bit output j giving w_2j (low half) and w_2j+1 (high half). Element k of a draw uses w_k:
+
+    u_k = (w_k >> 8) * 2^-24          uniform on the float32 grid of [0, 1) (top 24 bits)
+    keep_k = u_k < p_k                Bernoulli(p_k) up to the 2^-24 grid
+
+Any block of elements is drawn on its own by jumping the generator ahead (PCG64.advance), so blocks
+run on several threads and the bits depend on neither the thread count nor the device (the draw is
+made on the CPU). numpy releases the GIL in the generator, sorts and ufuncs.
+"""
+from __future__ import annotations
+
+import math
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
+
+import numpy as np
+import torch
+
+BLOCK = 1 << 17  # elements per work item (128K: per-item overheads amortised, temporaries ~cache-sized)
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+_LOCK = threading.Lock()
+if hasattr(os, "register_at_fork"):  # a forked child has no pool threads: start afresh
+    os.register_at_fork(after_in_child=_POOLS.clear)
+
+
+def words(seed: int, start: int, count: int) -> np.ndarray:
+    """w_start .. w_{start+count-1} of the stream of ``seed`` (uint32)."""
+    bg = np.random.PCG64(int(seed))
+    if start >= 2:
+        bg.advance(start // 2)
+    lo = start & 1
+    raw = bg.random_raw((lo + count + 1) // 2)
+    return raw.astype("<u8", copy=False).view("<u4")[lo: lo + count]
+
+
+def uniform_np(seed: int, start: int, count: int) -> np.ndarray:
+    """u_start .. u_{start+count-1} (float32 in [0, 1))."""
+    return np.multiply(words(seed, start, count) >> 8, np.float32(2.0 ** -24), dtype=np.float32)  # exact
+
+
+def word_threshold(p: float) -> int:
+    """C with (w >> 8) * 2^-24 < p  <=>  w < C (exact): C = 256 ceil(p 2^24), clipped to [0, 2^32]."""
+    c = math.ceil(float(p) * 16777216.0) if p > 0 else 0
+    return min(max(c, 0), 1 << 24) << 8
+
+
+def _pool(n: int) -> ThreadPoolExecutor:
+    with _LOCK:
+        pool = _POOLS.get(n)
+        if pool is None:
+            pool = _POOLS[n] = ThreadPoolExecutor(n, thread_name_prefix="mergesmith-kernel")
+        return pool
+
+
+def run_blocks(total: int, step: int, fn: Callable[[int, int], None]) -> None:
+    """Call fn(a, b) on [0, total) cut into ranges of ``step``, spread over torch's intra-op thread
+    count (contiguous runs of ranges per thread). fn must only write its own range."""
+    step = max(1, int(step))
+    nblocks = -(-total // step)
+    workers = max(1, min(torch.get_num_threads(), nblocks))
+
+    def run(lo: int, hi: int) -> None:  # blocks lo..hi-1; inf * 0 etc. give nan silently, as in torch
+        with np.errstate(all="ignore"):
+            for j in range(lo, hi):
+                fn(j * step, min(total, (j + 1) * step))
+
+    if workers == 1:
+        run(0, nblocks)
+        return
+    cuts = [nblocks * k // workers for k in range(workers + 1)]
+    futures = [_pool(workers).submit(run, cuts[k], cuts[k + 1]) for k in range(workers)]
+    for f in futures:
+        f.result()
+
+
+def bernoulli_mask(shape, keep_prob, seed: int, device=None) -> torch.Tensor:
+    """Boolean keep mask of ``shape``: keep_k = u_k < p (scalar ``keep_prob``) or u_k < p_k (float32
+    tensor of ``shape``, compared on its device)."""
+    shape = tuple(shape)
+    n = math.prod(shape)
+    if isinstance(keep_prob, torch.Tensor):
+        p = keep_prob.to(torch.float32)
+        if p.device.type != "cpu":
+            u = torch.empty(n, dtype=torch.float32)
+            un = u.numpy()
+
+            def fill(a: int, b: int) -> None:
+                un[a:b] = uniform_np(seed, a, b - a)
+
+            run_blocks(n, BLOCK, fill)
+            return u.reshape(shape).to(p.device) < p
+        pn = p.contiguous().reshape(-1).numpy()
+        mask = torch.empty(n, dtype=torch.bool)
+        mn = mask.numpy()
+
+        def cmp(a: int, b: int) -> None:
+            np.less(uniform_np(seed, a, b - a), pn[a:b], out=mn[a:b])
+
+        run_blocks(n, BLOCK, cmp)
+        return mask.reshape(shape)
+    thr = word_threshold(keep_prob)
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if thr == 0 or thr >= 1 << 32:
+        return torch.full(shape, thr != 0, dtype=torch.bool, device=dev)
+    mask = torch.empty(n, dtype=torch.bool)
+    mn = mask.numpy()
+    t32 = np.uint32(thr)
+
+    def cmp_scalar(a: int, b: int) -> None:
+        np.less(words(seed, a, b - a), t32, out=mn[a:b])
+
+    run_blocks(n, BLOCK, cmp_scalar)
+    return mask.reshape(shape).to(dev)
+
+
+def drop_rescale_(t: torch.Tensor, d: float, seed: int) -> torch.Tensor:
+    """In place on a contiguous float32 CPU tensor: t <- t * keep / d with keep_k = u_k < d, one fused
+    pass per block (the same values as ``t * bernoulli_mask(...) / d``)."""
+    thr = word_threshold(d)
+    flat = t.view(-1).numpy()
+    t32, d32 = np.uint32(min(thr, (1 << 32) - 1)), np.float32(d)
+    everything = thr >= 1 << 32
+
+    def work(a: int, b: int) -> None:
+        x = flat[a:b]
+        if not everything:
+            np.multiply(x, np.less(words(seed, a, b - a), t32), out=x)
+        np.divide(x, d32, out=x)
+
+    run_blocks(flat.size, BLOCK, work)
+    return t

@@ -1,0 +1,182 @@
+"""Fast DARE / DELLA kernels: exact MagPrune ranks, the seeded PCG64 stream, fused drop-and-rescale."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from mergesmith.methods import _sampling as S
+from mergesmith.methods import kernels as K
+from mergesmith.methods.base import TensorContext
+from mergesmith.methods.della import _magprune_fused_, magprune_probs
+
+
+def ref_magprune_probs(t: torch.Tensor, d: float, eps: float) -> torch.Tensor:
+    """The previous implementation (per-row stable argsort + scatter), kept as the reference."""
+    rows = t.reshape(-1, t.shape[-1]) if t.dim() >= 1 else t.reshape(1, 1)
+    n = rows.shape[-1]
+    if n <= 1:
+        rho = torch.ones_like(rows)
+    else:
+        order = torch.argsort(K.float_bits(rows.abs()), dim=-1, stable=True)
+        ranks = torch.arange(n, dtype=torch.float32, device=t.device).expand_as(rows)
+        rho = torch.empty_like(rows).scatter_(-1, order, ranks).div_(n - 1)
+    return ((d - eps) + (2 * eps) * rho).reshape(t.shape)
+
+
+def _tie_heavy(shape, g):
+    """Values with many exact ties (small integers), zeros, -0.0, and a few inf/nan/subnormals."""
+    x = torch.randint(-6, 7, shape, generator=g).float() * 0.25
+    flat = x.view(-1)
+    if flat.numel() >= 8:
+        flat[torch.randint(0, flat.numel(), (max(1, flat.numel() // 7),), generator=g)] = -0.0
+        flat[1] = float("inf")
+        flat[2] = float("-inf")
+        flat[3] = float("nan")
+        flat[4] = 1e-40
+        flat[5] = -1e-40
+    return x
+
+
+def _bits(x: torch.Tensor) -> bytes:
+    return x.contiguous().numpy().tobytes()
+
+
+@pytest.mark.parametrize("shape", [(), (1,), (2,), (7,), (1, 1), (5, 1), (3, 2), (4, 3), (9, 17), (2, 3, 5),
+                                   (40, 2048), (13, 5632), (3, 40000), (70001,)])
+def test_magprune_probs_bit_identical_to_reference(shape):
+    g = torch.Generator().manual_seed(sum(shape) + len(shape))
+    def born(dt):  # a delta of two low-precision tensors: shared trailing zero bits (32-bit sort keys)
+        base = torch.randn(shape, generator=g) * 0.02
+        return (base + torch.randn(shape, generator=g) * 0.002).to(dt).float() - base.to(dt).float()
+
+    for x in (torch.randn(shape, generator=g) * 0.01, _tie_heavy(shape, g), born(torch.bfloat16), born(torch.float16),
+              torch.zeros(shape), -torch.zeros(shape), torch.full(shape, 3.0), torch.randn(shape, generator=g) * 1e-39):
+        for d, eps in ((0.7, 0.07), (0.5, 0.2), (0.3, 0.29)):
+            assert _bits(magprune_probs(x, d, eps)) == _bits(ref_magprune_probs(x, d, eps)), (shape, d, eps)
+
+
+def test_magprune_probs_noncontiguous_and_threads():
+    g = torch.Generator().manual_seed(3)
+    x = _tie_heavy((300, 257), g).t()  # non-contiguous rows
+    ref = ref_magprune_probs(x, 0.6, 0.1)
+    old = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            assert _bits(magprune_probs(x, 0.6, 0.1)) == _bits(ref)
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_magprune_fused_equals_unfused_formula():
+    g = torch.Generator().manual_seed(4)
+    for shape in [(37, 1000), (5, 2), (3, 5632)]:
+        t = _tie_heavy(shape, g) * 0.01 + torch.randn(shape, generator=g) * 1e-3 * (torch.rand(shape, generator=g) < 0.5)
+        q = ref_magprune_probs(t, 0.7, 0.07)
+        mask = K.bernoulli_mask(shape, q, 12345)
+        want = K.rescale(t, t * mask, "inverse_keep_prob", keep_prob=q)
+        got = _magprune_fused_(t.clone(), 0.7, 0.07, 12345)
+        assert torch.equal(got.isnan(), want.isnan())
+        ok = ~want.isnan()
+        assert _bits(got[ok]) == _bits(want[ok])
+
+
+def test_drop_rescale_equals_mask_formula():
+    g = torch.Generator().manual_seed(5)
+    t = torch.randn(1000, 333, generator=g)
+    for d in (0.5, 0.1, 0.9, 1 - 2 ** -26, 1e-9):
+        mask = K.bernoulli_mask(t.shape, d, 777)
+        want = t * mask / d
+        assert _bits(S.drop_rescale_(t.clone(), d, 777)) == _bits(want), d
+
+
+def test_stream_blocks_are_slices_of_one_stream():
+    full = S.words(99, 0, 5001)
+    for a, c in [(0, 1), (1, 1), (1, 2), (2, 7), (3, 1000), (4000, 1001), (5000, 1)]:
+        assert np.array_equal(S.words(99, a, c), full[a: a + c]), (a, c)
+    # the word layout: raw 64-bit output j = w_2j (low) | w_2j+1 (high)
+    raw = np.random.PCG64(99).random_raw(3)
+    assert [int(v) for v in full[:6]] == [int(r) >> s & 0xFFFFFFFF for r in raw for s in (0, 32)]
+    u = S.uniform_np(99, 0, 5001)
+    assert np.array_equal(u, (full >> 8).astype(np.float64) / 2 ** 24) and u.dtype == np.float32
+
+
+def test_word_threshold_is_exact():
+    for p in (0.0, 1e-9, 2 ** -24, 0.1, 1 / 3, 0.5, 0.7, 0.9999999, 1 - 2 ** -24, 1 - 2 ** -30, 1.0, 1.5, -0.2):
+        thr = S.word_threshold(p)
+        for c in {thr - 257, thr - 256, thr - 1, thr, thr + 255, thr + 256, 0, 255, 2 ** 32 - 1}:
+            if 0 <= c < 2 ** 32:
+                assert ((c >> 8) * 2.0 ** -24 < p) == (c < thr), (p, c)
+
+
+def test_mask_deterministic_across_threads_and_seeds():
+    shape = (321, 999)
+    q = torch.rand(shape, generator=torch.Generator().manual_seed(1))
+    old = torch.get_num_threads()
+    try:
+        outs = []
+        for n in (1, 2, 4):
+            torch.set_num_threads(n)
+            outs.append((K.bernoulli_mask(shape, 0.3, 42), K.bernoulli_mask(shape, q, 42)))
+    finally:
+        torch.set_num_threads(old)
+    for a, b in outs[1:]:
+        assert torch.equal(a, outs[0][0]) and torch.equal(b, outs[0][1])
+    assert not torch.equal(K.bernoulli_mask(shape, 0.3, 43), outs[0][0])
+    # a scalar p and a constant tensor p give the same mask (same draws)
+    assert torch.equal(K.bernoulli_mask(shape, torch.full(shape, 0.3), 42), outs[0][0])
+    ctx = TensorContext(name="layers.0.w", seed=5, chunk=2)
+    assert torch.equal(K.bernoulli_mask((10, 10), 0.5, ctx.seed_of(1)),
+                       K.bernoulli_mask((10, 10), 0.5, TensorContext(name="layers.0.w", seed=5, chunk=2).seed_of(1)))
+    assert ctx.seed_of(1) != ctx.seed_of(0) and ctx.seed_of(1) < 2 ** 63
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.8])
+def test_mask_statistics(p):
+    """Keep fraction, its spread over blocks, and independence between models, chunks and neighbours."""
+    n = 1 << 20
+    ctxs = [TensorContext(name="model.layers.3.mlp.up_proj.weight", seed=0, chunk=c) for c in (0, 1)]
+    masks = [K.bernoulli_mask((n,), p, c.seed_of(i)).double() for c in ctxs for i in (0, 1)]
+    sd = math.sqrt(p * (1 - p) / n)
+    for m in masks:
+        assert abs(m.mean().item() - p) < 5 * sd
+        blocks = m.reshape(1024, -1).mean(1)  # 1024 blocks of 1024: var = p(1-p)/1024
+        ratio = blocks.var().item() / (p * (1 - p) / 1024)
+        assert 0.85 < ratio < 1.15, ratio
+        x = m - m.mean()
+        lag1 = (x[1:] * x[:-1]).mean().item() / x.var().item()
+        assert abs(lag1) < 5 / math.sqrt(n)
+    for a in range(len(masks)):
+        for b in range(a + 1, len(masks)):
+            r = torch.corrcoef(torch.stack([masks[a], masks[b]]))[0, 1].item()
+            assert abs(r) < 5 / math.sqrt(n), (a, b, r)
+
+
+def test_uniform_moments_and_histogram():
+    n = 1 << 20
+    u = torch.from_numpy(S.uniform_np(2024, 0, n)).double()
+    assert u.min() >= 0 and u.max() < 1
+    assert abs(u.mean().item() - 0.5) < 5 * math.sqrt(1 / 12 / n)
+    assert abs(u.var().item() - 1 / 12) < 0.002
+    counts = torch.histc(u, bins=64, min=0, max=1)
+    chi2 = ((counts - n / 64) ** 2 / (n / 64)).sum().item()
+    assert chi2 < 63 + 6 * math.sqrt(2 * 63)  # chi-square with 63 dof, ~6 sigma
+
+
+def test_della_keep_rate_per_rank_with_fused_path():
+    g = torch.Generator().manual_seed(6)
+    rows, n = 2000, 100
+    t = (torch.stack([torch.randperm(n, generator=g) for _ in range(rows)]).float() + 1) * 0.01
+    d, eps = 0.5, 0.3
+    out = _magprune_fused_(t.clone(), d, eps, 9)
+    kept = (out != 0).double()
+    q = ref_magprune_probs(t, d, eps)
+    rank = (t * 100).round().long() - 1
+    for r in (0, 25, 50, 99):
+        sel = rank == r
+        qr = q[sel][0].item()
+        assert abs(kept[sel].mean().item() - qr) < 5 * math.sqrt(qr * (1 - qr) / rows)
+    assert torch.allclose(out[out != 0] * q[out != 0], t[out != 0], rtol=1e-6)
