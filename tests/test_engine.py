@@ -79,6 +79,33 @@ def test_chunked_execution_equals_whole_tensor(tiny_zoo):
         assert torch.equal(whole.tensors[k], chunked.tensors[k]), k
 
 
+@pytest.mark.parametrize("method,params", [
+    ("slerp", {"t": 0.3}),
+    ("nuslerp", {"weight": [1.0, 2.0]}),
+    ("nuslerp", {"weight": [1.0, 2.0], "nuslerp_flatten": False, "nuslerp_row_wise": True}),
+    ("multislerp", {"weight": [1.0, 2.0, 0.5]}),
+    ("model_stock", {}),
+])
+def test_tensor_wise_methods_stream_big_tensors_in_two_phases(tiny_zoo, monkeypatch, method, params):
+    """Tensors too big to hold whole are streamed: sums over row chunks, then the apply chunks."""
+    import mergesmith.engine as E
+    from mergesmith.methods.base import get_method
+
+    z = tiny_zoo("llama")
+    n = {"slerp": 1, "nuslerp": 2}.get(method, 3)
+    plan = plan_recipe(recipe(method, z["base"], [z[f"ft{i}"] for i in range(n)], parameters=params))
+    whole = DictSink(plan)
+    execute(plan, whole)
+    monkeypatch.setattr(E, "PREFETCH_BYTES", 1024)  # every matrix counts as big
+    ex = E.Executor(plan, DictSink(plan), chunk_elements=100)
+    job = next(j for j in plan.jobs if len(j.shape) == 2)
+    phases = [u.phase for u in ex._units(job)]
+    assert get_method(method).sums is not None and phases.count("sums") == phases.count("apply") > 1
+    ex.run()
+    for k in whole.tensors:
+        torch.testing.assert_close(ex.sink.tensors[k], whole.tensors[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
 # --- end to end through folders ------------------------------------------------------------------------
 
 

@@ -126,8 +126,9 @@ def test_mask_deterministic_across_threads_and_seeds():
     for a, b in outs[1:]:
         assert torch.equal(a, outs[0][0]) and torch.equal(b, outs[0][1])
     assert not torch.equal(K.bernoulli_mask(shape, 0.3, 43), outs[0][0])
-    # a scalar p and a constant tensor p give the same mask (same draws)
+    # a scalar p and a constant (or broadcast) tensor p give the same mask (same draws)
     assert torch.equal(K.bernoulli_mask(shape, torch.full(shape, 0.3), 42), outs[0][0])
+    assert torch.equal(K.bernoulli_mask(shape, torch.full((1, shape[1]), 0.3, dtype=torch.float64), 42), outs[0][0])
     ctx = TensorContext(name="layers.0.w", seed=5, chunk=2)
     assert torch.equal(K.bernoulli_mask((10, 10), 0.5, ctx.seed_of(1)),
                        K.bernoulli_mask((10, 10), 0.5, TensorContext(name="layers.0.w", seed=5, chunk=2).seed_of(1)))

@@ -58,6 +58,7 @@ class Unit:
     job: TensorJob
     chunk: int
     rows: tuple[int, int] | None  # row range of a chunk, None = whole tensor
+    phase: str = "apply"  # "sums": accumulate the method's per-tensor sums (MethodSpec.sums), no output
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -182,7 +183,7 @@ class Executor:
     def _statistics(self, merge_jobs: list[TensorJob]) -> Any:
         if not merge_jobs:
             return None
-        units = [u for j in merge_jobs for u in self._units(j)]  # chunked exactly as in the apply pass
+        units = [u for j in merge_jobs for u in self._units(j) if u.phase == "apply"]  # as in the apply pass
 
         def items(stride: int = 0):
             todo = [u for j in merge_jobs for u in sample_units(j, stride)] if stride > 0 else units
@@ -210,8 +211,17 @@ class Executor:
         lock = threading.Lock()
         with ThreadPoolExecutor(1, thread_name_prefix="mergesmith-write") as writer:
             try:
+                sums: dict[str, Any] = {}
                 for unit, (base, models) in self._stream(units):
-                    out = self._compute(unit, base, models, stats)
+                    if unit.phase == "sums":
+                        with torch.no_grad():
+                            part = self.spec.sums(self._ctx(unit, stats), base, models, unit.job.params)
+                        name = unit.job.out_name
+                        sums[name] = part if name not in sums else sums[name] + part
+                        del base, models
+                        bar.advance()
+                        continue
+                    out = self._compute(unit, base, models, stats, sums.get(unit.job.out_name))
                     del base, models  # free the inputs before the next (possibly big) unit loads
                     offset = 0
                     if unit.rows is not None:
@@ -234,15 +244,25 @@ class Executor:
                 bar.close()
 
     def _units(self, job: TensorJob) -> list[Unit]:
-        chunkable = job.method is not None and self.spec.can_chunk(job.params, job.out_name, tuple(job.shape))
-        return units_of(job, chunkable, self.chunk_elements)
+        if job.method is None:
+            return units_of(job, False, self.chunk_elements)
+        if self.spec.can_chunk(job.params, job.out_name, tuple(job.shape)):
+            return units_of(job, True, self.chunk_elements)
+        whole = units_of(job, False, self.chunk_elements)
+        if self.spec.sums is not None and _input_bytes(whole[0]) > PREFETCH_BYTES:
+            chunks = units_of(job, True, self.chunk_elements)  # too big to hold whole: sums, then apply
+            if len(chunks) > 1:
+                return [Unit(u.job, u.chunk, u.rows, "sums") for u in chunks] + chunks
+        return whole
 
-    def _compute(self, unit: Unit, base, models, stats) -> torch.Tensor:
+    def _compute(self, unit: Unit, base, models, stats, sums=None) -> torch.Tensor:
         job = unit.job
         if job.method is None:
             return models[0].to(job.dtype)
+        ctx = self._ctx(unit, stats)
+        ctx.sums = sums
         with torch.no_grad():
-            out = self.spec.fn(self._ctx(unit, stats), base, models, job.params)
+            out = self.spec.fn(ctx, base, models, job.params)
         expected = tuple(job.shape) if unit.rows is None else (unit.rows[1] - unit.rows[0],) + tuple(job.shape[1:])
         if tuple(out.shape) != expected:
             raise RuntimeError(f"method {self.spec.name} returned shape {tuple(out.shape)} for {job.out_name}, expected {expected}")

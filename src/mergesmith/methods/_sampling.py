@@ -80,12 +80,14 @@ def run_blocks(total: int, step: int, fn: Callable[[int, int], None]) -> None:
 
 
 def bernoulli_mask(shape, keep_prob, seed: int, device=None) -> torch.Tensor:
-    """Boolean keep mask of ``shape``: keep_k = u_k < p (scalar ``keep_prob``) or u_k < p_k (float32
-    tensor of ``shape``, compared on its device)."""
+    """Boolean keep mask of ``shape``: keep_k = u_k < p (scalar ``keep_prob``) or u_k < p_k (a tensor
+    broadcastable to ``shape``, compared in float32 on its device)."""
     shape = tuple(shape)
     n = math.prod(shape)
     if isinstance(keep_prob, torch.Tensor):
         p = keep_prob.to(torch.float32)
+        if tuple(p.shape) != shape:
+            p = p.expand(shape)  # broadcasting, as in ``u < p``
         if p.device.type != "cpu":
             u = torch.empty(n, dtype=torch.float32)
             un = u.numpy()

@@ -110,6 +110,9 @@ class TensorContext:
     seed: int = 0
     device: torch.device | str = "cpu"
     stats: Any = None
+    # a tensor-wise method's ``sums`` over the whole tensor when the engine gives it row chunks (see
+    # MethodSpec.sums); None: the method has the whole tensor and computes them itself
+    sums: Any = None
     chunk: int = 0  # index of the row chunk when the engine splits a large element/row-wise tensor
     shape: tuple = ()  # full tensor shape (the tensor given may be a row chunk)
     extra: dict = field(default_factory=dict)
@@ -179,6 +182,11 @@ class MethodSpec:
     notes: str = ""
     example: dict = field(default_factory=dict)  # parameters for a smoke run (tests, demo, docs)
     validate: Callable[[Params], None] | None = None  # per-tensor parameter check, run at planning
+    # tensor-wise methods whose only whole-tensor quantities are sums over elements (norms, dot
+    # products): sums(ctx, base, models, p) -> tensor, additive over row chunks. The engine then
+    # streams big tensors in two chunked phases (sums, then apply with ctx.sums = their total)
+    # instead of loading them whole. Only used when ``can_chunk`` is false for the tensor.
+    sums: Callable[..., Any] | None = None
 
     def param(self, name: str) -> Param | None:
         for p in self.params:
@@ -245,6 +253,7 @@ def register(
     notes: str = "",
     example: dict | None = None,
     validate: Callable[[Params], None] | None = None,
+    sums: Callable[..., Any] | None = None,
 ):
     """Decorator that registers a tensor-level merge function under ``name``."""
 
@@ -253,7 +262,7 @@ def register(
             name=name, fn=fn, paper=paper, math=math, base=base, granularity=granularity,
             params=tuple(params), aliases=tuple(aliases), min_models=min_models, max_models=max_models,
             stats=stats, mergekit=mergekit, chunkable=chunkable, notes=notes,
-            example=dict(example or {}), validate=validate,
+            example=dict(example or {}), validate=validate, sums=sums,
         )
         if name in _REGISTRY and _REGISTRY[name].fn is not fn:
             raise RuntimeError(f"merge method {name!r} registered twice")

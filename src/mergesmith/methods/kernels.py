@@ -213,6 +213,22 @@ def bits_to_float(bits: int) -> float:
     return torch.tensor([bits], dtype=torch.int32).view(torch.float32).item()
 
 
+def slerp_coefficients(t: float, n0: torch.Tensor, n1: torch.Tensor, dot: torch.Tensor,
+                       dot_threshold: float = 0.9995, eps: float = 1e-8) -> tuple[torch.Tensor, torch.Tensor]:
+    """(c0, c1) with slerp = c0 v0 + c1 v1, from the norms |v0|, |v1| and the raw dot product <v0, v1>
+    (any broadcastable shapes). See :func:`slerp`."""
+    one = torch.ones_like(n0)
+    denom = torch.where(n0 > eps, n0, one) * torch.where(n1 > eps, n1, one)
+    d = (dot / denom).clamp(-1.0, 1.0)
+    omega = torch.arccos(d)
+    sin_omega = torch.sin(omega)
+    lerp = (d.abs() > dot_threshold) | (sin_omega.abs() < 1e-8)
+    safe = torch.where(lerp, one, sin_omega)
+    c0 = torch.where(lerp, one * (1.0 - t), torch.sin((1.0 - t) * omega) / safe)
+    c1 = torch.where(lerp, one * t, torch.sin(t * omega) / safe)
+    return c0, c1
+
+
 def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = 0.9995, eps: float = 1e-8) -> torch.Tensor:
     """Spherical interpolation of each vector along the last dim (``reshape(1, -1)`` for a whole tensor).
 
@@ -222,17 +238,31 @@ def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = 0
     """
     n0 = torch.linalg.vector_norm(v0, dim=-1, keepdim=True)
     n1 = torch.linalg.vector_norm(v1, dim=-1, keepdim=True)
-    one = torch.ones_like(n0)
-    denom = torch.where(n0 > eps, n0, one) * torch.where(n1 > eps, n1, one)
-    dot = (torch.linalg.vecdot(v0, v1, dim=-1).unsqueeze(-1) / denom).clamp(-1.0, 1.0)  # no full-size temporary
-    omega = torch.arccos(dot)
-    sin_omega = torch.sin(omega)
-    lerp = (dot.abs() > dot_threshold) | (sin_omega.abs() < 1e-8)
-    safe = torch.where(lerp, one, sin_omega)
-    c0 = torch.where(lerp, one * (1.0 - t), torch.sin((1.0 - t) * omega) / safe)
-    c1 = torch.where(lerp, one * t, torch.sin(t * omega) / safe)
+    dot = torch.linalg.vecdot(v0, v1, dim=-1).unsqueeze(-1)  # no full-size temporary
+    c0, c1 = slerp_coefficients(t, n0, n1, dot, dot_threshold, eps)
     out = v0 * c0
     return out.addcmul_(v1, c1)
+
+
+def gram(vectors: list[torch.Tensor]) -> torch.Tensor:
+    """G_ij = <v_i, v_j> of the flattened tensors, float64 [N, N]. Additive over row chunks, so
+    tensor-wise methods built on norms and angles can stream (``MethodSpec.sums``)."""
+    flat = [v.reshape(-1) for v in vectors]
+    n = len(flat)
+    g = torch.empty(n, n, dtype=torch.float64, device=flat[0].device if flat else "cpu")
+    for i in range(n):
+        for j in range(i, n):
+            g[i, j] = g[j, i] = torch.dot(flat[i], flat[j]).to(torch.float64)
+    return g
+
+
+def slerp_flat(t: float, v0: torch.Tensor, v1: torch.Tensor, g: torch.Tensor, dot_threshold: float = 0.9995,
+               eps: float = 1e-8) -> torch.Tensor:
+    """:func:`slerp` of two whole flattened tensors given their Gram matrix ``g`` (:func:`gram`),
+    so ``v0``/``v1`` may be row chunks of the tensors ``g`` was summed over."""
+    c0, c1 = slerp_coefficients(t, g[0, 0].sqrt(), g[1, 1].sqrt(), g[0, 1], dot_threshold, eps)
+    out = v0 * float(c0)
+    return out.add_(v1, alpha=float(c1))
 
 
 def tall_masks(deltas: torch.Tensor, merged: torch.Tensor, lambdas, strict: bool = False) -> torch.Tensor:

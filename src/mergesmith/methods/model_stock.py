@@ -13,12 +13,15 @@ Each cosine uses max(|d_i||d_j|, 1e-6) as denominator (a frozen tensor gives cos
 and is clamped to [-1, 1]. The paper's derivation needs 0 <= t <= 1; cos <= 0 gives t <= 0, so t is
 clamped to [0, 1] (``clamp: true``); mergekit does not clamp (``clamp: false``). When
 |1 + (N-1) cos| < 1e-6 the anchor is kept (t = 0), as mergekit 0.1.5 does.
+Per tensor the cosines come from the Gram matrix of the offsets (float64), which adds up over row
+chunks, so big tensors stream (``sums``); ``filter_wise`` is per row and chunks directly.
 """
 from __future__ import annotations
 
 import torch
 
 from .base import Param, register
+from .kernels import gram
 
 
 def interpolation_ratio(cos: torch.Tensor, n: int, clamp: bool) -> torch.Tensor:
@@ -46,27 +49,33 @@ def interpolation_ratio(cos: torch.Tensor, n: int, clamp: bool) -> torch.Tensor:
     mergekit="mergekit `model_stock` = cos_mode: cosine, clamp: false (it does not clamp t).",
     notes="meant for a few fine-tunes of one task from the same anchor (e.g. two seeds), not multi-task merging.",
     example={},
+    chunkable=lambda p, name, shape: bool(p["filter_wise"]),
+    sums=lambda ctx, base, models, p: gram([m - base for m in models]),
 )
 def model_stock(ctx, base, models, p):
     shape = base.shape
-    view = (-1, shape[-1]) if p["filter_wise"] and base.dim() >= 1 else (1, -1)  # rows, or one row
-    w0 = base.reshape(view)
-    ws = [m.reshape(view) for m in models]
-    deltas = [w - w0 for w in ws]
-    norms = [torch.linalg.vector_norm(d, dim=-1) for d in deltas]
+    n = len(models)
+    if p["filter_wise"] and base.dim() >= 1:  # one ratio per row (last dim)
+        view = (-1, shape[-1])
+        deltas = [(m - base).reshape(view) for m in models]
+        norms = [torch.linalg.vector_norm(d, dim=-1) for d in deltas]
+        dots = {(i, j): torch.linalg.vecdot(deltas[i], deltas[j], dim=-1) for i in range(n) for j in range(i + 1, n)}
+        del deltas
+    else:
+        g = ctx.sums if ctx.sums is not None else gram([m - base for m in models])
+        g = g.to(base.device)
+        norms = [g[i, i].clamp_min(0).sqrt().reshape(1) for i in range(n)]
+        dots = {(i, j): g[i, j].reshape(1) for i in range(n) for j in range(i + 1, n)}
     pairs = []
-    for i in range(len(deltas)):
-        for j in range(i + 1, len(deltas)):
-            dot = torch.linalg.vecdot(deltas[i], deltas[j], dim=-1)  # no full-size temporary
-            c = (dot / (norms[i] * norms[j]).clamp_min(1e-6)).clamp(-1.0, 1.0)
-            pairs.append(torch.arccos(c) if p["cos_mode"] == "angle" else c)
-    del deltas
+    for (i, j), dot in dots.items():
+        c = (dot / (norms[i] * norms[j]).clamp_min(1e-6)).clamp(-1.0, 1.0)
+        pairs.append(torch.arccos(c) if p["cos_mode"] == "angle" else c)
     comb = torch.stack(pairs).mean(dim=0)
     cos = torch.cos(comb) if p["cos_mode"] == "angle" else comb
-    n = len(models)
-    t = interpolation_ratio(cos, n, p["clamp"]).unsqueeze(-1)
-    out = ws[0].clone()
-    for w in ws[1:]:
-        out.add_(w)
+    t = interpolation_ratio(cos, n, p["clamp"]).to(base.dtype).unsqueeze(-1)
+    flat_view = (-1, shape[-1]) if p["filter_wise"] and base.dim() >= 1 else (1, -1)
+    out = models[0].reshape(flat_view).clone()
+    for w in models[1:]:
+        out.add_(w.reshape(flat_view))
     out.div_(n).mul_(t)  # t * mean(theta_i)
-    return out.addcmul_(w0, 1.0 - t).reshape(shape)
+    return out.addcmul_(base.reshape(flat_view), 1.0 - t).reshape(shape)

@@ -17,12 +17,23 @@ rescaled to the weighted mean norm (mergekit evaluates the exponential map and g
 If |m| < eps (antipodal inputs that cancel): two models fall back to sum w_i x_i, more models are an
 error. For two equal-norm inputs with equal weights the result is slerp(0.5); unequal weights give
 normalised-lerp directions, not slerp(t).
+Everything but the final combination depends on the Gram matrix G_ij = <x_i, x_j> (|m|^2 = c^T G c with
+c_i = w_i / (|x_i| + eps)), so big tensors stream in row chunks (``sums``).
 """
 from __future__ import annotations
 
 import torch
 
 from .base import MergeError, Param, register
+from .kernels import gram
+
+
+def _vectors(base, models):
+    return [m - base for m in models] if base is not None else list(models)
+
+
+def _sums(ctx, base, models, p):
+    return gram(_vectors(base, models))
 
 
 @register(
@@ -41,31 +52,33 @@ from .base import MergeError, Param, register
     mergekit="identical to mergekit `multislerp` up to O(eps) (mergekit requires every weight; ours default to 1).",
     notes="with a base the inputs are task vectors (theta_i - theta_0) and theta_0 is added back.",
     example={},
+    sums=_sums,
 )
 def multislerp(ctx, base, models, p):
     if len(models) == 1:
         return models[0].clone()
     eps = p["eps"]
-    shape = models[0].shape
-    x = torch.stack([m.reshape(-1) for m in models])
-    if base is not None:
-        x = x - base.reshape(1, -1)
-    w = torch.tensor(p["weight"], dtype=x.dtype, device=x.device)
+    g = ctx.sums if ctx.sums is not None else _sums(ctx, base, models, p)
+    w = torch.tensor(p["weight"], dtype=torch.float64)
     if p["normalize_weights"]:
         total = w.sum()
         if total.abs() < 1e-12:
             raise MergeError("multislerp: the weights sum to 0 with normalize_weights=true; change the weights")
         w = w / total
-    norms = torch.linalg.vector_norm(x, dim=1)
-    mean = (w / (norms + eps)) @ x  # sum_i w_i u_i
-    mean_norm = torch.linalg.vector_norm(mean)
+    g = g.to("cpu", torch.float64)
+    norms = g.diagonal().clamp_min(0).sqrt()
+    c = w / (norms + eps)  # m = sum_i c_i x_i = sum_i w_i u_i
+    mean_norm = float((c @ g @ c).clamp_min(0).sqrt())
     if mean_norm < eps:
         if len(models) != 2:
             raise MergeError(
                 f"multislerp: the weighted unit vectors of '{ctx.name}' cancel out (antipodal inputs); change the weights"
             )
-        out = w @ x
+        coef = w  # sum_i w_i x_i
     else:
-        out = (w @ norms) * (mean / mean_norm)  # the exponential map of the (zero) tangent mean is mu
-    out = out.reshape(shape)
+        coef = c * (float(w @ norms) / mean_norm)  # (sum_i w_i |x_i|) * m / |m|: the exponential map of a zero tangent mean
+    xs = _vectors(base, models)
+    out = xs[0] * float(coef[0])
+    for x, a in zip(xs[1:], coef[1:]):
+        out.add_(x, alpha=float(a))
     return out + base if base is not None else out

@@ -13,10 +13,15 @@ slerp is exact: only vectors with sin(Omega) < 1e-8 (exactly colinear/antipodal)
 one SLERP per vector. As in mergekit, without flattening the vectors lie along the *last* dim (each
 row of a [out, in] matrix); ``nuslerp_row_wise: true`` takes them along dim 0 (each column) instead.
 Tensors with fewer than 2 dims are always flattened.
+Flattened, the SLERP needs only the Gram matrix of the two vectors; per column (row_wise), only column
+sums of squares and products: both add up over row chunks, so big tensors stream (``sums``).
 """
 from __future__ import annotations
 
+import torch
+
 from .base import Param, register
+from .kernels import gram, slerp_coefficients, slerp_flat
 from .kernels import slerp as slerp_kernel
 
 EPS = 1e-8
@@ -25,6 +30,26 @@ EPS = 1e-8
 def interpolation_factor(w1: float, w2: float) -> float:
     s = w1 + w2
     return 0.5 if abs(s) < 1e-6 else w2 / s
+
+
+def _pair(base, models):
+    a, b = models
+    return (a - base, b - base) if base is not None else (a, b)
+
+
+def _sums(ctx, base, models, p):
+    a, b = _pair(base, models)
+    if p["nuslerp_flatten"] or a.dim() < 2:
+        return gram([a, b])
+    if p["nuslerp_row_wise"]:  # per column: sum over rows of a^2, b^2, a*b (float64)
+        a2, b2 = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
+        return torch.stack([(a2 * a2).sum(0, dtype=torch.float64), (b2 * b2).sum(0, dtype=torch.float64),
+                            (a2 * b2).sum(0, dtype=torch.float64)])
+    return None  # per row: row chunks are independent
+
+
+def _chunkable(p, name, shape) -> bool:
+    return len(shape) >= 2 and not p["nuslerp_flatten"] and not p["nuslerp_row_wise"]
 
 
 @register(
@@ -43,17 +68,22 @@ def interpolation_factor(w1: float, w2: float) -> float:
     mergekit="identical to mergekit `nuslerp` (give both models a weight; mergekit requires it, ours defaults to 1).",
     notes="the base, if given, must be a third model; the two others are SLERPed as task vectors.",
     example={"weight": 0.5},
+    chunkable=_chunkable,
+    sums=_sums,
 )
 def nuslerp(ctx, base, models, p):
     t = interpolation_factor(p["weight"][0], p["weight"][1])
-    a, b = models
-    if base is not None:
-        a, b = a - base, b - base
+    a, b = _pair(base, models)
     shape = a.shape
-    if p["nuslerp_flatten"] or a.dim() < 2:
-        out = slerp_kernel(t, a.reshape(1, -1), b.reshape(1, -1), 1.0, EPS).reshape(shape)
-    elif p["nuslerp_row_wise"]:
-        out = slerp_kernel(t, a.movedim(0, -1), b.movedim(0, -1), 1.0, EPS).movedim(-1, 0)
+    flat = p["nuslerp_flatten"] or a.dim() < 2
+    if flat or p["nuslerp_row_wise"]:
+        s = ctx.sums if ctx.sums is not None else _sums(ctx, base, models, p)
+        if flat:
+            out = slerp_flat(t, a, b, s, 1.0, EPS)
+        else:
+            c0, c1 = slerp_coefficients(t, s[0].sqrt(), s[1].sqrt(), s[2], 1.0, EPS)  # one pair per column
+            a2, b2 = a.reshape(shape[0], -1), b.reshape(shape[0], -1)
+            out = (a2 * c0.to(a.dtype)).addcmul_(b2, c1.to(a.dtype)).reshape(shape)
     else:
         out = slerp_kernel(t, a, b, 1.0, EPS)
     return out + base if base is not None else out

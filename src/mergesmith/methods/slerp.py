@@ -8,13 +8,14 @@ v1 = the other model, d = <v0/|v0|, v1/|v1|> (norms <= 1e-8 are left unnormalise
 
     slerp(t) = sin((1-t) Omega)/sin(Omega) * v0 + sin(t Omega)/sin(Omega) * v1
 
-The coefficients multiply the unnormalised tensors, so norms are interpolated too. When |d| > 0.9995
+The coefficients multiply the unnormalised tensors, so norms are interpolated too. They depend only on
+the Gram matrix of (v0, v1) (summed in float64), so big tensors stream in row chunks (``sums``). When |d| > 0.9995
 (colinear *or* antipodal) it falls back to lerp (1-t) v0 + t v1. d is clamped to [-1, 1] before arccos.
 """
 from __future__ import annotations
 
 from .base import Param, register
-from .kernels import slerp as slerp_kernel
+from .kernels import gram, slerp_flat
 
 DOT_THRESHOLD = 0.9995
 EPS = 1e-8
@@ -34,8 +35,8 @@ EPS = 1e-8
     mergekit="identical to mergekit `slerp` (base_model is the t=0 end; t may be a per-layer gradient).",
     notes="the base is only an endpoint, not a common ancestor; exactly one other model.",
     example={"t": 0.5},
+    sums=lambda ctx, base, models, p: gram([base, models[0]]),
 )
 def slerp(ctx, base, models, p):
-    v0, v1 = base, models[0]
-    out = slerp_kernel(float(p["t"]), v0.reshape(1, -1), v1.reshape(1, -1), DOT_THRESHOLD, EPS)
-    return out.reshape(v0.shape)
+    g = ctx.sums if ctx.sums is not None else gram([base, models[0]])
+    return slerp_flat(float(p["t"]), base, models[0], g, DOT_THRESHOLD, EPS)
