@@ -480,6 +480,7 @@ def test_opcm_chunked_embeddings_agree(tiny_zoo):
 @pytest.mark.parametrize("shape", [(96, 64), (64, 96)])
 def test_results_do_not_depend_on_the_number_of_workers(monkeypatch, method, opts, shape):
     base, models = _models(shape, 3, seed=21)
+    monkeypatch.setattr(sp, "PARALLEL", True)
     outs = []
     for w in (1, 2, 3):
         monkeypatch.setattr(sp, "WORKERS", w)
@@ -489,7 +490,8 @@ def test_results_do_not_depend_on_the_number_of_workers(monkeypatch, method, opt
     assert torch.allclose(merge_tensors(method, models, base, name=W, **opts), outs[0], atol=1e-5)
 
 
-def test_parallel_map_restores_the_thread_count():
+def test_parallel_map_restores_the_thread_count(monkeypatch):
+    monkeypatch.setattr(sp, "PARALLEL", True)
     torch.set_num_threads(2)
     seen = sp.parallel_map(lambda _: torch.get_num_threads(), range(4))
     assert seen == [1] * 4 and torch.get_num_threads() == 2
@@ -504,3 +506,5 @@ def test_parallel_map_restores_the_thread_count():
     assert torch.get_num_threads() == 2
     assert sp.parallel_map(lambda i: i * i, range(5)) == [0, 1, 4, 9, 16]  # order kept
     assert sp.parallel_map(lambda _: torch.get_num_threads(), range(2), enabled=False) == [2, 2]
+    monkeypatch.setattr(sp, "PARALLEL", False)  # the default: the plain loop with the caller's threads
+    assert sp.parallel_map(lambda _: torch.get_num_threads(), range(2)) == [2, 2]

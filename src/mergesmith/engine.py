@@ -158,7 +158,7 @@ class Executor:
     def _ctx(self, unit: Unit, stats: Any) -> TensorContext:
         j = unit.job
         return TensorContext(name=j.out_name, layer=j.layer, num_layers=j.num_layers, seed=self.plan.seed,
-                             device=self.device, stats=stats, chunk=unit.chunk, shape=tuple(j.shape))
+                             device=self.device, stats=stats, chunk=unit.chunk, shape=tuple(j.shape), owned=True)
 
     def _stream(self, units: list[Unit]) -> Iterator[tuple[Unit, Any]]:
         """Yield (unit, loaded inputs) with the next unit prefetched in a reader thread.

@@ -202,7 +202,7 @@ class Pipeline:
         """Sparsified and trimmed task vectors. ``thresholds``: per-model global thresholds (scope global)."""
         out = []
         for i, m in enumerate(models):
-            t = m - base
+            t = m.sub_(base) if ctx.owned else m - base  # owned: the engine's own copy, used once
             if self.sparsify is not None:
                 t = self.sparsify(ctx, i, t, p)
             if trim and self.trim is not None:
@@ -220,12 +220,7 @@ class Pipeline:
             kept = t * K.topk_mask(t, d, exact=True)
         else:
             thr = thresholds[i] if thresholds is not None else tensor_threshold(t, d)
-            if thr is None:
-                kept = t
-            elif self.trim_rescale and p.get("rescale", "none") != "none":
-                kept = torch.where(t.abs() >= thr, t, 0.0)
-            else:
-                kept = t.masked_fill_(t.abs() < thr, 0.0)  # t is this call's own task vector
+            kept = t if thr is None else K.trim_below(t, thr)
         if self.trim_rescale and p.get("rescale", "none") != "none":
             kept = K.rescale(t, kept, p["rescale"])
         return kept
@@ -244,7 +239,7 @@ class Pipeline:
         else:
             fill = major if major is not None else float(torch.sign(sign.sum(dtype=torch.float64)))
             fill = fill if fill != 0 else 1.0
-        return sign.masked_fill_(sign == 0, fill)
+        return K.fill_zeros(sign, fill)
 
     def combine(self, taus: list[torch.Tensor], p: Params, major: float | None = None) -> torch.Tensor:
         w = p["weight"]

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 from ._gta import needs_selection, official_rank
 from ._radix import _OFFSET, dense, high_hist, key_value, keys, locate, low_hist, window_hist
 from .base import GlobalStats, MergeError, Params
@@ -64,7 +66,7 @@ class GTAStats(GlobalStats):
                 raise MergeError(self._mixed(dens, ctx.name))
             taus = self.pipe.deltas(ctx, base, models, p, thresholds=state["thr"])
             _, _, sign = self.pipe.elect(taus, p)
-            return int((sign > 0).sum().item()) - int((sign < 0).sum().item())
+            return int(sign.sum(dtype=torch.float64).item())  # exact: entries are -1, 0, 1
         taus = self.pipe.deltas(ctx, base, models, p, trim=False)
         hists = []
         for i, t in enumerate(taus):

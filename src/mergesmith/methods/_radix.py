@@ -81,7 +81,7 @@ def window_hist(k: torch.Tensor, lo_key: int, hi_key: int) -> tuple[int, tuple[t
     Keys must be non-negative (``keys(x, nonneg=True)``), so ``key - lo_key`` cannot overflow."""
     width = hi_key - lo_key
     if k.device.type == "cpu":
-        d = k.reshape(-1).numpy() - np.int32(lo_key)
+        d = k.reshape(-1).numpy() - np.int32(lo_key)  # a copy: k may be the caller's
         below = int(np.count_nonzero(d < 0))
         inside = d[d.view(np.uint32) < np.uint32(width)]  # 0 <= d < width in one unsigned compare
         return below, sparse_hist(torch.from_numpy(inside), width)

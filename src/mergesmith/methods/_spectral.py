@@ -16,8 +16,8 @@ Not a method module (the registry skips names starting with ``_``). What lives h
   (``P Q^T`` for ``A = P S Q^T``) or by the Gram eigendecomposition ``A (A^T A)^{-1/2}``.
 * :class:`LowRank`: a factored matrix ``B @ A`` (TSV-C and Twin-Merging's exclusive knowledge).
 * :func:`fallback_chunkable`: the methods' ``chunkable`` rule (row chunks for the element-wise fallback only).
-* :func:`parallel_map`: the independent per-task decompositions of one matrix run concurrently, one
-  single-threaded LAPACK call per worker (LAPACK scales poorly with threads; see docs/methods/spectral.md).
+* :func:`parallel_map`: opt-in (``PARALLEL``) concurrent per-task decompositions of one matrix, one
+  single-threaded LAPACK call per worker (see docs/methods/spectral.md for why it is off by default).
 """
 from __future__ import annotations
 
@@ -127,7 +127,11 @@ def mean_fallback(base: torch.Tensor, models: list[torch.Tensor], alpha: float) 
 # ---------------------------------------------------------------------------------------------------
 # concurrency of independent decompositions
 
-PARALLEL = True  # False: one after another with the caller's torch threads (multi-threaded LAPACK)
+# Off by default: on the project's loaded 2-core VM, a 2048x2048 TSV-M merge with 3 models was not faster
+# (3 tasks on 2 workers leave one core idle for a round; two single-threaded eigh/SVD runs compete for
+# memory bandwidth). Opt in with ``PARALLEL = True`` (e.g. 2 or 4 tasks, more cores); results then do not
+# depend on WORKERS (tested), but differ in rounding from the multi-threaded default.
+PARALLEL = False  # False: one after another with the caller's torch threads (multi-threaded LAPACK)
 WORKERS: int | None = None  # pool size; None: torch.get_num_threads() at the call
 
 

@@ -116,6 +116,8 @@ class TensorContext:
     chunk: int = 0  # index of the row chunk when the engine splits a large element/row-wise tensor
     shape: tuple = ()  # full tensor shape (the tensor given may be a row chunk)
     extra: dict = field(default_factory=dict)
+    # True when the engine made the input tensors for this call only: a method may overwrite them
+    owned: bool = False
 
     def generator(self, model_index: int) -> torch.Generator:
         """A generator seeded by (seed, tensor name, model index, chunk), on ctx.device."""

@@ -96,7 +96,7 @@ class LinesStats(GlobalStats):
 
     def collect(self, k, state, ctx, base, models, p):
         pin = inner_params(p, len(models))
-        ictx = dataclasses.replace(ctx, stats=state["inner"])
+        ictx = dataclasses.replace(ctx, stats=state["inner"], owned=False)
         if k < self._ni(None, state):
             return state["gs"].collect(k, state["inner"], ictx, base, models, pin)
         total = torch.stack(task_vectors(base, models)).sum(0)
@@ -185,7 +185,7 @@ def lines(ctx, base, models, p):
         raise MergeError(f"lines: {ctx.name} is in block {layer} but the number of blocks is unknown; set num_layers")
     pin = inner_params(p, n)
     stats = ctx.stats
-    ictx = dataclasses.replace(ctx, stats=stats["inner"] if stats else None)
+    ictx = dataclasses.replace(ctx, stats=stats["inner"] if stats else None, owned=False)
     tau = merged_delta(ictx, base, models, pin, p["merge"])
     alpha = _alpha(p, n, stats)
     beta = p["beta"] if p["beta"] is not None else (0.5 if n >= 2 else 1.0 - alpha)
