@@ -169,3 +169,20 @@ def test_lambda_grows_and_rescaling_keeps_mean_norm(tmp_path):
     got = cm.state_dict()
     tv = float(torch.sqrt(sum(((got[k] - base[k]) ** 2).sum() for k in got if got[k].is_floating_point())))
     assert tv == pytest.approx(sum(norms) / len(norms), rel=1e-5)
+
+
+def test_one_shot_runs_each_projected_chain_once(monkeypatch):
+    """The statistics pass keeps D per matrix in a scratch folder; the apply pass only rescales it."""
+    import mergesmith.methods.opcm as M
+
+    base = tiny_sd(0)
+    models = [tiny_sd(i + 1) for i in range(3)]
+    calls = []
+    real = M._chain
+    monkeypatch.setattr(M, "_chain", lambda ctx, b, ms, p: (calls.append(ctx.name), real(ctx, b, ms, p))[1])
+    got = merge_state_dicts("opcm", models, base=base, alpha=0.5)
+    want, _ = ref_opcm(base, models, 0.5)
+    for k in want:
+        torch.testing.assert_close(got[k].float(), want[k].float(), rtol=1e-4, atol=1e-5)
+    projected = [k for k, v in base.items() if O.is_projected(k, tuple(v.shape))]
+    assert projected and all(calls.count(k) == 1 for k in projected)
