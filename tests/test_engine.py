@@ -368,3 +368,14 @@ def test_chunked_statistics_and_apply_equal_whole(tiny_zoo, method, params):
     execute(plan, chunked, chunk_elements=100)
     for k in whole.tensors:
         assert torch.equal(whole.tensors[k], chunked.tensors[k]), k
+
+
+def test_rss_trim_hands_memory_back_only_above_the_budget():
+    import sys
+
+    from mergesmith import _memory
+
+    assert _memory.trim_if_above(1 << 50) is False  # far below the budget: no call
+    if sys.platform.startswith("linux") and _memory._glibc() is not None:
+        assert _memory.rss_bytes() > 0
+        assert _memory.trim_if_above(0) is True
