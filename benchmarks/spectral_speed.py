@@ -7,6 +7,11 @@ merge SVDs 32 + 16 + 8 matrices; embeddings, lm_head and norms take the mean fal
     python benchmarks/spectral_speed.py                   # SVD timings + per-matrix method timings + estimate
     python benchmarks/spectral_speed.py --methods tsv_m --options svd=gram,orthogonalize=eigh
     python benchmarks/spectral_speed.py --full tsv_m      # also a real end-to-end merge of a generated model
+    python benchmarks/spectral_speed.py --no-raw --methods "" --e2e iso_c,tsv_m
+        # end to end on benchmarks/speed.py's cached 0.5B checkpoints: wall, CPU s and peak RSS
+    python benchmarks/spectral_speed.py --no-raw --methods "" --parallel tsv_m,iso_cts,resm
+        # one 2048x2048 matrix, 3 models: per-task decompositions one after another with multi-threaded
+        # LAPACK (before) vs concurrently, single-threaded each (_spectral.parallel_map), alternating
 
 Timings use ``--threads`` torch threads (default 2). Prints wall and CPU seconds; on a machine shared
 with other jobs wall time is inflated, CPU time much less so.
@@ -68,6 +73,36 @@ def method_timings(methods, options):
         print(f"  {m:<14} wall {total[m]:7.1f}s ({total[m] / 60:.1f} min)  cpu {total_cpu[m]:7.1f}s")
 
 
+def parallel_compare(methods, options, reps: int = 2):
+    """Wall/CPU seconds of one 2048x2048 merge with 3 models, _spectral.PARALLEL off vs on, same process
+    (alternating; medians)."""
+    from mergesmith.api import merge_tensors
+    from mergesmith.methods import _spectral as sp
+
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(2048, 2048, generator=g) * 0.02
+    models = [base + 1e-3 * torch.randn(2048, 2048, generator=g) for _ in range(3)]
+    name = "model.layers.0.mlp.w.weight"
+    print(f"parallel per-task decompositions, 2048x2048, 3 models, {torch.get_num_threads()} threads, "
+          f"{reps} alternating reps each:")
+    old = sp.PARALLEL
+    for m in methods:
+        res = {False: [], True: []}
+        outs = {}
+        for _ in range(reps):
+            for par in (False, True):
+                sp.PARALLEL = par
+                w, c, outs[par] = timed(lambda: merge_tensors(m, models, base, name=name, **options))
+                res[par].append((w, c))
+        sp.PARALLEL = old
+        best = {k: sorted(v)[len(v) // 2] for k, v in res.items()}  # medians (robust to load bursts)
+        diff = float((outs[True] - outs[False]).abs().max())
+        print(f"  {m:<10} sequential wall {best[False][0]:6.2f}s cpu {best[False][1]:6.2f}s | parallel wall "
+              f"{best[True][0]:6.2f}s cpu {best[True][1]:6.2f}s | speed-up {best[False][0] / best[True][0]:.2f}x "
+              f"(max |diff| {diff:.1e}; all walls {[round(w, 2) for w, _ in res[False]]} vs "
+              f"{[round(w, 2) for w, _ in res[True]]})", flush=True)
+
+
 def write_model(root: Path, n_ft: int = 3):
     """A random Llama (hidden 2048, 8 layers, vocab 32000, ~0.54B params) and n_ft perturbed copies, bf16."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -105,12 +140,60 @@ def full_run(methods, options, threads):
             print(f"  end-to-end {m:<10} wall {w:7.1f}s ({w / 60:.1f} min)  cpu {c:7.1f}s", flush=True)
 
 
+_E2E_CHILD = r"""
+import json, resource, sys, time
+a = json.loads(sys.argv[1])
+from mergesmith.run import run_recipe
+w, c = time.perf_counter(), time.process_time()
+run_recipe(a["recipe"], a["out"], threads=a["threads"], progress=False)
+print(json.dumps({"wall": time.perf_counter() - w, "cpu": time.process_time() - c,
+                  "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def cached_e2e(methods, options, threads, cache):
+    """End-to-end merges of benchmarks/speed.py's cached checkpoints (base + 3 fine-tunes), each in a fresh
+    process, with the method's ``example`` parameters updated by ``options``: wall, CPU seconds (all threads;
+    less sensitive to other jobs on the machine than wall) and peak RSS."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from mergesmith.methods.base import get_method
+
+    root = Path(cache).expanduser()
+    if not (root / "base").exists():
+        raise SystemExit(f"{root}: run benchmarks/speed.py once to build the cached checkpoints")
+    print(f"end to end on {root} ({threads} threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}):")
+    for m in methods:
+        params = {**get_method(m).example, **options}
+        with tempfile.TemporaryDirectory(dir=root) as tmp:
+            recipe = {"merge_method": m, "base_model": str(root / "base"), "parameters": params,
+                      "models": [{"model": str(root / f"ft{i}")} for i in range(3)]}
+            args = {"recipe": recipe, "out": str(Path(tmp) / "out"), "threads": threads}
+            load0 = os.getloadavg()[0]
+            res = subprocess.run([sys.executable, "-c", _E2E_CHILD, json.dumps(args)], capture_output=True, text=True)
+            if res.returncode != 0:
+                print(f"  {m:<10} error: {res.stderr.strip().splitlines()[-1:]}")
+                continue
+            r = json.loads(res.stdout.strip().splitlines()[-1])
+            print(f"  {m:<10} {params}  wall {r['wall']:6.1f}s ({r['wall'] / 60:.1f} min)  cpu {r['cpu']:6.1f}s  "
+                  f"peak RSS {r['rss_mb']:.0f} MB  (load {load0:.1f} -> {os.getloadavg()[0]:.1f})", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--methods", default="tsv_m,iso_c,iso_cts,resm,twin_compress")
     ap.add_argument("--options", default="", help="method parameters, e.g. svd=gram,orthogonalize=eigh")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-raw", action="store_true", help="skip the raw SVD timings")
+    ap.add_argument("--parallel", default="", help="comma-separated methods: sequential vs parallel per-task "
+                                                   "decompositions on one 2048x2048 matrix")
+    ap.add_argument("--reps", type=int, default=2, help="alternating repetitions of --parallel")
+    ap.add_argument("--e2e", default="", help="comma-separated methods to merge end to end on speed.py's cached "
+                                              "checkpoints (wall, CPU s, peak RSS)")
+    ap.add_argument("--cache", default="~/.cache/mergesmith/speedbench/llama-h2048-l8-i5632-v32000")
     ap.add_argument("--full", default="", help="comma-separated methods to run end to end on a generated model")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -121,6 +204,10 @@ def main():
     methods = [m for m in a.methods.split(",") if m]
     if methods:
         method_timings(methods, options)
+    if a.parallel:
+        parallel_compare([m for m in a.parallel.split(",") if m], options, a.reps)
+    if a.e2e:
+        cached_e2e([m for m in a.e2e.split(",") if m], options, a.threads, a.cache)
     if a.full:
         full_run([m for m in a.full.split(",") if m], options, a.threads)
 

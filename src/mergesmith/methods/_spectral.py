@@ -139,8 +139,9 @@ def parallel_map(fn, items, *, enabled: bool = True) -> list:
     """``[fn(x) for x in items]`` with the calls run concurrently by ``min(WORKERS or torch.get_num_threads(),
     len(items))`` threads, each call single-threaded (torch/MKL thread count 1; torch ops release the GIL).
 
-    LAPACK's SVD/eigh gain only ~1.5x from two threads, while independent single-threaded calls side by side
-    gain ~2x. Every call runs single-threaded whatever the pool size, so results do not depend on ``WORKERS``.
+    LAPACK's SVD/eigh gain only ~1.5x from two threads; independent single-threaded calls side by side could
+    gain up to 2x (not observed on the 2-core VM, hence ``PARALLEL`` off). Every call runs single-threaded
+    whatever the pool size, so results do not depend on ``WORKERS``.
     The process-wide thread count is set to 1 for the section and restored afterwards. ``enabled=False``
     (e.g. CUDA tensors) or ``PARALLEL = False`` runs the plain loop with the caller's threads.
     """
@@ -265,18 +266,23 @@ def polar(a: torch.Tensor, method: str = "svd") -> torch.Tensor:
 
 
 def orthogonal_merge(Us: list[torch.Tensor], Ss: list[torch.Tensor], Vhs: list[torch.Tensor],
-                     method: str = "svd", isotropic: bool = False) -> torch.Tensor:
+                     method: str = "svd", isotropic: bool = False, consume: bool = False) -> torch.Tensor:
     """TSV-M / Iso-CTS core: concatenate the blocks, orthogonalise U and V by their polar factors and
-    rebuild ``U_perp diag(S) V_perp^T`` (``isotropic``: every singular value set to the mean of S)."""
+    rebuild ``U_perp diag(S) V_perp^T`` (``isotropic``: every singular value set to the mean of S).
+    ``consume``: empty the lists ``Us``/``Vhs`` once concatenated (frees the blocks if the caller holds no
+    other reference; lowers the memory peak)."""
     U = torch.cat(Us, dim=1)
     S = torch.cat(Ss)
     V = torch.cat([vh.mT for vh in Vhs], dim=1)
+    if consume:
+        Us.clear(), Vhs.clear()
     if S.numel() == 0:
         return U.new_zeros(U.shape[0], V.shape[0])
     if isotropic:
         S = torch.full_like(S, S.mean())
     Up, Vp = parallel_map(lambda a: polar(a, method), [U, V], enabled=U.device.type == "cpu")
-    return (Up * S) @ Vp.mT
+    del U, V
+    return Up.mul_(S) @ Vp.mT  # polar returns fresh tensors: scale in place
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -51,7 +51,7 @@ def iso_c_matrix(delta_sum: torch.Tensor, *, svd: str = "exact", dtype=torch.flo
         U, S, Vh = U[:, keep], S[keep], Vh[keep]
     if S.numel() == 0:
         return torch.zeros_like(delta_sum, dtype=torch.float32)
-    return (S.mean() * (U @ Vh)).to(torch.float32)
+    return (U @ Vh).mul_(S.mean()).to(torch.float32)
 
 
 def common_space_size(r: int, n_models: int, fraction: float) -> tuple[int, int]:
@@ -90,7 +90,8 @@ def iso_cts_matrix(deltas: list[torch.Tensor], fraction: float, *, svd: str = "e
     if s > 0:  # independent task-specific SVDs: concurrently, one single-threaded LAPACK call each
         for Ui, Si, Vhi in sp.parallel_map(task, range(n_models), enabled=U.device.type == "cpu"):
             Us.append(Ui), Ss.append(Si), Vhs.append(Vhi)
-    return sp.orthogonal_merge(Us, Ss, Vhs, orthogonalize, isotropic=True).to(torch.float32)
+    del deltas, complement, U, Uc, Vh, Vhc  # drop our references before the orthogonalisation (memory peak)
+    return sp.orthogonal_merge(Us, Ss, Vhs, orthogonalize, isotropic=True, consume=True).to(torch.float32)
 
 
 _COMMON = (
@@ -124,7 +125,7 @@ def iso_c(ctx, base, models, p):
     if not sp.is_matrix(ctx.name, base, p["spectral_exclude"]):
         return sp.mean_fallback(base, models, alpha)
     merged = iso_c_matrix(sp.delta_sum(base, models), svd=p["svd"], dtype=sp.compute_dtype(p), rank_tol=tol)
-    return base + alpha * merged
+    return merged.mul_(alpha).add_(base)  # = base + alpha * merged, bit for bit, one buffer fewer
 
 
 @register(
@@ -158,4 +159,4 @@ def iso_cts(ctx, base, models, p):
         task_vectors(base, models), f, svd=p["svd"], niter=p["svd_niter"], orthogonalize=p["orthogonalize"],
         dtype=sp.compute_dtype(p), generators=[ctx.generator(i) for i in range(len(models))],
     )
-    return base + alpha * merged
+    return merged.mul_(alpha).add_(base)

@@ -113,6 +113,9 @@ def resm(ctx, base, models, p):
         d = outlier_reweight(deltas[i], p["outlier_threshold"])
         return sp.top_svd(d, ks[i], p["svd"], generator=gens[i], niter=p["svd_niter"], dtype=dt)
 
-    Us, Ss, Vhs = zip(*sp.parallel_map(one, range(len(deltas)), enabled=base.device.type == "cpu"))
-    merged = sp.orthogonal_merge(list(Us), list(Ss), list(Vhs), p["orthogonalize"]).to(torch.float32)
-    return base + alpha * merged
+    blocks = sp.parallel_map(one, range(len(deltas)), enabled=base.device.type == "cpu")
+    del deltas  # free the task matrices before the orthogonalisation (the memory peak)
+    Us, Ss, Vhs = (list(x) for x in zip(*blocks))
+    del blocks
+    merged = sp.orthogonal_merge(Us, Ss, Vhs, p["orthogonalize"], consume=True).to(torch.float32)
+    return merged.mul_(alpha).add_(base)  # = base + alpha * merged, bit for bit

@@ -46,8 +46,11 @@ def tsv_merge_matrix(deltas: list[torch.Tensor], k: int, *, svd: str = "exact", 
         return sp.top_svd(deltas[i], k, svd, generator=g, niter=niter, dtype=dtype)
 
     # the per-task SVDs are independent: run concurrently, one single-threaded LAPACK call each
-    Us, Ss, Vhs = zip(*sp.parallel_map(one, range(len(deltas)), enabled=deltas[0].device.type == "cpu"))
-    return sp.orthogonal_merge(list(Us), list(Ss), list(Vhs), orthogonalize).to(torch.float32)
+    blocks = sp.parallel_map(one, range(len(deltas)), enabled=deltas[0].device.type == "cpu")
+    del deltas  # drop our references before the orthogonalisation (the memory peak)
+    Us, Ss, Vhs = (list(x) for x in zip(*blocks))
+    del blocks
+    return sp.orthogonal_merge(Us, Ss, Vhs, orthogonalize, consume=True).to(torch.float32)
 
 
 @register(
@@ -83,7 +86,7 @@ def tsv_m(ctx, base, models, p):
         task_vectors(base, models), k, svd=p["svd"], niter=p["svd_niter"], orthogonalize=p["orthogonalize"],
         dtype=sp.compute_dtype(p), generators=[ctx.generator(i) for i in range(len(models))],
     )
-    return base + alpha * merged
+    return merged.mul_(alpha).add_(base)  # = base + alpha * merged, bit for bit, one buffer fewer
 
 
 # ---------------------------------------------------------------------------------------------------
