@@ -92,3 +92,27 @@ def test_bad_ranks_raise():
     sel = Selection()
     with pytest.raises(ValueError):
         sel.reduce([sel.partial(x)], ranks=[11])
+
+
+def test_torch_histogram_path_equals_numpy_path(monkeypatch):
+    """The torch branch (used for GPU tensors) gives the same histograms as the numpy one (CPU)."""
+    from mergesmith.methods import _radix as R
+
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(50000, generator=g) * 1e-3).to(torch.bfloat16).float().abs()
+    k = keys(x, nonneg=True)
+    lo = int(k.median()) & ~0xFFFF
+    small = k[:1000]
+
+    def all_hists(kk):
+        b = high_hist(kk, nonneg=True)
+        return [b, low_hist(kk, int(b[0][len(b[0]) // 2])), R.window_hist(kk, lo, lo + (2 << 16))]
+
+    want = [all_hists(k), all_hists(small)]
+    monkeypatch.setattr(R, "_host", lambda t: False)
+    got = [all_hists(k), all_hists(small)]
+    for w, h in zip(want, got):
+        (wb, wl, (wbelow, ww)), (hb, hl, (hbelow, hw)) = w, h
+        assert wbelow == hbelow
+        for a, b in ((wb, hb), (wl, hl), (ww, hw)):
+            assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])

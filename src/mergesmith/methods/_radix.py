@@ -41,12 +41,17 @@ def key_value(bucket: int, low: int) -> float:
     return torch.tensor([k], dtype=torch.int32).view(torch.float32).item()
 
 
+def _host(t: torch.Tensor) -> bool:
+    """Histogram on the host with numpy (CPU tensors); GPU tensors stay in torch."""
+    return t.device.type == "cpu"
+
+
 def sparse_hist(v: torch.Tensor, size: int = BUCKETS) -> tuple[torch.Tensor, torch.Tensor]:
     """(bucket ids int64, counts int64) of the non-empty buckets of integers ``v`` in [0, size), on the CPU.
 
     CPU tensors go through numpy's single-threaded bincount: on a busy 2-core machine it was 2-10x
     faster than torch.bincount + nonzero (which pay thread start-up on every call)."""
-    if v.device.type == "cpu":
+    if _host(v):
         c = np.bincount(v.reshape(-1).numpy(), minlength=size)
         idx = np.flatnonzero(c)
         return torch.from_numpy(idx.astype(np.int64, copy=False)), torch.from_numpy(c[idx].astype(np.int64, copy=False))
@@ -70,7 +75,7 @@ def high_hist(k: torch.Tensor, nonneg: bool = False) -> tuple[torch.Tensor, torc
 
 def low_hist(k: torch.Tensor, bucket: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Sparse histogram of the low half-words of the keys in high bucket ``bucket``."""
-    if k.device.type == "cpu":
+    if _host(k):
         kn = k.reshape(-1).numpy()
         return sparse_hist(torch.from_numpy(kn[(kn >> 16) == bucket - _OFFSET] & 0xFFFF))
     return sparse_hist(k[(k >> 16) == bucket - _OFFSET] & 0xFFFF)
@@ -80,7 +85,7 @@ def window_hist(k: torch.Tensor, lo_key: int, hi_key: int) -> tuple[int, tuple[t
     """(number of keys < ``lo_key``, sparse histogram of ``key - lo_key`` for keys in [lo_key, hi_key)).
     Keys must be non-negative (``keys(x, nonneg=True)``), so ``key - lo_key`` cannot overflow."""
     width = hi_key - lo_key
-    if k.device.type == "cpu":
+    if _host(k):
         d = k.reshape(-1).numpy() - np.int32(lo_key)  # a copy: k may be the caller's
         below = int(np.count_nonzero(d < 0))
         inside = d[d.view(np.uint32) < np.uint32(width)]  # 0 <= d < width in one unsigned compare
