@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from mergesmith.api import merge_tensors, method_params
+from mergesmith.engine import run_statistics
 from mergesmith.methods.base import MergeError, TensorContext, get_method
 
 GTA = ["ties", "dare_linear", "dare_ties", "della", "della_linear", "breadcrumbs", "breadcrumbs_ties"]
@@ -15,41 +16,24 @@ GTA = ["ties", "dare_linear", "dare_ties", "della", "della_linear", "breadcrumbs
 # helpers
 
 
+def drive_stats(method, base_sd, model_sds, seed=0, **params):
+    """The whole-model statistics passes over every tensor (the engine's loop, tensors held whole)."""
+    spec = get_method(method)
+    names = list(base_sd)
+    ps = {k: method_params(method, len(model_sds), name=k, **params) for k in names}
+    items = [(TensorContext(name=x, seed=seed), base_sd[x], [m[x] for m in model_sds], ps[x]) for x in names]
+    return run_statistics(spec, ps[names[0]], items, len(model_sds))
+
+
 def drive(method, base_sd, model_sds, seed=0, **params):
     """A minimal streaming driver following the engine contract: stats passes over every tensor
     (collect, then reduce), then the apply pass, one tensor at a time."""
     spec = get_method(method)
-    names = list(base_sd)
+    state = drive_stats(method, base_sd, model_sds, seed=seed, **params)
     n = len(model_sds)
-    ps = {k: method_params(method, n, name=k, **params) for k in names}
-    p0 = ps[names[0]]
-    gs = spec.stats_for(p0)
-    state = None
-    if gs is not None:
-        state = gs.init(p0, n)
-        k = 0
-        while k < gs.passes(p0, state):
-            parts = [gs.collect(k, state, TensorContext(name=x, seed=seed), base_sd[x], [m[x] for m in model_sds], ps[x])
-                     for x in names]
-            state = gs.reduce(k, state, parts)
-            k += 1
-    return {x: spec.fn(TensorContext(name=x, seed=seed, stats=state), base_sd[x], [m[x] for m in model_sds], ps[x])
-            for x in names}
-
-
-def drive_stats(method, base_sd, model_sds, seed=0, **params):
-    spec = get_method(method)
-    names = list(base_sd)
-    ps = {k: method_params(method, len(model_sds), name=k, **params) for k in names}
-    gs = spec.stats_for(ps[names[0]])
-    state = gs.init(ps[names[0]], len(model_sds))
-    k = 0
-    while k < gs.passes(ps[names[0]], state):
-        parts = [gs.collect(k, state, TensorContext(name=x, seed=seed), base_sd[x], [m[x] for m in model_sds], ps[x])
-                 for x in names]
-        state = gs.reduce(k, state, parts)
-        k += 1
-    return state
+    return {x: spec.fn(TensorContext(name=x, seed=seed, stats=state), base_sd[x], [m[x] for m in model_sds],
+                       method_params(method, n, name=x, **params))
+            for x in base_sd}
 
 
 def flat(sd, names):

@@ -155,10 +155,11 @@ class Executor:
         models = [m.to(dev, torch.float32, non_blocking=nb, copy=True) for m in models]
         return base, models
 
-    def _ctx(self, unit: Unit, stats: Any) -> TensorContext:
+    def _ctx(self, unit: Unit, stats: Any, sums: Any = None) -> TensorContext:
         j = unit.job
         return TensorContext(name=j.out_name, layer=j.layer, num_layers=j.num_layers, seed=self.plan.seed,
-                             device=self.device, stats=stats, chunk=unit.chunk, shape=tuple(j.shape), owned=True)
+                             device=self.device, stats=stats, sums=sums, chunk=unit.chunk, shape=tuple(j.shape),
+                             owned=True)
 
     def _stream(self, units: list[Unit]) -> Iterator[tuple[Unit, Any]]:
         """Yield (unit, loaded inputs) with the next unit prefetched in a reader thread.
@@ -259,10 +260,8 @@ class Executor:
         job = unit.job
         if job.method is None:
             return models[0].to(job.dtype)
-        ctx = self._ctx(unit, stats)
-        ctx.sums = sums
         with torch.no_grad():
-            out = self.spec.fn(ctx, base, models, job.params)
+            out = self.spec.fn(self._ctx(unit, stats, sums), base, models, job.params)
         expected = tuple(job.shape) if unit.rows is None else (unit.rows[1] - unit.rows[0],) + tuple(job.shape[1:])
         if tuple(out.shape) != expected:
             raise RuntimeError(f"method {self.spec.name} returned shape {tuple(out.shape)} for {job.out_name}, expected {expected}")

@@ -31,6 +31,7 @@ import math
 import torch
 
 from ._gta import needs_selection, official_rank
+from .kernels import bits_to_float
 from ._radix import _OFFSET, dense, high_hist, key_value, keys, locate, low_hist, window_hist
 from .base import GlobalStats, MergeError, Params
 
@@ -114,7 +115,7 @@ class GTAStats(GlobalStats):
                 lo, hi = state["window"][i]
                 inside = dense([x["hist"][i][1] for x in parts], hi - lo)
                 if below < r <= below + int(inside.sum()):
-                    thr[i] = _key_float(lo + locate(inside, r - below)[0])
+                    thr[i] = bits_to_float(lo + locate(inside, r - below)[0])
                 else:
                     redo.append(i)
             state.update(count=count, density=dens, thr=thr, redo=redo)
@@ -148,11 +149,6 @@ class GTAStats(GlobalStats):
         first = f"{first} elsewhere, " if first is not None else ""
         return (f"{self.pipe.name}: scope global needs one '{self.pipe.trim}' per model for the whole model "
                 f"({first}{got} at {name}); use scope: tensor for per-layer values")
-
-
-def _key_float(key: int) -> float:
-    """The non-negative float32 whose bit pattern is ``key``."""
-    return key_value((key >> 16) + _OFFSET, key & 0xFFFF)
 
 
 def _window(hist, n: int, density: float) -> tuple[int, int]:

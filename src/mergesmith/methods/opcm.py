@@ -102,7 +102,7 @@ class OPCMStats(GlobalStats):
               help="merge in an order drawn from the seed (official default true) instead of recipe order"),
     ),
     stats=OPCMStats(),
-    # element-wise tensors (not projected: embeddings, lm_head, norms) stream in row chunks, as in
+    # element-wise tensors (not projected: embeddings, norms, biases) stream in row chunks, as in
     # `mergesmith continual`; the statistics pass uses the same chunks. Only the float64 summation order
     # of the whole-model norms depends on the chunking (relative ~1e-16 in the scale factor).
     chunkable=lambda p, name, shape: not O.is_projected(name, shape),
