@@ -85,6 +85,8 @@ def test_chunked_execution_equals_whole_tensor(tiny_zoo):
     ("nuslerp", {"weight": [1.0, 2.0], "nuslerp_flatten": False, "nuslerp_row_wise": True}),
     ("multislerp", {"weight": [1.0, 2.0, 0.5]}),
     ("model_stock", {}),
+    ("karcher", {}),
+    ("karcher", {"include_base": False, "max_iter": 30}),
 ])
 def test_tensor_wise_methods_stream_big_tensors_in_two_phases(tiny_zoo, monkeypatch, method, params):
     """Tensors too big to hold whole are streamed: sums over row chunks, then the apply chunks."""

@@ -14,43 +14,82 @@ mu = normalize(sum a_i u_i), repeat up to ``max_iter`` times:
 Output: (sum_i |x_i| / N) mu. Terms with theta_i < tol (already at mu) or sin(theta_i) < 1e-8
 (antipodal to mu, direction undefined) are skipped. The base model, when given, is one more equal
 input (``include_base``, as in mergekit).
+
+mu and the tangent T always lie in the span of the inputs, so the iteration runs on coefficient
+vectors (mu = sum_j m_j u_j) with the Gram matrix G_ij = <x_i, x_j> in float64: <mu, u_i> = (G_u m)_i
+and |T|^2 = t^T G_u t. The same steps as iterating on the flattened vectors (mergekit), in N dimensions;
+big tensors stream (``sums``: G is additive over row chunks) and the output is one combination
+sum_i c_i x_i.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
 from .base import Param, register
+from .kernels import gram
 
 
-def karcher_mean(xs: list[torch.Tensor], max_iter: int = 10, tol: float = 1e-5) -> torch.Tensor:
-    """Equal-weight Karcher mean of tensors of one shape (see module docstring)."""
-    if len(xs) == 1:
-        return xs[0].clone()
-    shape = xs[0].shape
-    flat = torch.stack([x.reshape(-1) for x in xs])
-    norms = torch.linalg.vector_norm(flat, dim=1)
-    scale = norms.mean()
-    keep = norms > tol
-    if not bool(keep.any()):
-        return torch.zeros_like(xs[0])
-    u = flat[keep] / norms[keep].unsqueeze(1)
-    a = torch.full((u.shape[0],), 1.0 / u.shape[0], dtype=u.dtype, device=u.device)
-    mu = a @ u
-    mu_norm = torch.linalg.vector_norm(mu)
-    mu = u[0].clone() if mu_norm < tol else mu / mu_norm
+def karcher_coefficients(g: torch.Tensor, max_iter: int = 10, tol: float = 1e-5) -> torch.Tensor:
+    """c with Karcher mean = sum_i c_i x_i, from the Gram matrix ``g`` of the inputs (float64 [N, N])."""
+    g = g.to("cpu", torch.float64)
+    n = g.shape[0]
+    norms = g.diagonal().clamp_min(0).sqrt()
+    scale = float(norms.mean())
+    keep = torch.nonzero(norms > tol).reshape(-1)
+    out = torch.zeros(n, dtype=torch.float64)
+    if keep.numel() == 0:
+        return out
+    nk = norms[keep]
+    gu = g[keep][:, keep] / torch.outer(nk, nk)  # Gram of the unit vectors u_i
+
+    def length(v: torch.Tensor) -> float:
+        return math.sqrt(max(float(v @ gu @ v), 0.0))
+
+    k = keep.numel()
+    a = torch.full((k,), 1.0 / k, dtype=torch.float64)
+    m = a.clone()
+    mu_norm = length(m)
+    if mu_norm < tol:
+        m = torch.zeros(k, dtype=torch.float64)
+        m[0] = 1.0
+    else:
+        m = m / mu_norm
     for _ in range(max_iter):
-        cos = (u @ mu).clamp(-1.0, 1.0)
+        cos = (gu @ m).clamp(-1.0, 1.0)
         theta = torch.arccos(cos)
         sin = torch.sin(theta)
         active = (theta >= tol) & (sin.abs() >= 1e-8)
         coef = torch.where(active, a * theta / torch.where(active, sin, torch.ones_like(sin)), torch.zeros_like(sin))
-        tangent = coef @ u - (coef * cos).sum() * mu
-        t_norm = torch.linalg.vector_norm(tangent)
+        t = coef - float((coef * cos).sum()) * m
+        t_norm = length(t)
         if t_norm < tol:
             break
-        mu = torch.cos(t_norm) * mu + torch.sin(t_norm) * (tangent / t_norm)
-        mu = mu / torch.linalg.vector_norm(mu).clamp_min(tol)
-    return (scale * mu).reshape(shape)
+        m = math.cos(t_norm) * m + (math.sin(t_norm) / t_norm) * t
+        m = m / max(length(m), tol)
+    out[keep] = scale * m / nk
+    return out
+
+
+def karcher_mean(xs: list[torch.Tensor], max_iter: int = 10, tol: float = 1e-5, g: torch.Tensor | None = None) -> torch.Tensor:
+    """Equal-weight Karcher mean of tensors of one shape (see module docstring); ``g``: their Gram
+    matrix when already known (e.g. summed over row chunks)."""
+    if len(xs) == 1:
+        return xs[0].clone()
+    c = karcher_coefficients(gram(xs) if g is None else g, max_iter, tol)
+    out = xs[0] * float(c[0])
+    for x, ci in zip(xs[1:], c[1:]):
+        out.add_(x, alpha=float(ci))
+    return out
+
+
+def _inputs(base, models, p) -> list:
+    return ([base] if base is not None and p["include_base"] else []) + list(models)
+
+
+def _sums(ctx, base, models, p):
+    return gram(_inputs(base, models, p))
 
 
 @register(
@@ -69,7 +108,7 @@ def karcher_mean(xs: list[torch.Tensor], max_iter: int = 10, tol: float = 1e-5) 
     mergekit="identical to mergekit `karcher` (a listed base model joins as an equal input).",
     notes="all inputs are weighted equally; no task vectors are formed.",
     example={},
+    sums=_sums,
 )
 def karcher(ctx, base, models, p):
-    xs = ([base] if base is not None and p["include_base"] else []) + list(models)
-    return karcher_mean(xs, max_iter=p["max_iter"], tol=p["tol"])
+    return karcher_mean(_inputs(base, models, p), max_iter=p["max_iter"], tol=p["tol"], g=ctx.sums)
