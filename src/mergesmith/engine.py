@@ -20,6 +20,7 @@ from typing import Any, Iterator, Protocol
 import torch
 
 from ._memory import trim_if_above
+from .deferred import SignDeferral
 from .methods.base import TensorContext, get_method
 from .plan import InputRef, Plan, TensorJob
 
@@ -52,6 +53,11 @@ class DictSink:
         src = tensor.contiguous().reshape(-1).view(torch.uint8)
         flat[row_offset_bytes : row_offset_bytes + src.numel()] = src
 
+    def patch(self, name: str, offset: int, idx, values: torch.Tensor) -> None:
+        """Overwrite elements ``offset + idx`` of the flattened tensor (``values`` in its dtype)."""
+        flat = self.tensors[name].reshape(-1)
+        flat[offset + torch.as_tensor(idx, dtype=torch.int64)] = values
+
 
 @dataclass
 class Unit:
@@ -59,6 +65,7 @@ class Unit:
     chunk: int
     rows: tuple[int, int] | None  # row range of a chunk, None = whole tensor
     phase: str = "apply"  # "sums": accumulate the method's per-tensor sums (MethodSpec.sums), no output
+    step: int = 0  # which sums phase (MethodSpec.sum_phases), for phase "sums"
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -83,7 +90,7 @@ def units_of(job: TensorJob, chunkable: bool, chunk_elements: int = CHUNK_ELEMEN
     return [Unit(job, k, (a, min(a + step, job.shape[0]))) for k, a in enumerate(range(0, job.shape[0], step))]
 
 
-def run_statistics(spec, params, items, num_models: int) -> Any:
+def run_statistics(spec, params, items, num_models: int, deferral: Any = None) -> Any:
     """Run ``spec``'s whole-model statistics passes (``GlobalStats``); the final state, or None.
 
     ``params``: the first tensor's parameters (they choose the statistics and the number of passes,
@@ -91,12 +98,15 @@ def run_statistics(spec, params, items, num_models: int) -> Any:
     models, params)``, read once per pass: a re-iterable, or a callable returning a fresh iterable (so
     inputs can be streamed). A pass for which ``GlobalStats.sample_stride`` is > 0 calls
     ``items(stride)``: the callable may then yield only about one row in ``stride`` of each tensor.
-    ``ctx.stats`` is set to the current state before each ``collect``.
+    ``ctx.stats`` is set to the current state before each ``collect``. ``deferral``: the executor's
+    ``deferred.SignDeferral`` when it patches outputs after the last tensor (``GlobalStats.defer``).
     """
     gs = spec.stats_for(params)
     if gs is None:
         return None
     state = gs.init(params, num_models)
+    if deferral is not None:
+        state = gs.defer(state)
     k = 0
     while k < gs.passes(params, state):
         stride = gs.sample_stride(k, state)
@@ -133,6 +143,7 @@ class Executor:
         self.progress = progress
         self.chunk_elements = chunk_elements
         self.spec = plan.method
+        self.deferral: SignDeferral | None = None
 
     # -- reading -----------------------------------------------------------------------------------
     def _read(self, ref: InputRef, rows: tuple[int, int] | None) -> torch.Tensor:
@@ -155,11 +166,17 @@ class Executor:
         models = [m.to(dev, torch.float32, non_blocking=nb, copy=True) for m in models]
         return base, models
 
-    def _ctx(self, unit: Unit, stats: Any, sums: Any = None) -> TensorContext:
+    def _ctx(self, unit: Unit, stats: Any, sums: Any = None, record: bool = False) -> TensorContext:
         j = unit.job
+        defer = None
+        if record and self.deferral is not None:
+            row = 1
+            for s in j.shape[1:]:
+                row *= s
+            defer = self.deferral.recorder(j.out_name, unit.rows[0] * row if unit.rows is not None else 0)
         return TensorContext(name=j.out_name, layer=j.layer, num_layers=j.num_layers, seed=self.plan.seed,
-                             device=self.device, stats=stats, sums=sums, chunk=unit.chunk, shape=tuple(j.shape),
-                             owned=True)
+                             device=self.device, stats=stats, sums=sums, chunk=unit.chunk, rows=unit.rows, shape=tuple(j.shape),
+                             owned=True, defer=defer)
 
     def _stream(self, units: list[Unit]) -> Iterator[tuple[Unit, Any]]:
         """Yield (unit, loaded inputs) with the next unit prefetched in a reader thread.
@@ -168,7 +185,10 @@ class Executor:
         loaded only after the previous unit is done, so two big units are never held at once."""
         if not units:
             return
-        with ThreadPoolExecutor(1, thread_name_prefix="mergesmith-read") as reader:
+        # the reader's conversions run single-threaded: torch's thread count is per calling thread, and a
+        # second intra-op team competing with the compute's for the same cores was 3-6x slower per op
+        with ThreadPoolExecutor(1, thread_name_prefix="mergesmith-read", initializer=torch.set_num_threads,
+                                initargs=(1,)) as reader:
             fut: Future | None = reader.submit(self._load, units[0])
             for k, unit in enumerate(units):
                 data = fut.result() if fut is not None else self._load(unit)
@@ -191,7 +211,7 @@ class Executor:
             for unit, (base, models) in self._stream(todo):
                 yield self._ctx(unit, None), base, models, unit.job.params
 
-        return run_statistics(self.spec, merge_jobs[0].params, items, len(merge_jobs[0].models))
+        return run_statistics(self.spec, merge_jobs[0].params, items, len(merge_jobs[0].models), self.deferral)
 
     def run(self) -> None:
         old_threads = torch.get_num_threads()
@@ -204,6 +224,14 @@ class Executor:
 
     def _run(self) -> None:
         merge_jobs = [j for j in self.plan.jobs if j.method is not None]
+        self.deferral = SignDeferral() if hasattr(self.sink, "patch") else None
+        try:
+            self._merge(merge_jobs)
+        finally:
+            if self.deferral is not None:
+                self.deferral.close()
+
+    def _merge(self, merge_jobs: list[TensorJob]) -> None:
         stats = self._statistics(merge_jobs)
         units = [u for j in self.plan.jobs for u in self._units(j)]
         bar = _Progress(self.progress, len(units), self.plan.method.name)
@@ -212,13 +240,11 @@ class Executor:
         lock = threading.Lock()
         with ThreadPoolExecutor(1, thread_name_prefix="mergesmith-write") as writer:
             try:
-                sums: dict[str, Any] = {}
+                sums: dict[str, Any] = {}  # tensor name -> result of its last finished sums phase
+                totals: dict[str, Any] = {}  # tensor name -> running total of the phase being collected
                 for unit, (base, models) in self._stream(units):
                     if unit.phase == "sums":
-                        with torch.no_grad():
-                            part = self.spec.sums(self._ctx(unit, stats), base, models, unit.job.params)
-                        name = unit.job.out_name
-                        sums[name] = part if name not in sums else sums[name] + part
+                        self._sum_chunk(unit, base, models, stats, sums, totals)
                         del base, models
                         bar.advance()
                         continue
@@ -235,6 +261,7 @@ class Executor:
                     bar.advance()
                 for f in pending:
                     f.result()
+                self._patch()
             except BaseException as e:  # noqa: BLE001 - re-raised after the writer drained
                 with lock:
                     error.append(e)
@@ -244,24 +271,46 @@ class Executor:
             finally:
                 bar.close()
 
+    def _patch(self) -> None:
+        """Overwrite the coordinates recorded by ``ctx.defer`` when the whole-model sign came out negative."""
+        if self.deferral is None or not self.deferral.negative:
+            return
+        dtypes = {j.out_name: j.dtype for j in self.plan.jobs}
+        for name, offset, idx, values in self.deferral.patches():
+            self.sink.patch(name, offset, idx, torch.from_numpy(values).to(dtypes[name]))
+
     def _units(self, job: TensorJob) -> list[Unit]:
         if job.method is None:
             return units_of(job, False, self.chunk_elements)
         if self.spec.can_chunk(job.params, job.out_name, tuple(job.shape)):
             return units_of(job, True, self.chunk_elements)
         whole = units_of(job, False, self.chunk_elements)
-        if self.spec.sums is not None and _input_bytes(whole[0]) > PREFETCH_BYTES:
-            chunks = units_of(job, True, self.chunk_elements)  # too big to hold whole: sums, then apply
+        phases = self.spec.phases(job.params)
+        if phases > 0 and _input_bytes(whole[0]) > PREFETCH_BYTES:
+            chunks = units_of(job, True, self.chunk_elements)  # too big to hold whole: sums phases, then apply
             if len(chunks) > 1:
-                return [Unit(u.job, u.chunk, u.rows, "sums") for u in chunks] + chunks
+                return [Unit(u.job, u.chunk, u.rows, "sums", k) for k in range(phases) for u in chunks] + chunks
         return whole
+
+    def _sum_chunk(self, unit: Unit, base, models, stats, sums: dict, totals: dict) -> None:
+        """Add one row chunk's part of sums phase ``unit.step`` to ``totals``; after the tensor's last
+        chunk, ``sums[name]`` becomes the finished phase's result (MethodSpec.finish), which the next
+        phase and the apply get as ``ctx.sums``."""
+        name, p = unit.job.out_name, unit.job.params
+        ctx = self._ctx(unit, stats, sums.get(name))
+        ctx.phase = unit.step
+        with torch.no_grad():
+            part = self.spec.sums(ctx, base, models, p)
+        totals[name] = part if name not in totals else totals[name] + part
+        if unit.rows[1] == unit.job.shape[0]:  # the last chunk of this phase
+            sums[name] = self.spec.finish(unit.step, sums.get(name), totals.pop(name), p)
 
     def _compute(self, unit: Unit, base, models, stats, sums=None) -> torch.Tensor:
         job = unit.job
         if job.method is None:
             return models[0].to(job.dtype)
         with torch.no_grad():
-            out = self.spec.fn(self._ctx(unit, stats, sums), base, models, job.params)
+            out = self.spec.fn(self._ctx(unit, stats, sums, record=True), base, models, job.params)
         expected = tuple(job.shape) if unit.rows is None else (unit.rows[1] - unit.rows[0],) + tuple(job.shape[1:])
         if tuple(out.shape) != expected:
             raise RuntimeError(f"method {self.spec.name} returned shape {tuple(out.shape)} for {job.out_name}, expected {expected}")

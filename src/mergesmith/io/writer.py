@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .checkpoint import DTYPE_TO_SAFETENSORS
@@ -111,6 +112,34 @@ class ShardedWriter:
             pos += n
         if row_offset_bytes + nb == slot.nbytes:
             self.written.add(name)
+
+    def patch(self, name: str, offset: int, idx, values: torch.Tensor) -> None:
+        """Overwrite elements ``offset + idx`` (flat, sorted or not) of a written tensor with ``values``
+        (its dtype): one read-modify-write of the byte range they span."""
+        idx = np.asarray(idx, dtype=np.int64)
+        if idx.size == 0:
+            return
+        slot = self.slots[name]
+        item = values.element_size()
+        lo, hi = int(idx.min()), int(idx.max()) + 1
+        pos = slot.offset + (offset + lo) * item
+        if (offset + hi) * item > slot.nbytes:
+            raise RuntimeError(f"writer: patch of {name} outside its slot")
+        fd = self.fds[slot.file]
+        n = (hi - lo) * item
+        buf = bytearray(n)
+        got = 0
+        while got < n:
+            k = os.preadv(fd, [memoryview(buf)[got:]], pos + got)
+            if k <= 0:
+                raise RuntimeError(f"writer: short read while patching {name}")
+            got += k
+        region = np.frombuffer(buf, dtype=np.uint8).reshape(-1, item)
+        region[idx - lo] = values.contiguous().reshape(-1).view(torch.uint8).numpy().reshape(-1, item)
+        mv = memoryview(buf)
+        while len(mv):
+            k = os.pwrite(fd, mv, pos)
+            mv, pos = mv[k:], pos + k
 
     def close(self) -> None:
         for fd in self.fds.values():

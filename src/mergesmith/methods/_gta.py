@@ -145,6 +145,8 @@ def tensor_threshold(x: torch.Tensor, density: float) -> float | None:
 # --------------------------------------------------------------------------------------------------
 # The pipeline
 
+DEFERRED = "deferred"  # ctx.stats["major"] when the executor settles the majority sign after the last tensor
+
 Sparsifier = Callable[[TensorContext, int, torch.Tensor, Params], torch.Tensor]
 
 
@@ -225,6 +227,27 @@ class Pipeline:
             kept = K.rescale(t, kept, p["rescale"])
         return kept
 
+    def combine_deferred(self, taus: list[torch.Tensor], p: Params, rec):
+        """:meth:`combine` with the global majority sign not known yet (``deferred``): merge with the
+        tentative fill +1, vote this tensor's sum of elected signs, and return (delta, idx, alt): the
+        flat indices where the elected sign is 0 yet some vote is non-zero (exact cancellation; the
+        fill matters only there) and the delta values a fill of -1 gives at them."""
+        w = p["weight"]
+        weighted, votes, sign = self.elect(taus, p)
+        rec.vote(int(sign.sum(dtype=torch.float64).item()))  # exact: entries are -1, 0, 1
+        zero = sign.abs().neg_().add_(1.0)  # 1 where the elected sign is 0
+        sign.add_(zero)  # fill +1 (the same values as K.fill_zeros(sign, 1.0))
+        agg = self._agg(p)
+        delta, count = K.disjoint_merge_list(weighted, sign, agg, weights=w, votes=votes, with_count=True)
+        # with fill +1 a coordinate of sign 0 counts its positive votes: > 0 iff a non-zero vote exists
+        idx = torch.nonzero(zero.mul_(count).reshape(-1)).reshape(-1)
+        if idx.numel() == 0:
+            return delta, idx, None
+        pick = [x.reshape(-1)[idx] for x in weighted]
+        pick_votes = None if votes is weighted else [v.reshape(-1)[idx] for v in votes]
+        minus = torch.full((idx.numel(),), -1.0, dtype=delta.dtype, device=delta.device)
+        return delta, idx, K.disjoint_merge_list(pick, minus, agg, weights=w, votes=pick_votes)
+
     def elect(self, taus: list[torch.Tensor], p: Params):
         """(weighted deltas, votes, raw elected sign with zeros left in); lists of tensors, never
         stacked (an [N, ...] stack costs N full-size copies per step)."""
@@ -241,14 +264,17 @@ class Pipeline:
             fill = fill if fill != 0 else 1.0
         return K.fill_zeros(sign, fill)
 
+    @staticmethod
+    def _agg(p: Params) -> str:
+        norm = p.get("normalize")
+        return p.get("agg", "mean") if norm is None else ("weighted_mean" if norm else "sum")
+
     def combine(self, taus: list[torch.Tensor], p: Params, major: float | None = None) -> torch.Tensor:
         w = p["weight"]
         if self.consensus:
             weighted, votes, sign = self.elect(taus, p)
             sign = self.fill_zero_sign(sign, p, major)
-            norm = p.get("normalize")
-            agg = p.get("agg", "mean") if norm is None else ("weighted_mean" if norm else "sum")
-            return K.disjoint_merge_list(weighted, sign, agg, weights=w, votes=votes)
+            return K.disjoint_merge_list(weighted, sign, self._agg(p), weights=w, votes=votes)
         delta = torch.zeros_like(taus[0])
         for wi, t in zip(w, taus):
             delta.add_(t, alpha=wi)
@@ -278,5 +304,13 @@ class Pipeline:
                 major = st.get("major")
                 if major is None:
                     raise MergeError(f"{self.name}: scope and zero_sign must be the same for every tensor")
-        delta = self.combine(self.deltas(ctx, base, models, p, thresholds), p, major)
+        taus = self.deltas(ctx, base, models, p, thresholds)
+        if major == DEFERRED:
+            if ctx.defer is None:
+                raise RuntimeError(f"{self.name}: the majority sign was deferred but ctx.defer is not set")
+            delta, idx, alt = self.combine_deferred(taus, p, ctx.defer)
+            if alt is not None:  # the same float ops as the full tensor below, on the recorded coordinates
+                ctx.defer.alternative(idx, alt.mul_(p["lambda"]).add_(base.reshape(-1)[idx]))
+        else:
+            delta = self.combine(taus, p, major)
         return delta.mul_(p["lambda"]).add_(base)

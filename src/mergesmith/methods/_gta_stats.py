@@ -15,7 +15,9 @@ float32 bit patterns of ``|tau_i|`` (for non-negative IEEE-754 floats integer or
   key) and ``low`` (low 16 bits inside the found bucket) redo the selection exactly for those models.
 * pass ``major`` (when ``zero_sign: majority``): the official fallback for coordinates whose elected
   sign is 0 is the *global* majority sign ``sgn(sum_p gamma_p)`` over the whole trimmed model, so the
-  signed count of elected signs is summed over every tensor.
+  signed count of elected signs is summed over every tensor. The engine skips this pass
+  (:meth:`GTAStats.defer`): its apply pass tallies the signs and patches the few coordinates where
+  the fill matters after the last tensor (``mergesmith.deferred``).
 
 So the exact global threshold costs one full read plus a ~1/16 sampled read instead of two full
 reads. The histogram helpers are in ``_radix`` (tensor scope uses the same selection in memory, so a
@@ -30,7 +32,7 @@ import math
 
 import torch
 
-from ._gta import needs_selection, official_rank
+from ._gta import DEFERRED, needs_selection, official_rank
 from .kernels import bits_to_float
 from ._radix import _OFFSET, dense, high_hist, key_value, keys, locate, low_hist, window_hist
 from .base import GlobalStats, MergeError, Params
@@ -55,6 +57,13 @@ class GTAStats(GlobalStats):
         self.pipe.validate(params)
         return {"method": self.pipe.name, "steps": list(self.pipe.stat_steps(params)), "count": 0,
                 "density": None, "window": None, "redo": [], "bucket": None, "thr": None, "major": None}
+
+    def defer(self, state):
+        """The executor patches outputs after the last tensor: settle the majority sign there
+        (``deferred``) instead of in a full ``major`` pass."""
+        if "major" not in state["steps"]:
+            return state
+        return {**state, "steps": [s for s in state["steps"] if s != "major"], "major": DEFERRED}
 
     # -- collect -----------------------------------------------------------------------------------
     def collect(self, pass_index, state, ctx, base, models, p):

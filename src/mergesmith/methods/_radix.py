@@ -88,7 +88,7 @@ def window_hist(k: torch.Tensor, lo_key: int, hi_key: int) -> tuple[int, tuple[t
     if _host(k):
         d = k.reshape(-1).numpy() - np.int32(lo_key)  # a copy: k may be the caller's
         below = int(np.count_nonzero(d < 0))
-        inside = d[d.view(np.uint32) < np.uint32(width)]  # 0 <= d < width in one unsigned compare
+        inside = np.compress(d.view(np.uint32) < np.uint32(width), d)  # 0 <= d < width: one unsigned compare
         return below, sparse_hist(torch.from_numpy(inside), width)
     below = int(torch.count_nonzero(k < lo_key))
     d = k - lo_key

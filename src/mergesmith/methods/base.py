@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import pkgutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Literal, Sequence
 
 import torch
@@ -111,13 +111,19 @@ class TensorContext:
     device: torch.device | str = "cpu"
     stats: Any = None
     # a tensor-wise method's ``sums`` over the whole tensor when the engine gives it row chunks (see
-    # MethodSpec.sums); None: the method has the whole tensor and computes them itself
+    # MethodSpec.sums): in the apply, the result of the last sums phase; while collecting phase
+    # ``phase``, the result of the phase before (None in phase 0). None in the apply: the method has
+    # the whole tensor and computes them itself
     sums: Any = None
+    phase: int = 0  # index of the sums phase being collected (MethodSpec.sums)
     chunk: int = 0  # index of the row chunk when the engine splits a large element/row-wise tensor
     shape: tuple = ()  # full tensor shape (the tensor given may be a row chunk)
+    rows: tuple[int, int] | None = None  # row range of that chunk in the full tensor; None: the whole tensor
     extra: dict = field(default_factory=dict)
     # True when the engine made the input tensors for this call only: a method may overwrite them
     owned: bool = False
+    # a ``deferred.Recorder`` when the executor patches outputs after the last tensor (GlobalStats.defer)
+    defer: Any = None
 
     def generator(self, model_index: int) -> torch.Generator:
         """A generator seeded by (seed, tensor name, model index, chunk), on ctx.device."""
@@ -128,6 +134,20 @@ class TensorContext:
     def seed_of(self, model_index: int) -> int:
         """The 63-bit seed of (seed, tensor name, model index, chunk), for the seeded kernels."""
         return seed_for(self.seed, self.name, model_index, self.chunk)
+
+
+class ChunkParts(dict):
+    """A sums part that is kept per row chunk ({ctx.chunk: value}) instead of added up: ``+`` is the
+    union. For quantities whose use depends on the chunk order (e.g. how many ties precede a chunk)."""
+
+    def __add__(self, other: "ChunkParts") -> "ChunkParts":
+        out = ChunkParts(self)
+        out.update(other)
+        return out
+
+    def ordered(self) -> list:
+        """The values in chunk order."""
+        return [self[c] for c in sorted(self)]
 
 
 class GlobalStats:
@@ -149,6 +169,11 @@ class GlobalStats:
 
     def init(self, params: Params, num_models: int) -> Any:
         return None
+
+    def defer(self, state: Any) -> Any:
+        """Called by an executor that can patch outputs after the last tensor (``deferred``): return the
+        state with the statistics the apply pass can settle that way dropped from the passes."""
+        return state
 
     def collect(self, pass_index: int, state: Any, ctx: TensorContext, base, models, p: Params) -> Any:
         raise NotImplementedError
@@ -184,17 +209,42 @@ class MethodSpec:
     notes: str = ""
     example: dict = field(default_factory=dict)  # parameters for a smoke run (tests, demo, docs)
     validate: Callable[[Params], None] | None = None  # per-tensor parameter check, run at planning
-    # tensor-wise methods whose only whole-tensor quantities are sums over elements (norms, dot
-    # products): sums(ctx, base, models, p) -> tensor, additive over row chunks. The engine then
-    # streams big tensors in two chunked phases (sums, then apply with ctx.sums = their total)
-    # instead of loading them whole. Only used when ``can_chunk`` is false for the tensor.
+    # tensor-wise methods whose whole-tensor quantities add up over row chunks (norms, dot products,
+    # histograms): the engine streams a tensor too big to hold whole in ``sum_phases`` chunked passes,
+    # then the apply pass, instead of loading it whole. In phase k it calls
+    # sums(ctx, base, models, p) on every row chunk, with ctx.phase = k and ctx.sums = the result of
+    # phase k-1 (None for k = 0), adds the parts with ``+`` (tensors, numbers, ChunkParts), and makes the
+    # total into phase k's result with finish_sums(k, previous result, total, p) (default: the total).
+    # The apply gets the last result as ctx.sums. Only used when ``can_chunk`` is false for the tensor.
+    # ``sum_phases``: an int or a function of the tensor's parameters (0: no sums for that tensor).
     sums: Callable[..., Any] | None = None
+    sum_phases: int | Callable[[Params], int] = 1
+    finish_sums: Callable[[int, Any, Any, Params], Any] | None = None
 
     def param(self, name: str) -> Param | None:
         for p in self.params:
             if p.name == name:
                 return p
         return None
+
+    def phases(self, params: Params) -> int:
+        """Number of sums phases for a tensor with these parameters (0 without ``sums``)."""
+        if self.sums is None:
+            return 0
+        return int(self.sum_phases(params) if callable(self.sum_phases) else self.sum_phases)
+
+    def finish(self, phase: int, previous: Any, total: Any, params: Params) -> Any:
+        """Phase ``phase``'s result from its total over the chunks (``finish_sums``; default the total)."""
+        return total if self.finish_sums is None else self.finish_sums(phase, previous, total, params)
+
+    def whole_sums(self, ctx: TensorContext, base, models, params: Params) -> Any:
+        """Every sums phase on one whole tensor, as the engine runs them over its row chunks: the
+        result a method gets as ``ctx.sums`` when streamed (its in-memory path may call this)."""
+        result = None
+        for k in range(self.phases(params)):
+            part = self.sums(replace(ctx, phase=k, sums=result), base, models, params)
+            result = self.finish(k, result, part, params)
+        return result
 
     def can_chunk(self, params: Params, name: str = "", shape: tuple = ()) -> bool:
         """Whether row chunks of this tensor give the same result as the whole tensor. A callable
@@ -256,6 +306,8 @@ def register(
     example: dict | None = None,
     validate: Callable[[Params], None] | None = None,
     sums: Callable[..., Any] | None = None,
+    sum_phases: int | Callable[[Params], int] = 1,
+    finish_sums: Callable[[int, Any, Any, Params], Any] | None = None,
 ):
     """Decorator that registers a tensor-level merge function under ``name``."""
 
@@ -265,6 +317,7 @@ def register(
             params=tuple(params), aliases=tuple(aliases), min_models=min_models, max_models=max_models,
             stats=stats, mergekit=mergekit, chunkable=chunkable, notes=notes,
             example=dict(example or {}), validate=validate, sums=sums,
+            sum_phases=sum_phases, finish_sums=finish_sums,
         )
         if name in _REGISTRY and _REGISTRY[name].fn is not fn:
             raise RuntimeError(f"merge method {name!r} registered twice")

@@ -185,11 +185,17 @@ def elect_sign_list(votes: list[torch.Tensor], rule: str = "mass") -> torch.Tens
 
 
 def disjoint_merge_list(deltas: list[torch.Tensor], sign: torch.Tensor, agg: str = "mean",
-                        weights=None, votes: list[torch.Tensor] | None = None) -> torch.Tensor:
+                        weights=None, votes: list[torch.Tensor] | None = None, with_count: bool = False):
     """:func:`disjoint_merge` over a list of deltas, accumulating model by model (a few full-size
-    temporaries instead of several [N, ...] ones). ``weights``: one float per delta (weighted_mean)."""
+    temporaries instead of several [N, ...] ones). ``weights``: one float per delta (weighted_mean).
+    ``with_count``: also return the number of votes agreeing with ``sign`` per coordinate (float)."""
     if agg == "max":
-        return disjoint_merge(torch.stack(deltas), sign, agg, votes=None if votes is None else torch.stack(votes))
+        stacked = None if votes is None else torch.stack(votes)
+        out = disjoint_merge(torch.stack(deltas), sign, agg, votes=stacked)
+        if not with_count:
+            return out
+        v = torch.stack(deltas) if stacked is None else stacked
+        return out, (v * sign).clamp_min_(0).sign_().sum(dim=0)
     if agg not in ("mean", "sum", "weighted_mean"):
         raise ValueError(f"unknown aggregation {agg!r}")
     if agg == "weighted_mean" and weights is None:
@@ -198,23 +204,28 @@ def disjoint_merge_list(deltas: list[torch.Tensor], sign: torch.Tensor, agg: str
     same = votes is None or all(v is d for v, d in zip(votes, deltas))
     total = torch.zeros_like(sign)
     div = torch.zeros_like(sign) if agg != "sum" else None
+    count = div if agg == "mean" else (torch.zeros_like(sign) if with_count else None)  # mean: div counts
     for i, d in enumerate(deltas):
         if same:
             kept = (d * sign).clamp_min_(0)  # |d| where sgn d == sign != 0, else 0
             total.add_(kept)
-            agree = kept.sign_() if div is not None else None
+            agree = kept.sign_() if (div is not None or count is not None) else None
         else:
             agree = (votes[i] * sign).clamp_min_(0).sign_()  # 1.0 where the vote agrees
             total.addcmul_(d, agree)
         if div is not None:
             div.add_(agree, alpha=1.0 if agg == "mean" else float(weights[i]))
+        if count is not None and count is not div:
+            count.add_(agree)
     if same:
         total.mul_(sign)  # back from |d| to d
     if agg == "sum":
-        return total
-    if agg == "mean":
-        return total.div_(div.clamp_min_(1))
-    return total.div_(div.add_(div == 0))  # a zero weight sum divides by 1
+        out = total
+    elif agg == "mean":
+        out = total.div_(div.clamp_min(1) if with_count else div.clamp_min_(1))
+    else:
+        out = total.div_(div.add_(div == 0))  # a zero weight sum divides by 1
+    return (out, count) if with_count else out
 
 
 def float_bits(x: torch.Tensor) -> torch.Tensor:
@@ -257,24 +268,47 @@ def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = 0
     return out.addcmul_(v1, c1)
 
 
-def gram(vectors: list[torch.Tensor]) -> torch.Tensor:
-    """G_ij = <v_i, v_j> of the flattened tensors, float64 [N, N]. Additive over row chunks, so
-    tensor-wise methods built on norms and angles can stream (``MethodSpec.sums``)."""
+GRAM_BLOCK = {"cpu": 1 << 17}  # elements per block of gram(): N x 1 MB float64 stay in cache; 4M on GPUs
+
+
+def gram(vectors: list[torch.Tensor], base: torch.Tensor | None = None) -> torch.Tensor:
+    """G_ij = <x_i, x_j> of the flattened tensors x_i = v_i, or x_i = v_i - base when ``base`` is
+    given (task vectors, without materialising them), float64 [N, N].
+
+    One pass over the inputs, block by block: a block of every x_i (the difference formed in float32,
+    as the methods form task vectors) is widened into a float64 buffer X [N, B] and G += X X^T, so each
+    product is exact and the sums are float64. Separate float32 dot products would read every input N
+    times and lose ~1e-4 (relative) on 10M-element tensors: too much for the angles of near-collinear
+    vectors. Additive over row chunks, so tensor-wise methods built on norms and angles can stream
+    (``MethodSpec.sums``)."""
     flat = [v.reshape(-1) for v in vectors]
-    n = len(flat)
-    g = torch.empty(n, n, dtype=torch.float64, device=flat[0].device if flat else "cpu")
-    for i in range(n):
-        for j in range(i, n):
-            g[i, j] = g[j, i] = torch.dot(flat[i], flat[j]).to(torch.float64)
-    return g
+    dev = flat[0].device if flat else torch.device("cpu")
+    g = torch.zeros(len(flat), len(flat), dtype=torch.float64, device=dev)
+    if not flat or flat[0].numel() == 0:
+        return g
+    b = base.reshape(-1) if base is not None else None
+    n = flat[0].numel()
+    block = min(n, GRAM_BLOCK.get(dev.type, 1 << 22))
+    buf = torch.empty(len(flat), block, dtype=torch.float64, device=dev)
+    for a in range(0, n, block):
+        e = min(a + block, n)
+        x = buf[:, : e - a]
+        for i, v in enumerate(flat):
+            if b is None:
+                x[i].copy_(v[a:e])
+            else:
+                torch.sub(v[a:e], b[a:e], out=x[i])  # float32 difference, stored as float64
+        g.addmm_(x, x.T)
+    return (g + g.T) / 2  # exactly symmetric
 
 
 def slerp_flat(t: float, v0: torch.Tensor, v1: torch.Tensor, g: torch.Tensor, dot_threshold: float = 0.9995,
-               eps: float = 1e-8) -> torch.Tensor:
+               eps: float = 1e-8, inplace: bool = False) -> torch.Tensor:
     """:func:`slerp` of two whole flattened tensors given their Gram matrix ``g`` (:func:`gram`),
-    so ``v0``/``v1`` may be row chunks of the tensors ``g`` was summed over."""
+    so ``v0``/``v1`` may be row chunks of the tensors ``g`` was summed over. ``inplace``: the result
+    overwrites ``v0``."""
     c0, c1 = slerp_coefficients(t, g[0, 0].sqrt(), g[1, 1].sqrt(), g[0, 1], dot_threshold, eps)
-    out = v0 * float(c0)
+    out = v0.mul_(float(c0)) if inplace else v0 * float(c0)
     return out.add_(v1, alpha=float(c1))
 
 
