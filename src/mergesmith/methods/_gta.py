@@ -310,7 +310,12 @@ class Pipeline:
                 raise RuntimeError(f"{self.name}: the majority sign was deferred but ctx.defer is not set")
             delta, idx, alt = self.combine_deferred(taus, p, ctx.defer)
             if alt is not None:  # the same float ops as the full tensor below, on the recorded coordinates
-                ctx.defer.alternative(idx, alt.mul_(p["lambda"]).add_(base.reshape(-1)[idx]))
+                ctx.defer.alternative(idx, _scale(alt, p["lambda"]).add_(base.reshape(-1)[idx]))
         else:
             delta = self.combine(taus, p, major)
-        return delta.mul_(p["lambda"]).add_(base)
+        return _scale(delta, p["lambda"]).add_(base)
+
+
+def _scale(x: torch.Tensor, lam: float) -> torch.Tensor:
+    """x * lambda in place (skipped for lambda = 1: x * 1 == x exactly)."""
+    return x if lam == 1 else x.mul_(lam)
