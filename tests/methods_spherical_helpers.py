@@ -31,6 +31,35 @@ def run(method, models, base=None, *, name="model.layers.0.mlp.up_proj.weight", 
     return spec.fn(ctx, b, [m.to(torch.float32) for m in models], p).to(dtype)
 
 
+def run_streamed(method, models, base=None, *, rows=2, name="model.layers.0.mlp.up_proj.weight", seed=0, **params):
+    """Like ``run``, but the way the engine streams a tensor too big to hold whole: every sums phase
+    (MethodSpec.sums) over row chunks of ``rows`` rows, then the method on each chunk with ctx.sums."""
+    spec = get_method(method)
+    glob = {k: v for k, v in params.items()}
+    p = resolve_params(spec, name, 0.0, [glob], [[{}] for _ in models])
+    n = models[0].shape[0]
+    chunks = [(c, (a, min(a + rows, n))) for c, a in enumerate(range(0, n, rows))]
+
+    def ctx(c, r, sums, phase=0):
+        return TensorContext(name=name, seed=seed, shape=tuple(models[0].shape), chunk=c, rows=r, sums=sums,
+                             phase=phase, owned=True)
+
+    def part(x, r):
+        return x[r[0]:r[1]].to(torch.float32).clone()
+
+    result = None
+    for k in range(spec.phases(p)):
+        total = None
+        for c, r in chunks:
+            b = part(base, r) if base is not None else None
+            piece = spec.sums(ctx(c, r, result, k), b, [part(m, r) for m in models], p)
+            total = piece if total is None else total + piece
+        result = spec.finish(k, result, total, p)
+    outs = [spec.fn(ctx(c, r, result), part(base, r) if base is not None else None, [part(m, r) for m in models], p)
+            for c, r in chunks]
+    return torch.cat(outs).to((base if base is not None else models[0]).dtype)
+
+
 def ref_slerp(t, a, b, threshold=0.9995):
     """Textbook slerp in float64 on the flattened tensors (angle formula, lerp when |cos| > threshold)."""
     x, y = a.double().reshape(-1), b.double().reshape(-1)

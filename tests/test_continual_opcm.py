@@ -186,3 +186,174 @@ def test_one_shot_runs_each_projected_chain_once(monkeypatch):
         torch.testing.assert_close(got[k].float(), want[k].float(), rtol=1e-4, atol=1e-5)
     projected = [k for k, v in base.items() if O.is_projected(k, tuple(v.shape))]
     assert projected and all(calls.count(k) == 1 for k in projected)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Gram route (tall/wide matrices) and coefficient route (row-chunked tall matrices of the one-shot method)
+
+
+def _spectrum(m, n, s, seed):
+    g = torch.Generator().manual_seed(seed)
+    u, _ = torch.linalg.qr(torch.randn(m, len(s), generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(n, len(s), generator=g, dtype=torch.float64))
+    return (u * s) @ v.T
+
+
+@pytest.mark.parametrize("shape", [(96, 12), (12, 96), (60, 15)])
+@pytest.mark.parametrize("alpha,full_diagonal", [(0.5, True), (0.3, False), (0.9, True)])
+def test_gram_route_matches_thin_svd(shape, alpha, full_diagonal):
+    g = torch.Generator().manual_seed(sum(shape))
+    delta = torch.randn(shape, generator=g, dtype=torch.float64)
+    tau = torch.randn(shape, generator=g, dtype=torch.float64)
+    assert O.uses_gram(shape)
+    want = _ref_project(delta, tau, alpha, full_diagonal)
+    got = O.project_gram(delta, tau, alpha, full_diagonal)
+    assert got is not None and torch.allclose(got, want, atol=1e-10)
+    assert torch.allclose(O.project(delta, tau, alpha, full_diagonal), want, atol=1e-10)
+    # float32 inputs: at least as close to the float64 reference as the float32 thin SVD
+    got32 = O.project_gram(delta.float(), tau.float(), alpha, full_diagonal).double()
+    svd32 = O.project_svd(delta.float(), tau.float(), alpha, full_diagonal).double()
+    ref32 = _ref_project(delta.float().double(), tau.float().double(), alpha, full_diagonal)
+    assert (got32 - ref32).abs().max() <= max(2 * (svd32 - ref32).abs().max(), 1e-6)
+    # in place: the result is tau's own buffer
+    t = tau.clone()
+    assert O.project(delta, t, alpha, full_diagonal, inplace=True).data_ptr() == t.data_ptr()
+
+
+def test_gram_route_decaying_spectrum_more_accurate_than_float32_svd():
+    delta = _spectrum(200, 40, torch.logspace(0, -4, 40, dtype=torch.float64), 3).float()
+    tau = torch.randn(200, 40, generator=torch.Generator().manual_seed(4))
+    ref = O.project_svd(delta.double(), tau.double(), 0.5)
+    gram = O.project_gram(delta, tau, 0.5)
+    svd32 = O.project_svd(delta, tau, 0.5)
+    assert gram is not None
+    assert (gram.double() - ref).abs().max() < (svd32.double() - ref).abs().max()
+    assert (gram.double() - ref).abs().max() < 1e-5 * ref.abs().max()
+
+
+def test_gram_route_falls_back_for_low_rank_deltas():
+    # a rank-4 (LoRA-like) merged update: s_min / s_max ~ 1e-8 < GRAM_RCOND -> the exact thin SVD
+    delta = _spectrum(96, 16, torch.tensor([1.0, 0.5, 0.2, 0.1], dtype=torch.float64), 5).float()
+    tau = torch.randn(96, 16, generator=torch.Generator().manual_seed(6))
+    assert O.project_gram(delta, tau, 0.5) is None
+    assert torch.equal(O.project(delta, tau, 0.5), O.project_svd(delta, tau, 0.5))
+    # just above the guard the Gram route is taken
+    ok = _spectrum(96, 16, torch.logspace(0, -5, 16, dtype=torch.float64), 7)
+    assert O.project_gram(ok, tau.double(), 0.5) is not None
+
+
+@pytest.mark.parametrize("n_models", [2, 3, 4])
+@pytest.mark.parametrize("alpha,full_diagonal", [(0.5, True), (0.3, False)])
+def test_coefficient_chain_equals_the_chain(n_models, alpha, full_diagonal):
+    g = torch.Generator().manual_seed(10 + n_models)
+    taus = [torch.randn(90, 12, generator=g, dtype=torch.float64) for _ in range(n_models)]
+    want = O.chain("lm_head.weight", [t.clone() for t in taus], alpha, full_diagonal)
+    grams: dict = {}
+    for a in range(0, 90, 25):  # row chunks, as the engine streams them
+        O.pairwise_grams([t[a:a + 25] for t in taus], grams)
+    C, d_sq = O.coefficient_chain(grams, n_models, alpha, full_diagonal)
+    got = torch.cat([O.combine([t[a:a + 25] for t in taus], C) for a in range(0, 90, 25)])
+    assert torch.allclose(got, want, atol=1e-10)
+    assert d_sq == pytest.approx(float(want.square().sum()), rel=1e-12)
+
+
+def test_coefficient_chain_zero_update_and_low_rank():
+    zero = torch.zeros(40, 8, dtype=torch.float64)
+    tau = torch.randn(40, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    C, d_sq = O.coefficient_chain(O.pairwise_grams([zero, tau]), 2, 0.5)
+    assert torch.allclose(O.combine([zero, tau], C), tau) and d_sq == pytest.approx(float(tau.square().sum()))
+    # a rank-2 first task: only its 2 numerically non-zero directions are projected (documented)
+    low = _spectrum(40, 8, torch.tensor([2.0, 1.0], dtype=torch.float64), 2)
+    C, _ = O.coefficient_chain(O.pairwise_grams([low, tau]), 2, 0.5)
+    got = O.combine([low, tau], C)
+    u, s, vh = torch.linalg.svd(low, full_matrices=False)
+    P = u[:, :2].T @ (got - low) @ vh[:2].T  # rho = 0 here (2/3 > alpha): only the diagonal is removed
+    P0 = u[:, :2].T @ tau @ vh[:2].T
+    assert torch.allclose(P.diagonal(), torch.zeros(2, dtype=torch.float64), atol=1e-10)
+    assert torch.allclose(P[0, 1], P0[0, 1]) and torch.allclose(P[1, 0], P0[1, 0])
+    # outside the rank-2 space nothing is removed
+    rest = got - low - u[:, :2] @ P @ vh[:2]
+    assert torch.allclose(rest, tau - u[:, :2] @ P0 @ vh[:2], atol=1e-10)
+
+
+def _tall_sd(seed, base=None):
+    g = torch.Generator().manual_seed(seed)
+    shapes = {"lm_head.weight": (48, 6), "layers.0.q.weight": (6, 6), "layers.0.q.bias": (6,),
+              "embed_tokens.weight": (48, 6)}
+    if base is None:
+        return {k: torch.randn(s, generator=g) for k, s in shapes.items()}
+    return {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in base.items()}
+
+
+def test_one_shot_chunks_tall_matrices_by_the_coefficient_route(tmp_path, monkeypatch):
+    from _continual_util import save_sd
+    from mergesmith.engine import DictSink, execute
+    from mergesmith.methods import opcm as M
+    from mergesmith.run import plan_recipe
+
+    base = _tall_sd(0)
+    models = [_tall_sd(i + 1, base) for i in range(3)]
+    want, _ = ref_opcm(base, models, 0.5, linear=("lm_head.weight", "layers.0.q.weight"))
+    whole = merge_state_dicts("opcm", models, base=base, alpha=0.5)  # lm_head whole (Gram route, aspect 8)
+    monkeypatch.setattr(O, "CHUNK_MIN_ELEMENTS", 64)
+    assert M.chunked((48, 6)) and not M.chunked((6, 6)) and not M.chunked((6, 48))
+    calls = []
+    real = O.coefficient_chain
+    monkeypatch.setattr(O, "coefficient_chain", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    paths = [str(save_sd(sd, tmp_path / f"m{i}.safetensors")) for i, sd in enumerate([base] + models)]
+    plan = plan_recipe({"merge_method": "opcm", "base_model": paths[0], "parameters": {"alpha": 0.5},
+                        "models": [{"model": x} for x in paths[1:]]})
+    sink = DictSink(plan)
+    execute(plan, sink, chunk_elements=60)  # lm_head in row chunks of 10 rows
+    assert calls == [1]  # the chain ran once, at the last chunk of lm_head
+    for k in want:
+        assert torch.allclose(sink.tensors[k].double(), want[k], atol=2e-5), k
+        assert torch.allclose(sink.tensors[k], whole[k], atol=1e-5), k
+
+
+def test_continual_uses_the_gram_route_for_tall_matrices(tmp_path, monkeypatch):
+    base = _tall_sd(0)
+    models = [_tall_sd(i + 1, base) for i in range(3)]
+    want, lam = ref_opcm(base, models, 0.5, linear=("lm_head.weight", "layers.0.q.weight"))
+    routes = []
+    for fn in ("project_gram", "project_gram32"):
+        real = getattr(O, fn)
+
+        def spy(*a, _real=real, **k):
+            out = _real(*a, **k)
+            if out is not None:
+                routes.append(tuple(a[0].shape))
+            return out
+
+        monkeypatch.setattr(O, fn, spy)
+    cm = ContinualMerger(tmp_path / "state")
+    cm.init(base, method="opcm", alpha=0.5)
+    for m in models:
+        entry = cm.add(m)
+    got = cm.state_dict()
+    assert routes.count((48, 6)) == 2  # one Gram-route step per added model after the first
+    for k in want:
+        assert torch.allclose(got[k].double(), want[k], atol=2e-5), k
+    assert entry["summary"]["lambda_t"] == pytest.approx(lam, rel=1e-5)
+
+
+def test_float32_gram_route_for_well_conditioned_updates(monkeypatch):
+    # s_max / s_min <= GRAM32_KAPPA: the float32 Gram route, as accurate as the float32 thin SVD
+    g = torch.Generator().manual_seed(8)
+    for shape in [(90, 30), (30, 90), (40, 40)]:
+        delta = _spectrum(*shape, torch.logspace(0, -0.6, min(shape), dtype=torch.float64), 9).float()
+        tau = torch.randn(shape, generator=g)
+        ref = _ref_project(delta.double(), tau.double(), 0.5, True)
+        got = O.project_gram32(delta, tau, 0.5)
+        svd32 = O.project_svd(delta, tau, 0.5)
+        assert got is not None, shape
+        assert (got.double() - ref).abs().max() <= max(6 * (svd32.double() - ref).abs().max(), 2e-6), shape
+    # kappa 100 > GRAM32_KAPPA: rejected (by the Cholesky pre-check, before any eigh)
+    ill = _spectrum(90, 30, torch.logspace(0, -2, 30, dtype=torch.float64), 10).float()
+    calls = []
+    real = torch.linalg.eigh
+    monkeypatch.setattr(torch.linalg, "eigh", lambda *a: (calls.append(1), real(*a))[1])
+    assert O.project_gram32(ill, torch.randn(90, 30, generator=g), 0.5) is None and calls == []
+    # project() then takes the float64 Gram route (aspect 3 < GRAM_ASPECT: the thin SVD)
+    t = torch.randn(90, 30, generator=g)
+    assert torch.equal(O.project(ill, t, 0.5), O.project_svd(ill, t, 0.5))

@@ -87,22 +87,31 @@ def test_chunked_execution_equals_whole_tensor(tiny_zoo):
     ("model_stock", {}),
     ("karcher", {}),
     ("karcher", {"include_base": False, "max_iter": 30}),
+    ("sce", {}),  # one phase: the energies
+    ("sce", {"select_topk": 0.5}),  # three: the radix selection of the variance threshold, then energies
+    ("sce", {"select_topk": 0.3, "normalize": False}),
+    ("arcee_fusion", {}),
 ])
 def test_tensor_wise_methods_stream_big_tensors_in_two_phases(tiny_zoo, monkeypatch, method, params):
-    """Tensors too big to hold whole are streamed: sums over row chunks, then the apply chunks."""
+    """Tensors too big to hold whole are streamed: the sums phases over row chunks, then the apply chunks."""
     import mergesmith.engine as E
     from mergesmith.methods.base import get_method
 
     z = tiny_zoo("llama")
-    n = {"slerp": 1, "nuslerp": 2}.get(method, 3)
+    n = {"slerp": 1, "nuslerp": 2, "arcee_fusion": 1}.get(method, 3)
     plan = plan_recipe(recipe(method, z["base"], [z[f"ft{i}"] for i in range(n)], parameters=params))
     whole = DictSink(plan)
     execute(plan, whole)
     monkeypatch.setattr(E, "PREFETCH_BYTES", 1024)  # every matrix counts as big
     ex = E.Executor(plan, DictSink(plan), chunk_elements=100)
     job = next(j for j in plan.jobs if len(j.shape) == 2)
-    phases = [u.phase for u in ex._units(job)]
-    assert get_method(method).sums is not None and phases.count("sums") == phases.count("apply") > 1
+    units = ex._units(job)
+    phases = [u.phase for u in units]
+    spec = get_method(method)
+    n_phases = spec.phases(job.params)
+    assert spec.sums is not None and phases.count("sums") == n_phases * phases.count("apply") > 1
+    assert [u.step for u in units if u.phase == "sums"] == sorted(u.step for u in units if u.phase == "sums")
+    assert n_phases == {"sce": 3 if params.get("select_topk", 1) < 1 else 1}.get(method, 1)
     ex.run()
     for k in whole.tensors:
         torch.testing.assert_close(ex.sink.tensors[k], whole.tensors[k], rtol=1e-5, atol=1e-6, msg=k)

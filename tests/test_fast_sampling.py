@@ -181,3 +181,97 @@ def test_della_keep_rate_per_rank_with_fused_path():
         qr = q[sel][0].item()
         assert abs(kept[sel].mean().item() - qr) < 5 * math.sqrt(qr * (1 - qr) / rows)
     assert torch.allclose(out[out != 0] * q[out != 0], t[out != 0], rtol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------
+# MagPrune ranks from 32-bit keys (della._order): the exact stable order of the 64-bit keys
+
+
+def ref_order(x: np.ndarray) -> np.ndarray:
+    """In-row positions in stable ascending order of |x| (IEEE bit order: -0 == +0, NaN above inf)."""
+    return np.argsort(x.view(np.int32) & 0x7FFFFFFF, axis=-1, kind="stable")
+
+
+def _bf16(a: np.ndarray) -> np.ndarray:
+    return torch.from_numpy(a.astype(np.float32)).to(torch.bfloat16).float().numpy()
+
+
+def _bf16_delta(rows, n, rng, scale=0.002):
+    """A bf16 fine-tune minus its bf16 base, in float32: few significant bits, many exact ties."""
+    base = rng.standard_normal((rows, n)) * 0.02
+    return _bf16(base + rng.standard_normal((rows, n)) * scale) - _bf16(base)
+
+
+def _order_cases(rows, n, rng):
+    d = _bf16_delta(rows, n, rng)
+    special = d.copy()
+    f = special.reshape(-1)
+    bits = np.array([0x80000000, 0x7F800000, 0xFF800000, 0x7FC00000, 0xFFC00001, 0x7FFFFFFF, 1, 0x80000001,
+                     0x00400000, 0x7F7FFFFF, 0x80000000, 0x00000000], dtype=np.uint32).view(np.float32)
+    f[rng.integers(0, f.size, bits.size)] = bits  # -0, +-inf, NaNs (payloads, signs), subnormals, max, +0
+    mixed = d.copy()
+    sel = rng.random(mixed.shape) < 0.01
+    mixed[sel] = (rng.standard_normal(int(sel.sum())) * 0.002).astype(np.float32)
+    near = d.copy()
+    near.view(np.uint32)[...] ^= (rng.random(near.shape) < 0.3).astype(np.uint32)  # last-bit neighbours
+    return {
+        "bf16": d,
+        "bf16-wide": _bf16_delta(rows, n, rng, scale=0.02),
+        "f32": (rng.standard_normal((rows, n)) * 0.002).astype(np.float32),
+        "special": special,
+        "subnormal": (rng.standard_normal((rows, n)) * 1e-39).astype(np.float32),
+        "mixed": mixed,
+        "near": near,
+        "ties": (rng.integers(-6, 7, (rows, n)) * 0.25).astype(np.float32),
+        "zeros": np.zeros((rows, n), np.float32),
+        "neg-zeros": -np.zeros((rows, n), np.float32),
+    }
+
+
+@pytest.mark.parametrize("n", [2, 3, 17, 2048, 5632])
+@pytest.mark.parametrize("rows", [1, 7, 64, 300])
+def test_order32_equals_int64_keys(n, rows):
+    from mergesmith.methods import della as D
+
+    if n * rows > 1_000_000:
+        pytest.skip("large")
+    rng = np.random.default_rng(n * 1000 + rows)
+    b = max(1, (n - 1).bit_length())
+    for name, x in _order_cases(rows, n, rng).items():
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        want = ref_order(x)
+        assert np.array_equal(D._order64(x.view(np.int32), b), want), name  # the previous keys
+        assert np.array_equal(D._order(x), want), (name, n, rows)
+        vals = (np.arange(n, dtype=np.float32) + 0.5) / n
+        out = np.full((rows, n), np.nan, np.float32)
+        np.put_along_axis(out, want, np.broadcast_to(vals, (rows, n)), axis=-1)
+        assert _bits(torch.from_numpy(D._by_rank(x, vals))) == _bits(torch.from_numpy(out)), name
+
+
+def test_order32_paths(monkeypatch):
+    """The 32-bit sort alone for bf16-born rows, the 64-bit one for float32 blocks, and for rows where two
+    rounded magnitudes share a code."""
+    from mergesmith.methods import della as D
+
+    calls = []
+    real = D._order64
+    monkeypatch.setattr(D, "_order64", lambda xi, b: calls.append(xi.shape[0]) or real(xi, b))
+    rng = np.random.default_rng(7)
+    for n in (2048, 5632):
+        rows = max(1, S.BLOCK // n)
+        x = _bf16_delta(rows, n, rng)
+        calls.clear()
+        assert np.array_equal(D._order(x), ref_order(x)) and calls == []
+        x = (rng.standard_normal((rows, n)) * 0.002).astype(np.float32)
+        calls.clear()
+        assert np.array_equal(D._order(x), ref_order(x)) and calls == [rows]
+        # row 3: two magnitudes between the same multiples of 2^k (next to its largest), the larger one first
+        x = _bf16_delta(rows, n, rng)
+        u = x.view(np.uint32)
+        top = u[3, np.argmax(np.abs(x[3]))] & 0x7FFF0000
+        p1, p2 = (11, 22) if np.argmax(np.abs(x[3])) not in (11, 22) else (33, 44)
+        u[3, p1], u[3, p2] = top | 2, top | 1
+        calls.clear()
+        got = D._order(x)
+        assert np.array_equal(got, ref_order(x)) and calls == [1]
+        assert list(got[3]).index(p2) < list(got[3]).index(p1)

@@ -12,7 +12,7 @@ from mergesmith.api import merge_tensors
 from mergesmith.methods import arcee_fusion as af
 from mergesmith.methods.base import MergeError, TensorContext, get_method
 
-from methods_spherical_helpers import randn, run
+from methods_spherical_helpers import randn, run, run_streamed
 
 MINE = ["slerp", "nuslerp", "multislerp", "karcher", "model_stock", "nearswap", "arcee_fusion", "sce", "passthrough"]
 
@@ -186,6 +186,20 @@ def test_arcee_fusion_large_tensor_sample_is_seeded(monkeypatch):
     assert len(outs) > 1  # the sample, hence the threshold, depends on the seed
 
 
+@pytest.mark.parametrize("sample", [50, None])
+def test_arcee_fusion_streamed_in_row_chunks_equals_whole(monkeypatch, sample):
+    """The sums phase gathers the same sample (or every score) chunk by chunk: the same threshold."""
+    if sample is not None:
+        monkeypatch.setattr(af, "SAMPLE_SIZE", sample)
+    base = randn(20, 30, seed=17)
+    model = base + randn(20, 30, seed=18) * torch.linspace(0.0, 1.0, 30)
+    name = "model.layers.3.self_attn.o_proj.weight"
+    whole = run("arcee_fusion", [model], base, name=name, seed=7)
+    for rows in (1, 3, 7):
+        torch.testing.assert_close(run_streamed("arcee_fusion", [model], base, rows=rows, name=name, seed=7), whole,
+                                   rtol=0, atol=0)
+
+
 # --------------------------------------------------------------------------------------------- sce
 
 
@@ -227,6 +241,53 @@ def test_sce_matches_reference(topk):
     base = randn(5, 8, seed=19)
     models = [base + randn(5, 8, seed=s) * sc for s, sc in ((20, 0.1), (21, 0.3), (22, 0.2))]
     close(run("sce", models, base, select_topk=topk), ref_sce(base, models, topk))
+
+
+@pytest.mark.parametrize("block", [None, 7])
+@pytest.mark.parametrize("topk", [0.3, 0.5, 0.77])
+def test_sce_ties_at_the_threshold_keep_the_lowest_indices(monkeypatch, topk, block):
+    """Integer task vectors of two models: exact variances with many ties at the k-th largest. The
+    lowest flat indices among the ties are kept, in memory and streamed in row chunks alike (and
+    with the flat blocks SCE works in crossing rows)."""
+    from mergesmith.methods import sce as sce_module
+
+    if block is not None:
+        monkeypatch.setattr(sce_module, "BLOCK", block)
+    g = torch.Generator().manual_seed(5)
+    base = (randn(12, 10, seed=30) * 4).round() / 4  # so that (base + integer) - base is exact
+    models = [base + torch.randint(-2, 3, (12, 10), generator=g).float() for _ in range(2)]
+    var = torch.stack([m - base for m in models]).double().var(dim=0, unbiased=False).reshape(-1)
+    k = int(topk * int(torch.count_nonzero(var)))
+    thr = var.sort(descending=True).values[k - 1]
+    assert int((var > thr).sum()) < k < int((var >= thr).sum())  # the ties at the threshold are split
+    whole = run("sce", models, base, select_topk=topk)
+    close(whole, ref_sce(base, models, topk))
+    for rows in (1, 5):
+        close(run_streamed("sce", models, base, rows=rows, select_topk=topk), whole, tol=1e-6)
+
+
+@pytest.mark.parametrize("topk,normalize", [(1.0, True), (0.4, True), (0.4, False)])
+def test_sce_streamed_in_row_chunks_matches_reference(topk, normalize):
+    base = randn(9, 8, seed=19)
+    models = [base + randn(9, 8, seed=s) * sc for s, sc in ((20, 0.1), (21, 0.3), (22, 0.2))]
+    whole = run("sce", models, base, select_topk=topk, normalize=normalize)
+    for rows in (1, 2, 4):
+        close(run_streamed("sce", models, base, rows=rows, select_topk=topk, normalize=normalize), whole, tol=1e-6)
+    if normalize:
+        close(whole, ref_sce(base, models, topk))
+
+
+def test_sce_variance_is_torch_var():
+    """kernels.variance reproduces mergekit's torch.var(stack, dim=0, unbiased=False) bit for bit."""
+    from mergesmith.methods.kernels import variance
+
+    base = (randn(300, 70, seed=40) * 0.02).bfloat16().float()
+    for n in (1, 2, 3, 5):
+        models = [(base + randn(300, 70, seed=41 + i) * 0.002).bfloat16().float() for i in range(n)]
+        ref = torch.var(torch.stack([m - base for m in models]), dim=0, unbiased=False).reshape(-1)
+        assert torch.equal(variance(models, base), ref)
+        wide = [randn(300, 70, seed=50 + i) * 10.0 ** torch.randint(-6, 6, (300, 70)) for i in range(n)]
+        assert torch.equal(variance(wide), torch.var(torch.stack(wide), dim=0, unbiased=False).reshape(-1))
 
 
 def test_sce_select_keeps_top_variance_positions():

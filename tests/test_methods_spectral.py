@@ -331,6 +331,13 @@ def test_gram_svd_of_singular_square_matrix_has_orthonormal_u():
     assert torch.allclose((U * S) @ Vh, x, atol=1e-10)
 
 
+EXACT = {"svd": "exact", "orthogonalize": "svd"}  # LAPACK everywhere (the pre-0.2 defaults)
+
+
+def _exact(method):
+    return {k: v for k, v in EXACT.items() if not (method == "iso_c" and k == "orthogonalize")}
+
+
 @pytest.mark.parametrize("method,opts", [("tsv_m", {"svd": "gram"}), ("tsv_m", {"orthogonalize": "eigh"}),
                                          ("tsv_m", {"svd": "randomized", "svd_niter": 4}),
                                          ("iso_c", {"svd": "gram"}), ("iso_cts", {"orthogonalize": "eigh"}),
@@ -340,13 +347,99 @@ def test_speed_options_match_exact(method, opts):
     g = torch.Generator().manual_seed(13)
     base = torch.randn(64, 48, generator=g)
     models = [base + _lowrank_plus_noise(64, 48, 40, 20 + i) for i in range(3)]
-    exact = merge_tensors(method, models, base, name=W)
-    fast = merge_tensors(method, models, base, name=W, **opts)
-    # eigh orthogonalisation squares the condition number: ~1e-4 relative error in float32
-    # and the randomized range finder is approximate (here: a decaying spectrum, 2-4 power iterations)
-    tol = 1e-3 if opts.get("orthogonalize") == "eigh" else 5e-3 if opts.get("svd") == "randomized" else 1e-4
+    exact = merge_tensors(method, models, base, name=W, **_exact(method))
+    fast = merge_tensors(method, models, base, name=W, **{**_exact(method), **opts})
+    # the guarded Gram/eigh routes agree to float32 accuracy; the randomized range finder is approximate
+    # (here: a decaying spectrum, 2-4 power iterations)
+    tol = 5e-3 if opts.get("svd") == "randomized" else 1e-5
     rel = float((fast - exact).norm() / (exact - base).norm())
     assert rel < tol, (method, opts, rel)
+
+
+def _route_counter(monkeypatch):
+    """Count which route the guarded decompositions take: {'gram': n, 'gram_fallback': n, 'eigh': n, ...}."""
+    from collections import Counter
+
+    seen = Counter()
+    g, pe = sp._gram_svd, sp._polar_eigh
+
+    def gram(*a, **k):
+        out = g(*a, **k)
+        seen["gram" if out is not None else "gram_fallback"] += 1
+        return out
+
+    def polar(*a, **k):
+        out = pe(*a, **k)
+        seen["eigh" if out is not None else "eigh_fallback"] += 1
+        return out
+
+    monkeypatch.setattr(sp, "_gram_svd", gram)
+    monkeypatch.setattr(sp, "_polar_eigh", polar)
+    return seen
+
+
+@pytest.mark.parametrize("method", ["tsv_m", "iso_c", "iso_cts", "resm"])
+@pytest.mark.parametrize("shape", [(160, 48), (48, 160), (64, 64)])
+def test_defaults_match_lapack_on_fine_tune_like_deltas(monkeypatch, method, shape):
+    """The defaults (guarded Gram/eigh) against LAPACK SVD/polar on full-rank noise deltas: tall/wide
+    matrices take the fast routes, the square ones partly fall back (ill-conditioned concatenations)."""
+    g = torch.Generator().manual_seed(31)
+    base = 0.02 * torch.randn(shape, generator=g)
+    models = [base + 2e-3 * torch.randn(shape, generator=g) for _ in range(3)]
+    seen = _route_counter(monkeypatch)
+    fast = merge_tensors(method, models, base, name=W)
+    if shape[0] != shape[1]:  # square noise matrices are ill-conditioned (kappa ~ n): Iso-C falls back there
+        assert seen["gram"] + seen["eigh"] > 0, seen  # some fast route was taken
+    exact = merge_tensors(method, models, base, name=W, **_exact(method))
+    ref = merge_tensors(method, [m.double() for m in models], base.double(), name=W, svd_dtype="float64",
+                        **_exact(method)).double()
+    err_fast = float((fast.double() - ref).abs().max())
+    err_exact = float((exact.double() - ref).abs().max())
+    scale = float((ref - base.double()).abs().max())
+    assert err_fast <= max(3 * err_exact, 1e-6 * scale), (method, shape, err_fast, err_exact, dict(seen))
+
+
+def test_gram_guard_falls_back_on_decaying_spectra(monkeypatch):
+    # s_k / s_1 = 1e-3 < 1 / GUARD_KAPPA: the float32 Gram cannot resolve the k-th triplet -> LAPACK, bit for bit
+    x = _lowrank_plus_noise(80, 60, 30, 3)  # singular values 1 .. 1e-2 (30 of them), then 1e-5 noise
+    assert sp._gram_svd(x, 25) is None
+    for a, b in zip(sp.top_svd(x, 25, "gram"), sp.top_svd(x, 25, "exact")):
+        assert torch.equal(a, b)
+    out = sp._gram_svd(x, 5)  # s_5 / s_1 ~ 0.5: accepted, and equal to LAPACK's to float32 accuracy
+    assert out is not None
+    ref = sp.top_svd(x, 5, "exact", dtype=torch.float64)
+    assert torch.allclose((out[0] * out[1]) @ out[2], ((ref[0] * ref[1]) @ ref[2]).float(), atol=1e-6)
+    # full decomposition (Iso-C): rank-deficient -> the Cholesky pre-check rejects it before the eigh
+    calls = []
+    monkeypatch.setattr(sp.torch.linalg, "eigh", lambda *a: (calls.append(1), torch.linalg.eigvalsh)[1] and None)
+    assert sp._gram_svd(x, 60, precheck=True) is None and calls == []
+
+
+def test_polar_guard(monkeypatch):
+    g = torch.Generator().manual_seed(4)
+    well = torch.linalg.qr(torch.randn(50, 20, generator=g))[0] + 0.05 * torch.randn(50, 20, generator=g)
+    seen = _route_counter(monkeypatch)
+    p_eigh, p_svd = sp.polar(well, "eigh"), sp.polar(well, "svd")
+    assert seen["eigh"] == 1 and torch.allclose(p_eigh, p_svd, atol=1e-6)
+    assert torch.allclose(sp.polar(well.T), p_svd.T, atol=1e-6)  # wide: rows orthonormal
+    # kappa 1000 > GUARD_KAPPA: the squared condition number would cost accuracy -> the SVD polar factor
+    u, _, vh = torch.linalg.svd(torch.randn(50, 20, generator=g), full_matrices=False)
+    ill = (u * torch.logspace(0, -3, 20)) @ vh
+    assert torch.equal(sp.polar(ill, "eigh"), sp.polar(ill, "svd")) and seen["eigh_fallback"] == 1
+    # rank-deficient: completed by the SVD as in the paper (not a partial isometry)
+    low = torch.randn(50, 3, generator=g) @ torch.randn(3, 20, generator=g)
+    q = sp.polar(low)
+    assert torch.allclose(q.T @ q, torch.eye(20), atol=1e-5)
+
+
+def test_defaults_are_the_guarded_fast_routes():
+    from mergesmith.methods.base import get_method
+
+    for m in ("tsv_m", "iso_cts", "resm"):
+        defaults = {p.name: p.default for p in get_method(m).params}
+        assert defaults["svd"] == "gram" and defaults["orthogonalize"] == "eigh", m
+        assert "svd" not in get_method(m).example  # benchmarks/speed.py runs what users get
+    assert {p.name: p.default for p in get_method("iso_c").params}["svd"] == "gram"
 
 
 def test_randomized_is_reproducible_per_seed():

@@ -7,6 +7,7 @@ attached here through a ``register(app)`` function each (see ``COMMAND_MODULES``
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -107,6 +108,11 @@ def _attach_plugins() -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> None:
+    # OpenMP threads that spin while waiting steal the cores of a shared machine: with other jobs running,
+    # an SVD + eigh + 20 GEMMs of 2048^2 (2 threads) took 54-65 s with the default policy and 21-26 s with
+    # PASSIVE (load 2.6-4.5, docs/performance.md). It must be set before torch starts its OpenMP pool, i.e.
+    # before torch is imported: this module imports only typer. An explicit setting is kept.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     _attach_plugins()
     app(args=argv if argv is not None else sys.argv[1:], prog_name="mergesmith")
 

@@ -175,8 +175,8 @@ class Executor:
                 row *= s
             defer = self.deferral.recorder(j.out_name, unit.rows[0] * row if unit.rows is not None else 0)
         return TensorContext(name=j.out_name, layer=j.layer, num_layers=j.num_layers, seed=self.plan.seed,
-                             device=self.device, stats=stats, sums=sums, chunk=unit.chunk, rows=unit.rows, shape=tuple(j.shape),
-                             owned=True, defer=defer)
+                             device=self.device, stats=stats, sums=sums, chunk=unit.chunk, rows=unit.rows,
+                             shape=tuple(j.shape), owned=True, defer=defer)
 
     def _stream(self, units: list[Unit]) -> Iterator[tuple[Unit, Any]]:
         """Yield (unit, loaded inputs) with the next unit prefetched in a reader thread.

@@ -126,8 +126,9 @@ def combine(opts: CombineOptions, x: torch.Tensor, w: torch.Tensor, ctx: TensorC
     if base in ("magnitude_prune", "dare_linear"):
         return _weighted_sum(x, w)
     rule = "mass" if opts.majority_sign == "total" else "count"
-    sign = K.elect_sign(x, rule=rule, zero_fallback="positive")
-    return K.disjoint_merge(x * w.reshape((-1,) + (1,) * (x.dim() - 1)), sign, agg="mean", votes=x)
+    xs = list(x)
+    sign = K.fill_zeros(K.elect_sign_list(xs, rule), 1.0)  # ties go to +1
+    return K.disjoint_merge_list([xi * wi for xi, wi in zip(xs, w)], sign, agg="mean", votes=xs)
 
 
 def _weighted_sum(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

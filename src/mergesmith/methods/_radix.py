@@ -65,7 +65,7 @@ def sparse_hist(v: torch.Tensor, size: int = BUCKETS) -> tuple[torch.Tensor, tor
 
 def high_hist(k: torch.Tensor, nonneg: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Sparse histogram of the high-bucket index of keys ``k`` (``nonneg`` as in :func:`keys`)."""
-    h = k >> 16
+    h = torch.from_numpy(k.reshape(-1).numpy() >> 16) if _host(k) else k >> 16  # host: single-threaded numpy
     if nonneg:  # h in [0, 2**15): histogram it unshifted, shift the (few) bucket ids instead
         idx, cnt = sparse_hist(h, _OFFSET)
         return idx + _OFFSET, cnt

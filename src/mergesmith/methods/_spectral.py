@@ -9,11 +9,14 @@ Not a method module (the registry skips names starting with ``_``). What lives h
   An empty string excludes nothing but non-2-D tensors. (A YAML *list* would be read as a per-layer
   gradient by the recipe resolver, hence one string.)
 * thin SVD on the tall orientation (LAPACK's divide-and-conquer SVD is ~2x slower on wide matrices on
-  CPU), truncated SVD by three routes (``exact``; ``gram``: eigendecomposition of the smaller Gram
-  matrix, exact in exact arithmetic, 1.5-2.5x faster, loses relative accuracy for singular values below
-  ~1e-3 sigma_max in float32; ``randomized``: Halko-Martinsson-Tropp range finder with power iterations,
-  seeded through ``ctx.generator``), and the polar (orthogonal Procrustes) factor of a matrix, by SVD
-  (``P Q^T`` for ``A = P S Q^T``) or by the Gram eigendecomposition ``A (A^T A)^{-1/2}``.
+  CPU), truncated SVD by three routes (``gram``, the default: eigendecomposition of the smaller Gram
+  matrix, ~2.5x cheaper than LAPACK's SVD, used only where the needed singular values lie within
+  ``GUARD_KAPPA`` = 10 of the largest (float32), because the Gram squares the condition number; LAPACK
+  otherwise. ``exact``: LAPACK. ``randomized``: Halko-Martinsson-Tropp range finder with power
+  iterations, seeded through ``ctx.generator``), and the polar (orthogonal Procrustes) factor of a
+  matrix, by the Gram eigendecomposition ``A (A^T A)^{-1/2}`` under the same guard (default) or by SVD
+  (``P Q^T`` for ``A = P S Q^T``). Guarded results agree with LAPACK to float32 accuracy (measured, see
+  docs/methods/spectral.md); the guard's pre-check (:func:`likely_well_conditioned`) is a Cholesky test.
 * :class:`LowRank`: a factored matrix ``B @ A`` (TSV-C and Twin-Merging's exclusive knowledge).
 * :func:`fallback_chunkable`: the methods' ``chunkable`` rule (row chunks for the element-wise fallback only).
 * :func:`parallel_map`: opt-in (``PARALLEL``) concurrent per-task decompositions of one matrix, one
@@ -32,10 +35,11 @@ from .base import MergeError, Param
 
 DEFAULT_EXCLUDE = r"embed;(^|\.)wte\.;(^|\.)wpe\.;(^|\.)shared\.;lm_head;text_projection"
 
-SVD_MODES = ("exact", "gram", "randomized")
-ORTHO_MODES = ("svd", "eigh")
+SVD_MODES = ("gram", "exact", "randomized")  # the first is the default
+ORTHO_MODES = ("eigh", "svd")  # the first is the default
 OVERSAMPLE = 10  # extra columns of the randomized range finder
-_SVD_HELP = {"exact": "exact (LAPACK)", "gram": "gram (eigh of the Gram matrix, faster)",
+_SVD_HELP = {"exact": "exact (LAPACK)",
+             "gram": "gram (eigh of the smaller Gram matrix where the spectrum allows it, else LAPACK; default)",
              "randomized": "randomized (range finder, fastest for small ranks)"}
 
 
@@ -49,16 +53,16 @@ def spectral_params(svd_modes: tuple[str, ...] = SVD_MODES, orthogonalize: bool 
         Param("spectral_exclude", str, "default",
               help="';'-separated regexes of 2-D tensors NOT to SVD (use the fallback); 'default' = "
                    + DEFAULT_EXCLUDE.replace(";", " ; ") + "; '' = none"),
-        Param("svd", str, "exact", choices=svd_modes,
+        Param("svd", str, svd_modes[0], choices=svd_modes,
               help="SVD back-end: " + ", ".join(_SVD_HELP[m] for m in svd_modes)),
         Param("svd_dtype", str, "float32", choices=("float32", "float64"), help="dtype of the decompositions"),
     ]
     if "randomized" in svd_modes:
         ps.insert(2, Param("svd_niter", int, 2, help="power iterations of svd=randomized"))
     if orthogonalize:
-        ps.append(Param("orthogonalize", str, "svd", choices=ORTHO_MODES,
-                        help="polar factor by svd (paper) or eigh (A (A^T A)^-1/2, TSVM_2 whitening; equal when "
-                             "full rank, faster)"))
+        ps.append(Param("orthogonalize", str, "eigh", choices=ORTHO_MODES,
+                        help="polar factor by eigh (A (A^T A)^-1/2, TSVM_2 whitening, where A is within 10x of "
+                             "orthogonal, else SVD; default) or svd (P Q^T of the SVD, paper)"))
     return tuple(ps)
 
 
@@ -178,13 +182,69 @@ def svd(x: torch.Tensor, dtype: torch.dtype = torch.float32):
     return torch.linalg.svd(a, full_matrices=False)
 
 
-def _gram_svd(a: torch.Tensor, k: int):
+# Guards of the Gram/eigh routes (see docs/methods/spectral.md, "Accuracy of the fast routes"). The
+# eigendecomposition of a Gram matrix squares the condition number: in float32 a singular value s_j is
+# resolved to ~eps * s_1^2 / s_j, so the route is used only where the needed part of the spectrum is within
+# GUARD_KAPPA of the largest singular value; otherwise the exact LAPACK decomposition runs (the fallback).
+# Measured (float32): for kappa <= 10 the Gram/eigh results agree with LAPACK to the same error as LAPACK's
+# own float32 result against float64 (~1e-6 relative); at kappa 100 the eigh polar factor was 30x worse.
+GUARD_KAPPA = {torch.float32: 10.0, torch.float64: 1e4}
+
+
+def guard_kappa(dtype: torch.dtype) -> float:
+    """Largest condition number s_1 / s_j the Gram routes accept in ``dtype``."""
+    return GUARD_KAPPA.get(dtype, GUARD_KAPPA[torch.float32])
+
+
+def _lambda_max(G: torch.Tensor, iters: int = 12) -> float:
+    """An estimate of the largest eigenvalue of a PSD matrix (power iteration, deterministic start)."""
+    x = G.new_ones(G.shape[0])
+    lam = 0.0
+    for _ in range(iters):
+        y = G @ x
+        lam = float(y.norm())
+        if not lam > 0:
+            return 0.0
+        x = y / lam
+    return lam
+
+
+def likely_well_conditioned(G: torch.Tensor, kappa: float) -> bool:
+    """Cheap pre-check that a PSD Gram ``G`` has lambda_min >= lambda_max / kappa^2: Cholesky of
+    ``G - lambda_max_est / kappa^2 I`` succeeds (1/3 n^3 flops, ~1/20 of an eigh). Used to skip a float32
+    eigendecomposition that the post-check would reject; the post-check on the eigenvalues decides."""
+    lam = _lambda_max(G)
+    if not lam > 0 or not bool(torch.isfinite(G).all()):
+        return False
+    shifted = G - (lam / kappa ** 2) * torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
+    return int(torch.linalg.cholesky_ex(shifted).info) == 0
+
+
+def _gram_eigh(G: torch.Tensor):
+    """Eigen-decomposition of a Gram matrix, eigenvalues descending (and clamped at 0)."""
+    lam, Q = torch.linalg.eigh(G)
+    return lam.flip(0).clamp_min(0), Q.flip(1)
+
+
+def _gram_svd(a: torch.Tensor, k: int, guard: int | None = None, precheck: bool = False):
+    """Leading ``k`` singular triplets of ``a`` from the eigendecomposition of its smaller Gram matrix, or
+    None when the guard rejects it: s_guard < s_1 / GUARD_KAPPA, with ``guard`` (default k) the number of
+    triplets that must be accurate. ``precheck``: skip the eigh when a Cholesky test already shows
+    s_min < s_1 / GUARD_KAPPA (use when guard = all)."""
     # square matrices take the a a^T route, so that U (eigenvectors) is orthonormal even for a singular a
     tall = a.shape[0] > a.shape[1]
     t = a if tall else a.mT
-    lam, Q = torch.linalg.eigh(t.mT @ t)  # ascending
-    lam, Q = lam.flip(0)[:k], Q.flip(1)[:, :k]
-    S = lam.clamp_min(0).sqrt()
+    kappa = guard_kappa(a.dtype)
+    G = t.mT @ t
+    if precheck and not likely_well_conditioned(G, kappa):
+        return None
+    lam, Q = _gram_eigh(G)
+    del G
+    S = lam.sqrt()
+    need = max(1, min(k if guard is None else guard, S.numel()))
+    if not bool(torch.isfinite(S).all()) or not S[need - 1] * kappa >= S[0] or not S[0] > 0:
+        return None
+    lam, Q, S = lam[:k], Q[:, :k], S[:k]
     fi = torch.finfo(a.dtype)
     inv = torch.where(S > S[:1] * fi.eps * max(a.shape), 1.0 / S.clamp_min(fi.tiny), torch.zeros_like(S))
     Uo = (t @ Q) * inv
@@ -210,63 +270,85 @@ def _randomized_svd(a: torch.Tensor, k: int, generator: torch.Generator | None, 
     return (U, S, Vh) if tall else (Vh.mT, S, U.mT)
 
 
-def top_svd(x: torch.Tensor, k: int, mode: str = "exact", *, generator: torch.Generator | None = None,
+def top_svd(x: torch.Tensor, k: int, mode: str = "gram", *, generator: torch.Generator | None = None,
             niter: int = 2, dtype: torch.dtype = torch.float32):
     """The leading ``k`` singular triplets (U_k [m,k], S_k [k], Vh_k [k,n]) of a 2-D ``x`` in ``dtype``.
 
-    mode ``exact``: LAPACK thin SVD; ``gram``: eigh of the smaller Gram matrix; ``randomized``: range
-    finder with ``niter`` power iterations (``generator`` seeds the test matrix). ``k`` is clipped to
-    [0, min(m, n)]; ``randomized`` falls back to ``exact`` when k is more than half the rank.
+    mode ``gram`` (default): eigh of the smaller Gram matrix when s_k >= s_1 / GUARD_KAPPA (the k-th
+    singular value is resolved to float32 accuracy), else LAPACK; ``exact``: LAPACK thin SVD;
+    ``randomized``: range finder with ``niter`` power iterations (``generator`` seeds the test matrix).
+    ``k`` is clipped to [0, min(m, n)]; ``randomized`` falls back to ``exact`` when k is more than half the rank.
     """
     a = x.to(dtype)
     r = min(a.shape)
     k = max(0, min(int(k), r))
     if k == 0:
         return a.new_zeros(a.shape[0], 0), a.new_zeros(0), a.new_zeros(0, a.shape[1])
-    if mode == "gram":
-        return _gram_svd(a, k)
-    if mode == "randomized" and 2 * (k + OVERSAMPLE) <= r:
-        return _randomized_svd(a, k, generator, niter)
     if mode not in SVD_MODES:
         raise MergeError(f"unknown svd mode {mode!r}; use one of {', '.join(SVD_MODES)}")
+    if mode == "gram":
+        out = _gram_svd(a, k, precheck=k == r)
+        if out is not None:
+            return out
+    elif mode == "randomized" and 2 * (k + OVERSAMPLE) <= r:
+        return _randomized_svd(a, k, generator, niter)
     U, S, Vh = svd(a, dtype)
     return U[:, :k], S[:k], Vh[:k]
 
 
-def full_svd(x: torch.Tensor, mode: str = "exact", dtype: torch.dtype = torch.float32):
-    """All r = min(m, n) triplets; ``gram`` uses the Gram eigendecomposition, anything else LAPACK."""
-    r = min(x.shape)
-    if mode == "gram":
-        return _gram_svd(x.to(dtype), r)
-    return svd(x, dtype)
+def full_svd(x: torch.Tensor, mode: str = "gram", dtype: torch.dtype = torch.float32, accurate: int | None = None):
+    """All r = min(m, n) triplets. ``gram``: the guarded Gram eigendecomposition (the leading ``accurate``
+    triplets, default all, must pass the guard; the others then still form an orthonormal completion of
+    the basis), LAPACK when it is rejected; anything else: LAPACK."""
+    a = x.to(dtype)
+    r = min(a.shape)
+    if mode == "gram" and r > 0:
+        guard = r if accurate is None else accurate
+        out = _gram_svd(a, r, guard=guard, precheck=guard >= r)
+        if out is not None:
+            return out
+    return svd(a, dtype)
 
 
-def polar(a: torch.Tensor, method: str = "svd") -> torch.Tensor:
+def _polar_eigh(a: torch.Tensor) -> torch.Tensor | None:
+    """``a (a^T a)^{-1/2}`` for a tall ``a`` (the official "TSVM_2" whitening), or None when a is not
+    within GUARD_KAPPA of orthogonal (sigma_min < sigma_max / kappa), where the squared condition number of
+    the Gram would cost accuracy (a Cholesky pre-check skips the eigh for clearly ill-conditioned a)."""
+    kappa = guard_kappa(a.dtype)
+    G = a.mT @ a
+    if not likely_well_conditioned(G, kappa):
+        return None
+    lam, Q = torch.linalg.eigh(G)
+    del G
+    if not bool(torch.isfinite(lam).all()) or not lam[0] * kappa ** 2 >= lam[-1] or not lam[0] > 0:
+        return None
+    return a @ ((Q * lam.rsqrt()) @ Q.mT)
+
+
+def polar(a: torch.Tensor, method: str = "eigh") -> torch.Tensor:
     """Orthogonal polar factor of ``a`` (m x p): the matrix with orthonormal columns (rows if p > m)
     closest to ``a`` in Frobenius norm (orthogonal Procrustes).
 
-    ``svd``: ``P Q^T`` for ``a = P S Q^T`` (paper). ``eigh``: ``a (a^T a)^{-1/2}``; identical when ``a``
-    has full column rank; directions with eigenvalue below ``p * eps * max`` are dropped (a partial
-    isometry) instead of being completed arbitrarily as the SVD route does.
+    ``svd``: ``P Q^T`` for ``a = P S Q^T`` (paper). ``eigh`` (default): ``a (a^T a)^{-1/2}`` from the
+    eigendecomposition of the small Gram matrix when sigma_min(a) >= sigma_max(a) / GUARD_KAPPA (the two
+    are then equal to float32 accuracy, measured), else the SVD route (e.g. the nearly square, ill-
+    conditioned concatenations of TSV-M with N * k ~ r, or rank-deficient ``a``, which the SVD completes).
     """
     if a.numel() == 0:
         return a.clone()
-    if method == "svd":
-        U, _, Vh = svd(a, a.dtype)
-        return U @ Vh
+    if method not in ORTHO_MODES:
+        raise MergeError(f"unknown orthogonalize mode {method!r}; use svd or eigh")
     if method == "eigh":
         wide = a.shape[1] > a.shape[0]
-        t = a.mT if wide else a
-        lam, Q = torch.linalg.eigh(t.mT @ t)
-        tol = lam.max().clamp_min(0) * torch.finfo(a.dtype).eps * t.shape[1]
-        inv_sqrt = torch.where(lam > tol, lam.clamp_min(torch.finfo(a.dtype).tiny).rsqrt(), torch.zeros_like(lam))
-        out = t @ ((Q * inv_sqrt) @ Q.mT)
-        return out.mT if wide else out
-    raise MergeError(f"unknown orthogonalize mode {method!r}; use svd or eigh")
+        out = _polar_eigh(a.mT if wide else a)
+        if out is not None:
+            return out.mT if wide else out
+    U, _, Vh = svd(a, a.dtype)
+    return U @ Vh
 
 
 def orthogonal_merge(Us: list[torch.Tensor], Ss: list[torch.Tensor], Vhs: list[torch.Tensor],
-                     method: str = "svd", isotropic: bool = False, consume: bool = False) -> torch.Tensor:
+                     method: str = "eigh", isotropic: bool = False, consume: bool = False) -> torch.Tensor:
     """TSV-M / Iso-CTS core: concatenate the blocks, orthogonalise U and V by their polar factors and
     rebuild ``U_perp diag(S) V_perp^T`` (``isotropic``: every singular value set to the mean of S).
     ``consume``: empty the lists ``Us``/``Vhs`` once concatenated (frees the blocks if the caller holds no

@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import pkgutil
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Sequence
 
 import torch
@@ -215,8 +215,10 @@ class MethodSpec:
     # sums(ctx, base, models, p) on every row chunk, with ctx.phase = k and ctx.sums = the result of
     # phase k-1 (None for k = 0), adds the parts with ``+`` (tensors, numbers, ChunkParts), and makes the
     # total into phase k's result with finish_sums(k, previous result, total, p) (default: the total).
-    # The apply gets the last result as ctx.sums. Only used when ``can_chunk`` is false for the tensor.
-    # ``sum_phases``: an int or a function of the tensor's parameters (0: no sums for that tensor).
+    # The apply gets the last result as ctx.sums (ctx.chunk / ctx.rows say which chunk a call has).
+    # Tensors held whole get ctx.sums = None: the method computes the same quantities itself, e.g. by
+    # running its phases on the one chunk it has (sce, arcee_fusion). Only used when ``can_chunk`` is
+    # false for the tensor. ``sum_phases``: an int or a function of the tensor's parameters (0: none).
     sums: Callable[..., Any] | None = None
     sum_phases: int | Callable[[Params], int] = 1
     finish_sums: Callable[[int, Any, Any, Params], Any] | None = None
@@ -236,15 +238,6 @@ class MethodSpec:
     def finish(self, phase: int, previous: Any, total: Any, params: Params) -> Any:
         """Phase ``phase``'s result from its total over the chunks (``finish_sums``; default the total)."""
         return total if self.finish_sums is None else self.finish_sums(phase, previous, total, params)
-
-    def whole_sums(self, ctx: TensorContext, base, models, params: Params) -> Any:
-        """Every sums phase on one whole tensor, as the engine runs them over its row chunks: the
-        result a method gets as ``ctx.sums`` when streamed (its in-memory path may call this)."""
-        result = None
-        for k in range(self.phases(params)):
-            part = self.sums(replace(ctx, phase=k, sums=result), base, models, params)
-            result = self.finish(k, result, part, params)
-        return result
 
     def can_chunk(self, params: Params, name: str = "", shape: tuple = ()) -> bool:
         """Whether row chunks of this tensor give the same result as the whole tensor. A callable

@@ -42,7 +42,7 @@ def _sum(deltas):
     return out
 
 
-def iso_c_matrix(delta_sum: torch.Tensor, *, svd: str = "exact", dtype=torch.float32,
+def iso_c_matrix(delta_sum: torch.Tensor, *, svd: str = "gram", dtype=torch.float32,
                  rank_tol: float | None = None) -> torch.Tensor:
     """sigma_bar U V^T of a 2-D matrix (float32 out)."""
     U, S, Vh = sp.full_svd(delta_sum, "gram" if svd == "gram" else "exact", dtype)
@@ -64,13 +64,14 @@ def common_space_size(r: int, n_models: int, fraction: float) -> tuple[int, int]
     return k_c, ts // n_models
 
 
-def iso_cts_matrix(deltas: list[torch.Tensor], fraction: float, *, svd: str = "exact", niter: int = 2,
-                   orthogonalize: str = "svd", dtype=torch.float32, generators=None) -> torch.Tensor:
+def iso_cts_matrix(deltas: list[torch.Tensor], fraction: float, *, svd: str = "gram", niter: int = 2,
+                   orthogonalize: str = "eigh", dtype=torch.float32, generators=None) -> torch.Tensor:
     """The Iso-CTS merged task matrix (float32 out)."""
     n_models = len(deltas)
     r = min(deltas[0].shape)
     k_c, s = common_space_size(r, n_models, fraction)
-    U, S, Vh = sp.full_svd(_sum(deltas), "gram" if svd == "gram" else "exact", dtype)
+    # only the common triplets must be accurate: the rest of U is used as a basis of their complement
+    U, S, Vh = sp.full_svd(_sum(deltas), "gram" if svd == "gram" else "exact", dtype, accurate=k_c)
     Uc, Sc, Vhc = U[:, :k_c], S[:k_c], Vh[:k_c]
     Us, Ss, Vhs = [Uc], [Sc], [Vhc]
     m, n = deltas[0].shape
@@ -111,10 +112,12 @@ _COMMON = (
     params=_COMMON + (
         Param("rank_tol", float, None, help="keep only S_j > rank_tol * S_1 (our option for low-rank deltas; "
                                             "off = paper)"),
-    ) + sp.spectral_params(svd_modes=("exact", "gram"), orthogonalize=False),
+    ) + sp.spectral_params(svd_modes=("gram", "exact"), orthogonalize=False),
     chunkable=sp.fallback_chunkable,  # excluded/non-2-D tensors (element-wise mean) stream in row chunks
     mergekit="not in mergekit. FusionBench `ISO_C_Merge` = defaults with spectral_exclude: ''.",
-    notes="fallback for non-matrices and excluded tensors: mean of the task vectors (official).",
+    notes="fallback for non-matrices and excluded tensors: mean of the task vectors (official). svd=gram (default) "
+          "takes the polar factor from the Gram eigendecomposition when the sum is within 10x of orthogonal "
+          "(e.g. tall matrices), LAPACK otherwise; svd=exact always uses LAPACK.",
     example={"alpha": 1.0},
 )
 def iso_c(ctx, base, models, p):
@@ -143,10 +146,11 @@ def iso_c(ctx, base, models, p):
     ) + sp.spectral_params(),
     chunkable=sp.fallback_chunkable,  # excluded/non-2-D tensors (element-wise mean) stream in row chunks
     mergekit="not in mergekit. FusionBench `ISO_CTS_Merge` = defaults with spectral_exclude: ''.",
-    notes="fallback for non-matrices and excluded tensors: mean of the task vectors (official). Speed: svd=gram "
-          "and orthogonalize=eigh (the `example` settings) are ~1.6x faster on CPU; svd=randomized applies to the "
-          "small task-specific SVDs only (the common SVD stays exact).",
-    example={"alpha": 1.0, "common_space_fraction": 0.8, "svd": "gram", "orthogonalize": "eigh"},
+    notes="fallback for non-matrices and excluded tensors: mean of the task vectors (official). Speed: the defaults "
+          "svd=gram, orthogonalize=eigh use Gram eigendecompositions where the spectrum allows float32 accuracy "
+          "and LAPACK elsewhere (docs/methods/spectral.md); svd=exact, orthogonalize=svd always use LAPACK; "
+          "svd=randomized applies to the small task-specific SVDs only.",
+    example={"alpha": 1.0, "common_space_fraction": 0.8},
 )
 def iso_cts(ctx, base, models, p):
     alpha = p["alpha"]

@@ -28,7 +28,7 @@ import math
 import torch
 
 from .base import Param, register
-from .kernels import gram
+from .kernels import combination, gram
 
 
 def karcher_coefficients(g: torch.Tensor, max_iter: int = 10, tol: float = 1e-5) -> torch.Tensor:
@@ -72,16 +72,14 @@ def karcher_coefficients(g: torch.Tensor, max_iter: int = 10, tol: float = 1e-5)
     return out
 
 
-def karcher_mean(xs: list[torch.Tensor], max_iter: int = 10, tol: float = 1e-5, g: torch.Tensor | None = None) -> torch.Tensor:
+def karcher_mean(xs: list[torch.Tensor], max_iter: int = 10, tol: float = 1e-5, g: torch.Tensor | None = None,
+                 inplace: bool = False) -> torch.Tensor:
     """Equal-weight Karcher mean of tensors of one shape (see module docstring); ``g``: their Gram
-    matrix when already known (e.g. summed over row chunks)."""
+    matrix when already known (e.g. summed over row chunks); ``inplace``: the result overwrites xs[0]."""
     if len(xs) == 1:
-        return xs[0].clone()
+        return xs[0] if inplace else xs[0].clone()
     c = karcher_coefficients(gram(xs) if g is None else g, max_iter, tol)
-    out = xs[0] * float(c[0])
-    for x, ci in zip(xs[1:], c[1:]):
-        out.add_(x, alpha=float(ci))
-    return out
+    return combination(c.tolist(), xs, out=xs[0] if inplace else None)  # sum_i c_i x_i, in cache-sized blocks
 
 
 def _inputs(base, models, p) -> list:
@@ -111,4 +109,4 @@ def _sums(ctx, base, models, p):
     sums=_sums,
 )
 def karcher(ctx, base, models, p):
-    return karcher_mean(_inputs(base, models, p), max_iter=p["max_iter"], tol=p["tol"], g=ctx.sums)
+    return karcher_mean(_inputs(base, models, p), max_iter=p["max_iter"], tol=p["tol"], g=ctx.sums, inplace=ctx.owned)

@@ -4,6 +4,7 @@ Every method reuses these; none re-implements them. All functions take and retur
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -105,29 +106,6 @@ def rescale(original: torch.Tensor, pruned: torch.Tensor, mode: str, keep_prob=N
     return pruned * (n0 / n1)
 
 
-def elect_sign(deltas: torch.Tensor, rule: str = "mass", zero_fallback: str = "majority") -> torch.Tensor:
-    """Elected sign per coordinate from stacked deltas [N, ...].
-
-    rule ``mass``: sign of the sum (TIES paper); ``count``: sign of the sum of signs.
-    zero_fallback ``majority``: coordinates whose elected sign is 0 take the sign of the sum of all
-    elected signs (official TIES); ``positive``: they take +1 (mergekit/PEFT).
-    """
-    if rule == "mass":
-        s = torch.sign(deltas.sum(dim=0))
-    elif rule == "count":
-        s = torch.sign(torch.sign(deltas).sum(dim=0))
-    else:
-        raise ValueError(f"unknown sign rule {rule!r}")
-    if zero_fallback == "majority":
-        major = torch.sign(s.sum())
-        if major == 0:
-            major = torch.tensor(1.0, device=s.device)
-        s = torch.where(s == 0, major, s)
-    elif zero_fallback == "positive":
-        s = torch.where(s == 0, torch.ones_like(s), s)
-    return s
-
-
 def disjoint_merge(
     deltas: torch.Tensor,
     sign: torch.Tensor,
@@ -175,7 +153,11 @@ def fill_zeros(sign: torch.Tensor, fill: float) -> torch.Tensor:
 
 
 def elect_sign_list(votes: list[torch.Tensor], rule: str = "mass") -> torch.Tensor:
-    """:func:`elect_sign` without the zero fallback, from a list of deltas (no [N, ...] stack is built)."""
+    """Elected sign per coordinate (-1, 0 or 1) from a list of deltas (no [N, ...] stack is built).
+
+    rule ``mass``: sign of the sum (TIES paper); ``count``: sign of the sum of signs. Coordinates whose
+    elected sign is 0 stay 0: fill them with :func:`fill_zeros` (+1: mergekit/PEFT; the sign of the sum
+    of all elected signs: official TIES)."""
     if rule not in ("mass", "count"):
         raise ValueError(f"unknown sign rule {rule!r}")
     first = votes[0].clone() if rule == "mass" else torch.sign(votes[0])
@@ -268,48 +250,182 @@ def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = 0
     return out.addcmul_(v1, c1)
 
 
-GRAM_BLOCK = {"cpu": 1 << 17}  # elements per block of gram(): N x 1 MB float64 stay in cache; 4M on GPUs
+GRAM_BLOCK = 1 << 15  # elements per block of gram() on the CPU: N x 256 KB of float64 stay in cache
+
+
+def float64_blocks(vectors: list[torch.Tensor], base: torch.Tensor | None = None):
+    """Yield consecutive blocks X [N, B] (float64) of the flattened x_i = v_i, or x_i = v_i - base
+    (the difference formed in float32, as the methods form task vectors, then widened exactly).
+
+    CPU tensors give numpy arrays (one reused buffer, single-threaded: torch's and BLAS's threads pay
+    a synchronisation per small op, which on a busy 2-core machine made block loops 10-50x slower);
+    GPU tensors give torch tensors of 4M-element blocks."""
+    flat = [v.reshape(-1) for v in vectors]
+    b = base.reshape(-1) if base is not None else None
+    n = flat[0].numel()
+    if flat[0].device.type != "cpu":
+        step = 1 << 22
+        for a in range(0, n, step):
+            yield torch.stack([v[a:a + step] if b is None else v[a:a + step] - b[a:a + step] for v in flat]).double()
+        return
+    host = [_host_array(v) for v in flat]
+    bh = _host_array(b) if b is not None else None
+    buf = np.empty((len(host), min(n, GRAM_BLOCK)))
+    for a in range(0, n, GRAM_BLOCK):
+        e = min(a + GRAM_BLOCK, n)
+        x = buf[:, : e - a]
+        for i, v in enumerate(host):
+            if bh is None:
+                x[i] = v[a:e]
+            else:
+                np.subtract(v[a:e], bh[a:e], out=x[i])  # the float32 difference, stored as float64
+        yield x
 
 
 def gram(vectors: list[torch.Tensor], base: torch.Tensor | None = None) -> torch.Tensor:
     """G_ij = <x_i, x_j> of the flattened tensors x_i = v_i, or x_i = v_i - base when ``base`` is
     given (task vectors, without materialising them), float64 [N, N].
 
-    One pass over the inputs, block by block: a block of every x_i (the difference formed in float32,
-    as the methods form task vectors) is widened into a float64 buffer X [N, B] and G += X X^T, so each
-    product is exact and the sums are float64. Separate float32 dot products would read every input N
-    times and lose ~1e-4 (relative) on 10M-element tensors: too much for the angles of near-collinear
-    vectors. Additive over row chunks, so tensor-wise methods built on norms and angles can stream
-    (``MethodSpec.sums``)."""
-    flat = [v.reshape(-1) for v in vectors]
-    dev = flat[0].device if flat else torch.device("cpu")
-    g = torch.zeros(len(flat), len(flat), dtype=torch.float64, device=dev)
-    if not flat or flat[0].numel() == 0:
-        return g
-    b = base.reshape(-1) if base is not None else None
-    n = flat[0].numel()
-    block = min(n, GRAM_BLOCK.get(dev.type, 1 << 22))
-    buf = torch.empty(len(flat), block, dtype=torch.float64, device=dev)
-    for a in range(0, n, block):
-        e = min(a + block, n)
-        x = buf[:, : e - a]
-        for i, v in enumerate(flat):
-            if b is None:
-                x[i].copy_(v[a:e])
-            else:
-                torch.sub(v[a:e], b[a:e], out=x[i])  # float32 difference, stored as float64
-        g.addmm_(x, x.T)
-    return (g + g.T) / 2  # exactly symmetric
+    One pass over the inputs in float64 blocks (:func:`float64_blocks`), G += X X^T: each product is
+    exact and the sums are float64. Separate float32 dot products would read every input N times and
+    lose ~1e-4 (relative) on 10M-element tensors: too much for the angles of near-collinear vectors.
+    Additive over row chunks, so tensor-wise methods built on norms and angles can stream
+    (``MethodSpec.sums``). On the CPU the product is numpy's einsum, which uses no BLAS threads."""
+    if not vectors:
+        return torch.zeros(0, 0, dtype=torch.float64)
+    n = len(vectors)
+    if vectors[0].device.type != "cpu":
+        g = torch.zeros(n, n, dtype=torch.float64, device=vectors[0].device)
+        for x in float64_blocks(vectors, base):
+            g.addmm_(x, x.T)
+        return (g + g.T) / 2
+    g = np.zeros((n, n))
+    for x in float64_blocks(vectors, base):
+        g += np.einsum("ij,kj->ik", x, x)
+    return torch.from_numpy((g + g.T) / 2)  # exactly symmetric
+
+
+def sum_squares(vectors: list[torch.Tensor], base: torch.Tensor | None = None) -> torch.Tensor:
+    """|x_i|^2 of the flattened x_i (as in :func:`gram`, its diagonal), float64 [N]; exact products,
+    float64 sums."""
+    n = len(vectors)
+    if n and vectors[0].device.type != "cpu":
+        out = torch.zeros(n, dtype=torch.float64, device=vectors[0].device)
+        for x in float64_blocks(vectors, base):
+            out += (x * x).sum(dim=1)
+        return out
+    out = np.zeros(n)
+    for x in float64_blocks(vectors, base) if n else ():
+        out += np.einsum("ij,ij->i", x, x)
+    return torch.from_numpy(out)
+
+
+def variance(vectors: list[torch.Tensor], base: torch.Tensor | None = None) -> torch.Tensor:
+    """Population variance across the x_i (as in :func:`gram`) per element, float32, flat, >= +0.
+
+    Welford's recurrence in float64, rounded to float32 at the end:
+    mean_1 = x_1, m2_1 = 0;  d = x_k - mean_{k-1},  mean_k = mean_{k-1} + d / k,  m2_k = m2_{k-1} + d (x_k - mean_k);
+    var = m2_N / N. On the CPU this is bit for bit ``torch.var(torch.stack(xs), dim=0, unbiased=False)``
+    (mergekit's SCE variance), computed in float64 blocks without the [N, ...] stack. A NaN comes out
+    without its sign bit (as ``var.abs()``)."""
+    n = vectors[0].numel()
+    dev = vectors[0].device
+    out = torch.empty(n, dtype=torch.float32, device=dev)
+    host = out.numpy() if dev.type == "cpu" else None
+    a = 0
+    for x in float64_blocks(vectors, base):
+        w = x.shape[1]
+        if host is not None:
+            host[a:a + w] = _welford_host(x)  # rounds to float32
+        else:
+            mean, m2 = x[0].clone(), torch.zeros_like(x[0])
+            for k in range(1, x.shape[0]):
+                d = x[k] - mean
+                mean += d / (k + 1)
+                m2 += d * (x[k] - mean)
+            out[a:a + w] = m2 / x.shape[0]
+        a += w
+    return out.abs_() if host is None else torch.from_numpy(np.abs(host, out=host))
+
+
+def _welford_host(x: np.ndarray) -> np.ndarray:
+    """:func:`variance` of one float64 block [N, B] with numpy (overwrites ``x``)."""
+    if x.shape[0] == 1:
+        return np.zeros_like(x[0])
+    mean, x1 = x[0], x[1]  # step 2 first: m2 = 0 + d (x_2 - mean) is the product itself
+    d = np.subtract(x1, mean)
+    e = np.multiply(d, 0.5)  # d / 2, exactly
+    np.add(mean, e, out=mean)
+    np.subtract(x1, mean, out=e)
+    m2 = np.multiply(d, e, out=x1)
+    for k in range(2, x.shape[0]):
+        np.subtract(x[k], mean, out=d)
+        np.divide(d, k + 1, out=e)
+        np.add(mean, e, out=mean)
+        np.subtract(x[k], mean, out=e)
+        np.multiply(d, e, out=d)
+        np.add(m2, d, out=m2)
+    return np.divide(m2, x.shape[0], out=m2)
+
+
+def _host_array(t: torch.Tensor) -> np.ndarray:
+    """A CPU tensor as a numpy array (float32/float64 kept, other dtypes as float32)."""
+    if t.dtype not in (torch.float32, torch.float64):
+        t = t.to(torch.float32)
+    return t.detach().numpy()
 
 
 def slerp_flat(t: float, v0: torch.Tensor, v1: torch.Tensor, g: torch.Tensor, dot_threshold: float = 0.9995,
-               eps: float = 1e-8, inplace: bool = False) -> torch.Tensor:
+               eps: float = 1e-8, base: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`slerp` of two whole flattened tensors given their Gram matrix ``g`` (:func:`gram`),
-    so ``v0``/``v1`` may be row chunks of the tensors ``g`` was summed over. ``inplace``: the result
-    overwrites ``v0``."""
+    so ``v0``/``v1`` may be row chunks of the tensors ``g`` was summed over. With ``base``: the SLERP
+    of the task vectors v_i - base, plus base (g is then their Gram matrix). ``out``: where to write
+    the result (may be ``v0``); see :func:`combination`."""
     c0, c1 = slerp_coefficients(t, g[0, 0].sqrt(), g[1, 1].sqrt(), g[0, 1], dot_threshold, eps)
-    out = v0.mul_(float(c0)) if inplace else v0 * float(c0)
-    return out.add_(v1, alpha=float(c1))
+    return combination([float(c0), float(c1)], [v0, v1], base, out)
+
+
+INLINE_BLOCK = 32760  # below torch's parallel grain (32768): ops on blocks this size run inline
+
+
+def inline_blocks(n: int, device, size: int = INLINE_BLOCK) -> list[tuple[int, int]]:
+    """(start, end) ranges over ``n`` flat elements for block loops. On the CPU below torch's parallel
+    grain, so each op runs inline on the calling thread with cache-resident operands: a parallel
+    region costs ~1 ms when the other core is busy (ops of 0.25-1M elements were 10-100x slower with
+    2 intra-op threads on a loaded 2-core machine), and full-size passes are memory-bound. One range
+    on a GPU."""
+    if torch.device(device).type != "cpu":
+        return [(0, n)]
+    return [(a, min(a + size, n)) for a in range(0, n, size)]
+
+
+def combination(coef, vectors: list[torch.Tensor], base: torch.Tensor | None = None,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """sum_i coef_i x_i, plus base when given, with x_i = v_i - base (base given) or v_i.
+
+    Block by block (:func:`inline_blocks`) with the float32 operations of the whole-tensor form
+    ``x_0 * c_0``, ``add_(x_i, alpha=c_i)``, ``add_(base)``, so the result is the same to the bit.
+    ``out``: a contiguous tensor of the inputs' shape for the result; it may be ``vectors[0]`` (then
+    overwritten), not another input. Default: a new tensor."""
+    flat = [v.reshape(-1) for v in vectors]
+    b = base.reshape(-1) if base is not None else None
+    res = torch.empty_like(vectors[0], memory_format=torch.contiguous_format) if out is None else out
+    if not res.is_contiguous():
+        raise ValueError("combination: out must be contiguous")
+    r = res.view(-1)
+    c = [float(x) for x in coef]
+    for a, e in inline_blocks(r.numel(), r.device):
+        acc = r[a:e]
+        if b is not None:
+            torch.sub(flat[0][a:e], b[a:e], out=acc)
+        elif acc.data_ptr() != flat[0][a:e].data_ptr():
+            acc.copy_(flat[0][a:e])
+        acc.mul_(c[0])
+        for v, ci in zip(flat[1:], c[1:]):
+            acc.add_(v[a:e] - b[a:e] if b is not None else v[a:e], alpha=ci)
+        if b is not None:
+            acc.add_(b[a:e])
+    return res
 
 
 def tall_masks(deltas: torch.Tensor, merged: torch.Tensor, lambdas, strict: bool = False) -> torch.Tensor:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from .base import Param, register
-from .kernels import gram
+from .kernels import gram, inline_blocks
 
 
 def interpolation_ratio(cos: torch.Tensor, n: int, clamp: bool) -> torch.Tensor:
@@ -50,7 +50,7 @@ def interpolation_ratio(cos: torch.Tensor, n: int, clamp: bool) -> torch.Tensor:
     notes="meant for a few fine-tunes of one task from the same anchor (e.g. two seeds), not multi-task merging.",
     example={},
     chunkable=lambda p, name, shape: bool(p["filter_wise"]),
-    sums=lambda ctx, base, models, p: gram([m - base for m in models]),
+    sums=lambda ctx, base, models, p: gram(models, base),  # Gram of the offsets, without forming them
 )
 def model_stock(ctx, base, models, p):
     shape = base.shape
@@ -62,7 +62,7 @@ def model_stock(ctx, base, models, p):
         dots = {(i, j): torch.linalg.vecdot(deltas[i], deltas[j], dim=-1) for i in range(n) for j in range(i + 1, n)}
         del deltas
     else:
-        g = ctx.sums if ctx.sums is not None else gram([m - base for m in models])
+        g = ctx.sums if ctx.sums is not None else gram(models, base)
         g = g.to(base.device)
         norms = [g[i, i].clamp_min(0).sqrt().reshape(1) for i in range(n)]
         dots = {(i, j): g[i, j].reshape(1) for i in range(n) for j in range(i + 1, n)}
@@ -73,9 +73,18 @@ def model_stock(ctx, base, models, p):
     comb = torch.stack(pairs).mean(dim=0)
     cos = torch.cos(comb) if p["cos_mode"] == "angle" else comb
     t = interpolation_ratio(cos, n, p["clamp"]).to(base.dtype).unsqueeze(-1)
-    flat_view = (-1, shape[-1]) if p["filter_wise"] and base.dim() >= 1 else (1, -1)
-    out = models[0].reshape(flat_view).clone()
-    for w in models[1:]:
-        out.add_(w.reshape(flat_view))
-    out.div_(n).mul_(t)  # t * mean(theta_i)
-    return out.addcmul_(base.reshape(flat_view), 1.0 - t).reshape(shape)
+    filter_wise = p["filter_wise"] and base.dim() >= 1
+    view = (-1, shape[-1]) if filter_wise else (-1,)
+    out = models[0].reshape(view)
+    out = out if ctx.owned else out.clone()  # owned inputs may be overwritten
+    xs, b = [m.reshape(view) for m in models[1:]], base.reshape(view)
+    t = t if filter_wise else t.reshape(1)
+    # per row, or (one ratio) in cache-sized blocks: t * mean(theta_i) + (1 - t) * theta_0
+    ranges = [(0, out.shape[0])] if filter_wise else inline_blocks(out.numel(), out.device)
+    for a, e in ranges:
+        acc = out[a:e]
+        for x in xs:
+            acc.add_(x[a:e])
+        tb = t[a:e] if filter_wise else t
+        acc.div_(n).mul_(tb).addcmul_(b[a:e], 1.0 - tb)
+    return out.reshape(shape)

@@ -25,15 +25,11 @@ from __future__ import annotations
 import torch
 
 from .base import MergeError, Param, register
-from .kernels import gram
-
-
-def _vectors(base, models):
-    return [m - base for m in models] if base is not None else list(models)
+from .kernels import combination, gram
 
 
 def _sums(ctx, base, models, p):
-    return gram(_vectors(base, models))
+    return gram(models, base)  # Gram of the x_i, without forming them
 
 
 @register(
@@ -77,8 +73,5 @@ def multislerp(ctx, base, models, p):
         coef = w  # sum_i w_i x_i
     else:
         coef = c * (float(w @ norms) / mean_norm)  # (sum_i w_i |x_i|) * m / |m|: the exponential map of a zero tangent mean
-    xs = _vectors(base, models)
-    out = xs[0] * float(coef[0])
-    for x, a in zip(xs[1:], coef[1:]):
-        out.add_(x, alpha=float(a))
-    return out + base if base is not None else out
+    # sum_i coef_i x_i (+ base), in cache-sized blocks; owned inputs take the result: no full-size temporaries
+    return combination(coef.tolist(), models, base, out=models[0] if ctx.owned else None)

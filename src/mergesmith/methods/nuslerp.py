@@ -32,15 +32,18 @@ def interpolation_factor(w1: float, w2: float) -> float:
     return 0.5 if abs(s) < 1e-6 else w2 / s
 
 
-def _pair(base, models):
+def _pair(base, models, inplace: bool = False):
+    """The two vectors: task vectors (overwriting the inputs when ``inplace``) or the models."""
     a, b = models
-    return (a - base, b - base) if base is not None else (a, b)
+    if base is None:
+        return a, b
+    return (a.sub_(base), b.sub_(base)) if inplace else (a - base, b - base)
 
 
 def _sums(ctx, base, models, p):
+    if p["nuslerp_flatten"] or models[0].dim() < 2:
+        return gram(models, base)  # Gram of the pair, without forming the task vectors
     a, b = _pair(base, models)
-    if p["nuslerp_flatten"] or a.dim() < 2:
-        return gram([a, b])
     if p["nuslerp_row_wise"]:  # per column: sum over rows of a^2, b^2, a*b (float64)
         a2, b2 = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
         return torch.stack([(a2 * a2).sum(0, dtype=torch.float64), (b2 * b2).sum(0, dtype=torch.float64),
@@ -73,17 +76,18 @@ def _chunkable(p, name, shape) -> bool:
 )
 def nuslerp(ctx, base, models, p):
     t = interpolation_factor(p["weight"][0], p["weight"][1])
-    a, b = _pair(base, models)
-    shape = a.shape
-    flat = p["nuslerp_flatten"] or a.dim() < 2
-    if flat or p["nuslerp_row_wise"]:
+    if p["nuslerp_flatten"] or models[0].dim() < 2:  # coefficients from the Gram matrix; owned inputs take the result
         s = ctx.sums if ctx.sums is not None else _sums(ctx, base, models, p)
-        if flat:
-            out = slerp_flat(t, a, b, s, 1.0, EPS)
-        else:
-            c0, c1 = slerp_coefficients(t, s[0].sqrt(), s[1].sqrt(), s[2], 1.0, EPS)  # one pair per column
-            a2, b2 = a.reshape(shape[0], -1), b.reshape(shape[0], -1)
-            out = (a2 * c0.to(a.dtype)).addcmul_(b2, c1.to(a.dtype)).reshape(shape)
+        return slerp_flat(t, models[0], models[1], s, 1.0, EPS, base=base, out=models[0] if ctx.owned else None)
+    s = None
+    if p["nuslerp_row_wise"]:  # before the inputs become task vectors
+        s = ctx.sums if ctx.sums is not None else _sums(ctx, base, models, p)
+    a, b = _pair(base, models, inplace=ctx.owned)
+    shape = a.shape
+    if s is not None:
+        c0, c1 = slerp_coefficients(t, s[0].sqrt(), s[1].sqrt(), s[2], 1.0, EPS)  # one pair per column
+        a2, b2 = a.reshape(shape[0], -1), b.reshape(shape[0], -1)
+        out = (a2 * c0.to(a.dtype)).addcmul_(b2, c1.to(a.dtype)).reshape(shape)
     else:
         out = slerp_kernel(t, a, b, 1.0, EPS)
-    return out + base if base is not None else out
+    return out.add_(base) if base is not None else out

@@ -96,7 +96,7 @@ def sparsity_ranks(deltas: list[torch.Tensor], r: int, rank_fraction: float | No
     notes="EXPERIMENTAL: the paper's exact outlier-weight and rank formulas were not recoverable; the rules used "
           "are documented in the module docstring and docs/methods/spectral.md. outlier_threshold: 0 with "
           "rank_rule: uniform is exactly tsv_m.",
-    example={"alpha": 1.0, "svd": "gram", "orthogonalize": "eigh"},  # the fast CPU settings
+    example={"alpha": 1.0},
 )
 def resm(ctx, base, models, p):
     alpha = p["alpha"]

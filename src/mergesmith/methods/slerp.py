@@ -39,4 +39,4 @@ EPS = 1e-8
 )
 def slerp(ctx, base, models, p):
     g = ctx.sums if ctx.sums is not None else gram([base, models[0]])
-    return slerp_flat(float(p["t"]), base, models[0], g, DOT_THRESHOLD, EPS)
+    return slerp_flat(float(p["t"]), base, models[0], g, DOT_THRESHOLD, EPS, out=base if ctx.owned else None)

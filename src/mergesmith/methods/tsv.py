@@ -38,8 +38,8 @@ def rank_per_task(r: int, n_models: int, rank_fraction: float | None) -> int:
     return int(r * frac)
 
 
-def tsv_merge_matrix(deltas: list[torch.Tensor], k: int, *, svd: str = "exact", niter: int = 2,
-                     orthogonalize: str = "svd", dtype: torch.dtype = torch.float32, generators=None) -> torch.Tensor:
+def tsv_merge_matrix(deltas: list[torch.Tensor], k: int, *, svd: str = "gram", niter: int = 2,
+                     orthogonalize: str = "eigh", dtype: torch.dtype = torch.float32, generators=None) -> torch.Tensor:
     """The TSV-M merged task matrix ``U_perp S^ V_perp^T`` of 2-D task matrices (float32 out)."""
     def one(i):
         g = generators[i] if generators is not None else None
@@ -71,9 +71,10 @@ def tsv_merge_matrix(deltas: list[torch.Tensor], k: int, *, svd: str = "exact", 
     chunkable=sp.fallback_chunkable,  # excluded/non-2-D tensors (element-wise mean) stream in row chunks
     mergekit="not in mergekit. FusionBench `TaskSingularVectorMerging` (alpha=1, exclude_keys) = defaults with "
              "spectral_exclude: ''.",
-    notes="fallback for non-matrices and excluded tensors: mean of the task vectors (official). Speed: svd=gram "
-          "and orthogonalize=eigh (the `example` settings) are ~1.7x faster on CPU (docs/methods/spectral.md).",
-    example={"alpha": 1.0, "svd": "gram", "orthogonalize": "eigh"},  # the fast CPU settings
+    notes="fallback for non-matrices and excluded tensors: mean of the task vectors (official). Speed: the defaults "
+          "svd=gram, orthogonalize=eigh use Gram eigendecompositions where the spectrum allows float32 accuracy and "
+          "LAPACK elsewhere (docs/methods/spectral.md); svd=exact, orthogonalize=svd always use LAPACK.",
+    example={"alpha": 1.0},
 )
 def tsv_m(ctx, base, models, p):
     alpha = p["alpha"]
