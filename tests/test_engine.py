@@ -1,6 +1,7 @@
 """Engine, planner, writer and CLI: end-to-end on tiny HF models, bad inputs, atomic output."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -115,6 +116,60 @@ def test_tensor_wise_methods_stream_big_tensors_in_two_phases(tiny_zoo, monkeypa
     ex.run()
     for k in whole.tensors:
         torch.testing.assert_close(ex.sink.tensors[k], whole.tensors[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def _standardize_sums(ctx, base, models, p):
+    """Phase 0: element count and sum; phase 1: sum of squared deviations from the mean (phase 0's
+    result); phase 2 (``order``): the first row index of each chunk, kept per chunk."""
+    from mergesmith.methods.base import ChunkParts
+
+    x = models[0].double()
+    if ctx.phase == 0:
+        return torch.tensor([x.numel(), x.sum().item()], dtype=torch.float64)
+    if ctx.phase == 1:
+        return float(((x - ctx.sums["mean"]) ** 2).sum())
+    return ChunkParts({ctx.chunk: ctx.rows[0] if ctx.rows is not None else 0})
+
+
+def _standardize_finish(k, prev, total, p):
+    if k == 0:
+        return {"mean": float(total[1] / total[0]), "n": int(total[0])}
+    if k == 1:
+        return {**prev, "std": (total / prev["n"]) ** 0.5}
+    return {**prev, "starts": total.ordered()}
+
+
+@register("_test_standardize", paper="test", math="(x - mean) / std over the tensor", base="none",
+          granularity="tensor", params=(Param("order", bool, False),), max_models=1,
+          sums=_standardize_sums, sum_phases=lambda p: 3 if p["order"] else 2, finish_sums=_standardize_finish)
+def _standardize(ctx, base, models, p):
+    s = ctx.sums
+    if s is None:  # whole tensor: the same phases on the one chunk
+        for k in range(3 if p["order"] else 2):
+            s = _standardize_finish(k, s, _standardize_sums(dataclasses.replace(ctx, phase=k, sums=s), base, models, p), p)
+    if p["order"]:  # the chunks' first rows, in chunk order, are increasing and start at 0
+        assert s["starts"][0] == 0 and s["starts"] == sorted(s["starts"])
+    return ((models[0].double() - s["mean"]) / s["std"]).float()
+
+
+@pytest.mark.parametrize("order", [False, True])
+def test_sums_phases_see_the_previous_result(tiny_zoo, monkeypatch, order):
+    """A toy method with 2-3 sums phases (the mean, then the deviations from it, then per-chunk
+    ChunkParts): streamed in row chunks it equals the whole-tensor result."""
+    import mergesmith.engine as E
+
+    z = tiny_zoo("llama")
+    plan = plan_recipe(recipe("_test_standardize", None, [z["ft0"]], parameters={"order": order}))
+    whole = DictSink(plan)
+    execute(plan, whole)
+    monkeypatch.setattr(E, "PREFETCH_BYTES", 1024)
+    ex = E.Executor(plan, DictSink(plan), chunk_elements=100)
+    job = next(j for j in plan.jobs if len(j.shape) == 2)
+    steps = [u.step for u in ex._units(job) if u.phase == "sums"]
+    assert sorted(set(steps)) == list(range(3 if order else 2)) and steps == sorted(steps)
+    ex.run()
+    for k in whole.tensors:
+        torch.testing.assert_close(ex.sink.tensors[k], whole.tensors[k], rtol=1e-5, atol=1e-5, msg=k)
 
 
 # --- end to end through folders ------------------------------------------------------------------------

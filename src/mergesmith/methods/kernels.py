@@ -306,14 +306,14 @@ def gram(vectors: list[torch.Tensor], base: torch.Tensor | None = None) -> torch
 
 
 def sum_squares(vectors: list[torch.Tensor], base: torch.Tensor | None = None) -> torch.Tensor:
-    """|x_i|^2 of the flattened x_i (as in :func:`gram`, its diagonal), float64 [N]; exact products,
-    float64 sums."""
+    """|x_i|^2 of the flattened x_i (as in :func:`gram`, its diagonal), float64 [N] on the CPU; exact
+    products, float64 sums."""
     n = len(vectors)
     if n and vectors[0].device.type != "cpu":
         out = torch.zeros(n, dtype=torch.float64, device=vectors[0].device)
         for x in float64_blocks(vectors, base):
             out += (x * x).sum(dim=1)
-        return out
+        return out.cpu()
     out = np.zeros(n)
     for x in float64_blocks(vectors, base) if n else ():
         out += np.einsum("ij,ij->i", x, x)
