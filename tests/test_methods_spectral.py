@@ -601,3 +601,32 @@ def test_parallel_map_restores_the_thread_count(monkeypatch):
     assert sp.parallel_map(lambda _: torch.get_num_threads(), range(2), enabled=False) == [2, 2]
     monkeypatch.setattr(sp, "PARALLEL", False)  # the default: the plain loop with the caller's threads
     assert sp.parallel_map(lambda _: torch.get_num_threads(), range(2)) == [2, 2]
+
+
+def test_iso_cts_common_block_is_kept_in_the_polar_factor():
+    # polar([U_c | W]) = [U_c | polar(W)] when U_c is orthonormal and orthogonal to W (Iso-CTS's task blocks)
+    g = torch.Generator().manual_seed(40)
+    q, _ = torch.linalg.qr(torch.randn(30, 30, generator=g, dtype=torch.float64))
+    uc, comp = q[:, :20], q[:, 20:]
+    w = comp @ torch.randn(10, 9, generator=g, dtype=torch.float64)
+    s = [torch.rand(20, generator=g, dtype=torch.float64), torch.rand(9, generator=g, dtype=torch.float64)]
+    vh = [torch.randn(20, 25, generator=g, dtype=torch.float64), torch.randn(9, 25, generator=g, dtype=torch.float64)]
+    full = sp.orthogonal_merge([uc, w], list(s), list(vh), "svd", isotropic=True)
+    fast = sp.orthogonal_merge([uc, w], list(s), list(vh), "svd", isotropic=True, u_orthonormal_head=True)
+    assert torch.allclose(full, fast, atol=1e-12)
+
+
+def test_lapack_svd_retries_in_float64(monkeypatch):
+    real = torch.linalg.svd
+
+    def flaky(a, full_matrices=True):
+        if a.dtype == torch.float32:
+            raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+        return real(a, full_matrices=full_matrices)
+
+    x = torch.randn(12, 7, generator=torch.Generator().manual_seed(2))
+    want = real(x, full_matrices=False)
+    monkeypatch.setattr(torch.linalg, "svd", flaky)
+    U, S, Vh = sp.svd(x)
+    assert U.dtype == torch.float32 and torch.allclose((U * S) @ Vh, x, atol=1e-5)
+    assert torch.allclose(S, want[1], atol=1e-5)

@@ -173,13 +173,24 @@ def parallel_map(fn, items, *, enabled: bool = True) -> list:
 # decompositions
 
 
+def _lapack_svd(a: torch.Tensor):
+    """``torch.linalg.svd`` (gesdd); when it fails to converge (it can on float32 matrices with large clusters
+    of equal singular values), once more in float64, cast back."""
+    try:
+        return torch.linalg.svd(a, full_matrices=False)
+    except torch.linalg.LinAlgError:
+        if a.dtype == torch.float64:
+            raise
+        return tuple(t.to(a.dtype) for t in torch.linalg.svd(a.to(torch.float64), full_matrices=False))
+
+
 def svd(x: torch.Tensor, dtype: torch.dtype = torch.float32):
     """Thin SVD ``x = U diag(S) Vh`` in ``dtype``, computed on the tall orientation."""
     a = x.to(dtype)
     if a.shape[0] < a.shape[1]:
-        U, S, Vh = torch.linalg.svd(a.mT, full_matrices=False)
+        U, S, Vh = _lapack_svd(a.mT)
         return Vh.mT, S, U.mT
-    return torch.linalg.svd(a, full_matrices=False)
+    return _lapack_svd(a)
 
 
 # Guards of the Gram/eigh routes (see docs/methods/spectral.md, "Accuracy of the fast routes"). The
@@ -348,11 +359,15 @@ def polar(a: torch.Tensor, method: str = "eigh") -> torch.Tensor:
 
 
 def orthogonal_merge(Us: list[torch.Tensor], Ss: list[torch.Tensor], Vhs: list[torch.Tensor],
-                     method: str = "eigh", isotropic: bool = False, consume: bool = False) -> torch.Tensor:
+                     method: str = "eigh", isotropic: bool = False, consume: bool = False,
+                     u_orthonormal_head: bool = False) -> torch.Tensor:
     """TSV-M / Iso-CTS core: concatenate the blocks, orthogonalise U and V by their polar factors and
     rebuild ``U_perp diag(S) V_perp^T`` (``isotropic``: every singular value set to the mean of S).
     ``consume``: empty the lists ``Us``/``Vhs`` once concatenated (frees the blocks if the caller holds no
-    other reference; lowers the memory peak)."""
+    other reference; lowers the memory peak). ``u_orthonormal_head``: ``Us[0]`` has orthonormal columns
+    orthogonal to all other blocks (Iso-CTS's common subspace); then (U^T U)^{-1/2} is block diagonal and
+    polar([U_0 | W]) = [U_0 | polar(W)] exactly, so only the small task block W is orthogonalised."""
+    head = Us[0].shape[1] if u_orthonormal_head and Us else 0
     U = torch.cat(Us, dim=1)
     S = torch.cat(Ss)
     V = torch.cat([vh.mT for vh in Vhs], dim=1)
@@ -362,7 +377,9 @@ def orthogonal_merge(Us: list[torch.Tensor], Ss: list[torch.Tensor], Vhs: list[t
         return U.new_zeros(U.shape[0], V.shape[0])
     if isotropic:
         S = torch.full_like(S, S.mean())
-    Up, Vp = parallel_map(lambda a: polar(a, method), [U, V], enabled=U.device.type == "cpu")
+    Up, Vp = parallel_map(lambda a: polar(a, method), [U[:, head:], V], enabled=U.device.type == "cpu")
+    if head:
+        Up = torch.cat([U[:, :head], Up], dim=1)
     del U, V
     return Up.mul_(S) @ Vp.mT  # polar returns fresh tensors: scale in place
 

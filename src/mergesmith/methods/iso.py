@@ -92,7 +92,9 @@ def iso_cts_matrix(deltas: list[torch.Tensor], fraction: float, *, svd: str = "g
         for Ui, Si, Vhi in sp.parallel_map(task, range(n_models), enabled=U.device.type == "cpu"):
             Us.append(Ui), Ss.append(Si), Vhs.append(Vhi)
     del deltas, complement, U, Uc, Vh, Vhc  # drop our references before the orthogonalisation (memory peak)
-    return sp.orthogonal_merge(Us, Ss, Vhs, orthogonalize, isotropic=True, consume=True).to(torch.float32)
+    # the task blocks lie in the complement of U_c (both routes above), so polar(U^) = [U_c | polar(tasks)]
+    return sp.orthogonal_merge(Us, Ss, Vhs, orthogonalize, isotropic=True, consume=True,
+                               u_orthonormal_head=True).to(torch.float32)
 
 
 _COMMON = (
