@@ -604,3 +604,51 @@ def test_radix_select_equals_kthvalue():
     for x in cases:
         for r in {1, x.numel() // 3 + 1, x.numel() - 1, x.numel()} - {0}:
             assert kth_smallest(x, r, nonneg=True) == torch.kthvalue(x, r).values.item()
+
+
+@pytest.mark.parametrize("method,params", [
+    ("ties", {"density": 0.3}),
+    ("ties", {"density": 0.3, "scope": "tensor", "zero_sign": "positive", "weight": [0.5, 1.0, 2.0]}),
+    ("ties", {"density": 0.4, "agg": "max", "elect": "count", "lambda": 0.7}),
+    ("dare_ties", {"density": 0.6, "ties_density": 0.5}),
+    ("dare_linear", {"density": 0.6, "normalize": True, "weight": [1.0, 0.5, 0.25]}),
+    ("della", {"density": 0.6, "epsilon": 0.1}),
+    ("breadcrumbs_ties", {}),
+    ("consensus_ties", {}),
+])
+def test_block_by_block_path_equals_the_whole_tensor_path(tmp_path, monkeypatch, method, params):
+    """Trim/elect/merge block by block over the kernel threads (and the blocked window histogram of the
+    global trim) give the bytes of the whole-tensor operations, deferred majority patches included."""
+    import mergesmith.methods._gta as G
+    import mergesmith.methods._sampling as S
+    from safetensors.torch import load_file, save_file
+
+    from mergesmith.run import run_recipe
+
+    shapes = {"a.weight": (30, 17), "b.bias": (17,), "d.weight": (8, 64)}
+    base, models = quantized_model(23, shapes, negative_bias=1.0)
+    for name, sd in [("base", base)] + [(f"m{i}", m) for i, m in enumerate(models)]:
+        (tmp_path / name).mkdir()
+        save_file({k: v.contiguous() for k, v in sd.items()}, tmp_path / name / "model.safetensors")
+    spec = get_method(method)
+    params = {**spec.example, **params}
+    recipe = {"merge_method": method, "base_model": str(tmp_path / "base"), "dtype": "float32", "seed": 5,
+              "models": [{"model": str(tmp_path / f"m{i}")} for i in range(3)], "parameters": params}
+
+    def run(out):
+        run_recipe(recipe, tmp_path / out)
+        got = {}
+        for f in (tmp_path / out).glob("*.safetensors"):
+            got.update(load_file(f))
+        return got
+
+    real = G.Pipeline._merge_blocks
+    calls = []
+    monkeypatch.setattr(G.Pipeline, "_merge_blocks", lambda self, *a: calls.append(1) or real(self, *a))
+    monkeypatch.setattr(S, "BLOCK", 16)  # several blocks per tensor, on two kernel threads
+    blocked = run("blocked")
+    assert calls, "the block path did not run"
+    monkeypatch.setattr(G.Pipeline, "blockable", lambda self, *a: False)
+    whole = run("whole")
+    for k in shapes:
+        assert torch.equal(blocked[k], whole[k]), k

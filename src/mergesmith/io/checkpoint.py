@@ -154,8 +154,8 @@ class SafetensorsCheckpoint(Checkpoint):
             begin, end = begin + a * row_bytes, begin + b * row_bytes
             shape = (b - a,) + tuple(shape[1:])
         n = end - begin
-        buf = bytearray(n)
-        view = memoryview(buf)
+        raw = torch.empty(n, dtype=torch.uint8)  # not zero-filled, unlike bytearray (a full extra pass)
+        view = memoryview(raw.numpy()) if n else memoryview(b"")
         fd = self._fd(self.file_of[name])
         got = 0
         while got < n:
@@ -165,7 +165,7 @@ class SafetensorsCheckpoint(Checkpoint):
             got += k
         if n == 0:
             return torch.empty(shape, dtype=meta.dtype)
-        return torch.frombuffer(buf, dtype=meta.dtype).reshape(shape)
+        return raw.view(meta.dtype).reshape(shape)
 
     def identity(self) -> dict:
         return {

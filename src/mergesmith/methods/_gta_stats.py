@@ -34,7 +34,7 @@ import torch
 
 from ._gta import DEFERRED, needs_selection, official_rank
 from .kernels import bits_to_float
-from ._radix import _OFFSET, dense, high_hist, key_value, keys, locate, low_hist, window_hist
+from ._radix import _OFFSET, abs_window_hist, dense, high_hist, key_value, keys, locate, low_hist
 from .base import GlobalStats, MergeError, Params
 
 SAMPLE_STRIDE = 16  # the sample pass reads ~1 row in 16 of every tensor
@@ -83,12 +83,13 @@ class GTAStats(GlobalStats):
             if not needs_selection(dens[i]) or (step in ("high", "low") and i not in state["redo"]):
                 hists.append(None)
                 continue
-            k = keys(t.abs_(), nonneg=True)  # t is this call's own task vector
+            if step == "window":  # t is this call's own task vector (overwritten)
+                lo, hi = state["window"][i]
+                hists.append(abs_window_hist(t, lo, hi))
+                continue
+            k = keys(t.abs_(), nonneg=True)
             if step in ("sample", "high"):
                 hists.append(high_hist(k, nonneg=True))
-            elif step == "window":
-                lo, hi = state["window"][i]
-                hists.append(window_hist(k, lo, hi))
             else:
                 hists.append(low_hist(k, state["bucket"][i][0]))
         return {"numel": base.numel(), "density": dens, "hist": hists, "name": ctx.name}

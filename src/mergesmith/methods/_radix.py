@@ -95,6 +95,30 @@ def window_hist(k: torch.Tensor, lo_key: int, hi_key: int) -> tuple[int, tuple[t
     return below, sparse_hist(d[(d >= 0) & (d < width)], width)
 
 
+def abs_window_hist(x: torch.Tensor, lo_key: int, hi_key: int):
+    """:func:`window_hist` of ``keys(x.abs_(), nonneg=True)`` (``x`` is overwritten with |x|). On the CPU
+    block by block over the kernel threads (cache-resident temporaries; one histogram at the end)."""
+    if not _host(x) or x.dtype != torch.float32 or not x.is_contiguous():
+        return window_hist(keys(x.abs_(), nonneg=True), lo_key, hi_key)
+    from ._sampling import BLOCK, run_blocks
+
+    width = np.uint32(hi_key - lo_key)
+    lo = np.int32(lo_key)
+    xf = x.view(-1).numpy()
+    parts: dict[int, tuple[int, np.ndarray]] = {}
+
+    def work(a: int, b: int) -> None:
+        v = np.abs(xf[a:b], out=xf[a:b])
+        d = v.view(np.int32) - lo  # non-negative keys: no overflow
+        parts[a] = (int(np.count_nonzero(d < 0)), np.compress(d.view(np.uint32) < width, d))
+
+    run_blocks(xf.size, BLOCK, work)
+    order = sorted(parts)
+    below = sum(parts[a][0] for a in order)
+    inside = np.concatenate([parts[a][1] for a in order]) if order else np.empty(0, np.int32)
+    return below, sparse_hist(torch.from_numpy(inside), int(width))
+
+
 def dense(parts, size: int = BUCKETS) -> torch.Tensor:
     """Sum sparse histograms (None entries skipped) into one dense int64 histogram."""
     h = torch.zeros(size, dtype=torch.int64)

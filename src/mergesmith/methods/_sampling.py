@@ -54,7 +54,9 @@ def _pool(n: int) -> ThreadPoolExecutor:
     with _LOCK:
         pool = _POOLS.get(n)
         if pool is None:
-            pool = _POOLS[n] = ThreadPoolExecutor(n, thread_name_prefix="mergesmith-kernel")
+            # single-threaded torch in the workers: ops on a block run inline (no second OpenMP team)
+            pool = _POOLS[n] = ThreadPoolExecutor(n, thread_name_prefix="mergesmith-kernel",
+                                                  initializer=torch.set_num_threads, initargs=(1,))
         return pool
 
 
