@@ -616,9 +616,11 @@ def test_radix_select_equals_kthvalue():
     ("breadcrumbs_ties", {}),
     ("consensus_ties", {}),
 ])
-def test_block_by_block_path_equals_the_whole_tensor_path(tmp_path, monkeypatch, method, params):
+@pytest.mark.parametrize("data", ["quantized", "continuous"])
+def test_block_by_block_path_equals_the_whole_tensor_path(tmp_path, monkeypatch, method, params, data):
     """Trim/elect/merge block by block over the kernel threads (and the blocked window histogram of the
-    global trim) give the bytes of the whole-tensor operations, deferred majority patches included."""
+    global trim) give the bytes of the whole-tensor operations: deferred majority patches included
+    (quantized values: exact cancellations), thresholds to the bit (continuous values: no ties)."""
     import mergesmith.methods._gta as G
     import mergesmith.methods._sampling as S
     from safetensors.torch import load_file, save_file
@@ -627,6 +629,9 @@ def test_block_by_block_path_equals_the_whole_tensor_path(tmp_path, monkeypatch,
 
     shapes = {"a.weight": (30, 17), "b.bias": (17,), "d.weight": (8, 64)}
     base, models = quantized_model(23, shapes, negative_bias=1.0)
+    if data == "continuous":
+        g = torch.Generator().manual_seed(24)
+        models = [{k: v + torch.randn(v.shape, generator=g) * 0.1 for k, v in base.items()} for _ in range(3)]
     for name, sd in [("base", base)] + [(f"m{i}", m) for i, m in enumerate(models)]:
         (tmp_path / name).mkdir()
         save_file({k: v.contiguous() for k, v in sd.items()}, tmp_path / name / "model.safetensors")
@@ -649,6 +654,11 @@ def test_block_by_block_path_equals_the_whole_tensor_path(tmp_path, monkeypatch,
     blocked = run("blocked")
     assert calls, "the block path did not run"
     monkeypatch.setattr(G.Pipeline, "blockable", lambda self, *a: False)
+    monkeypatch.setattr(S, "BLOCK", 1 << 22)  # no block path anywhere (window pass, sparsifiers)
     whole = run("whole")
     for k in shapes:
         assert torch.equal(blocked[k], whole[k]), k
+    if method == "ties" and params == {**spec.example, "density": 0.3} and data == "quantized":  # independent reference
+        ref = ref_ties_official(base, models, 0.3)
+        for k in shapes:
+            assert torch.equal(blocked[k], ref[k]), k

@@ -162,6 +162,8 @@ class Pipeline:
     consensus: bool = False
     trim_rescale: bool = False  # apply p["rescale"] (l1/l2) after the trim (ties)
     check: Callable[[Params], None] | None = None  # cross-parameter validation
+    # block form of the sparsifier: (ctx, i, p) -> fn(block, start) in place, or None (whole tensor only)
+    block_sparsify: Callable | None = None
 
     # -- statistics hook for register(stats=...) --------------------------------------------------
     def stats_for(self, p: Params):
@@ -306,6 +308,9 @@ class Pipeline:
                 if major is None:
                     raise MergeError(f"{self.name}: scope and zero_sign must be the same for every tensor")
         if self.blockable(p, base, major, thresholds):
+            fns = self.block_sparsifiers(ctx, p, len(models))
+            if fns is not None and not self._tensor_thresholds_needed(p, thresholds):
+                return self._merge_blocks(ctx, base, models, p, thresholds, major, fns)  # tau formed per block
             taus = self.deltas(ctx, base, models, p, trim=False)
             if self.trim is not None and thresholds is None:  # tensor scope: the whole tensor's thresholds
                 thresholds = [tensor_threshold(t, d) if needs_selection(d) else None
@@ -322,13 +327,12 @@ class Pipeline:
             delta = self.combine(taus, p, major)
         return _scale(delta, p["lambda"]).add_(base)
 
-
     # -- block by block (CPU) ----------------------------------------------------------------------
     def blockable(self, p: Params, base: torch.Tensor, major, thresholds) -> bool:
         """Whether trim, election and merge may run block by block: every step after the sparsifier is
         per element given the thresholds and the majority sign (not with l1/l2 rescaling after the
         trim, mergekit's exact top-k, or a per-tensor majority sign)."""
-        if base.device.type != "cpu" or base.numel() < 2 * _S.BLOCK:
+        if base.device.type != "cpu" or base.dtype != torch.float32 or base.numel() < 2 * _S.BLOCK:
             return False
         if self.trim_rescale and p.get("rescale", "none") not in ("none", None):
             return False
@@ -339,12 +343,27 @@ class Pipeline:
             return False
         return True
 
+    def block_sparsifiers(self, ctx: TensorContext, p: Params, n: int) -> list | None:
+        """Per-model block functions that form tau_i block by block (identity without a sparsifier),
+        or None when the sparsifier needs the whole tensor."""
+        if self.sparsify is None:
+            return [None] * n
+        if self.block_sparsify is None:
+            return None
+        fns = [self.block_sparsify(ctx, i, p) for i in range(n)]
+        return None if any(f is None for f in fns) else fns
+
+    def _tensor_thresholds_needed(self, p: Params, thresholds) -> bool:
+        return self.trim is not None and thresholds is None and any(needs_selection(float(d)) for d in p[self.trim])
+
     def _merge_blocks(self, ctx: TensorContext, base: torch.Tensor, taus: list[torch.Tensor], p: Params,
-                      thresholds, major) -> torch.Tensor:
+                      thresholds, major, fns: list | None = None) -> torch.Tensor:
         """Trim, elect, merge and add the base on blocks of ``_sampling.BLOCK`` elements spread over the
         kernel threads: the operations of the whole-tensor path on each block (bit-identical results),
-        with cache-resident temporaries instead of a dozen memory-bound full-size passes. Deferred
-        majority signs: the blocks' votes and alternatives are handed to ``ctx.defer`` in block order."""
+        with cache-resident temporaries instead of a dozen memory-bound full-size passes. ``fns``
+        (from :meth:`block_sparsifiers`): ``taus`` are the models, and each block's task vectors are
+        formed and sparsified in the block. Deferred majority signs: the blocks' votes and alternatives
+        are handed to ``ctx.defer`` in block order."""
         out = base if ctx.owned else torch.empty_like(base)
         flat_out, flat_base = out.view(-1), base.reshape(-1)
         flat = [t.reshape(-1) for t in taus]
@@ -355,9 +374,10 @@ class Pipeline:
         records: dict[int, tuple] = {}
 
         def work(a: int, b: int) -> None:
-            block = [self._trim(t[a:b], i, p, thresholds) if self.trim is not None else t[a:b]
-                     for i, t in enumerate(flat)]
             bb = flat_base[a:b]
+            block = [t[a:b] for t in flat] if fns is None else [block_tau(m[a:b], bb, fn, a) for m, fn in zip(flat, fns)]
+            if self.trim is not None:
+                block = [self._trim(t, i, p, thresholds) for i, t in enumerate(block)]
             if deferred:
                 rec = _BlockVotes()
                 delta, idx, alt = self.combine_deferred(block, p, rec)
@@ -375,6 +395,14 @@ class Pipeline:
                 if alt is not None:
                     ctx.defer.alternative(idx + a, alt)
         return out
+
+
+def block_tau(m: torch.Tensor, base: torch.Tensor, fn, start: int) -> torch.Tensor:
+    """tau = m - base on one block, sparsified in place by ``fn(tau, start)`` (None: not sparsified)."""
+    t = torch.sub(m, base)
+    if fn is not None:
+        fn(t, start)
+    return t
 
 
 class _BlockVotes:

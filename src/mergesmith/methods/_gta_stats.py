@@ -32,9 +32,11 @@ import math
 
 import torch
 
-from ._gta import DEFERRED, needs_selection, official_rank
+from . import _sampling as _S
+from ._gta import DEFERRED, block_tau, needs_selection, official_rank
 from .kernels import bits_to_float
-from ._radix import _OFFSET, abs_window_hist, dense, high_hist, key_value, keys, locate, low_hist
+from ._radix import (_OFFSET, abs_window_hist, dense, high_hist, key_value, keys, locate, low_hist, window_merge,
+                     window_part)
 from .base import GlobalStats, MergeError, Params
 
 SAMPLE_STRIDE = 16  # the sample pass reads ~1 row in 16 of every tensor
@@ -77,6 +79,13 @@ class GTAStats(GlobalStats):
             taus = self.pipe.deltas(ctx, base, models, p, thresholds=state["thr"])
             _, _, sign = self.pipe.elect(taus, p)
             return int(sign.sum(dtype=torch.float64).item())  # exact: entries are -1, 0, 1
+        if step == "window" and base.device.type == "cpu" and base.dtype == torch.float32 \
+                and base.numel() >= 2 * _S.BLOCK:
+            fns = self.pipe.block_sparsifiers(ctx, p, len(models))
+            if fns is not None:
+                hists = _window_blocks(base, models, fns, [state["window"][i] if needs_selection(d) else None
+                                                           for i, d in enumerate(dens)])
+                return {"numel": base.numel(), "density": dens, "hist": hists, "name": ctx.name}
         taus = self.pipe.deltas(ctx, base, models, p, trim=False)
         hists = []
         for i, t in enumerate(taus):
@@ -159,6 +168,29 @@ class GTAStats(GlobalStats):
         first = f"{first} elsewhere, " if first is not None else ""
         return (f"{self.pipe.name}: scope global needs one '{self.pipe.trim}' per model for the whole model "
                 f"({first}{got} at {name}); use scope: tensor for per-layer values")
+
+
+def _window_blocks(base: torch.Tensor, models: list[torch.Tensor], fns: list, windows: list) -> list:
+    """The window pass on the CPU block by block over the kernel threads: per block, each model's task
+    vector is formed (and sparsified, ``fns``) in cache and only its window counts leave the block.
+    ``windows[i]``: (lo, hi) keys, or None (no selection for model i)."""
+    fb = base.reshape(-1)
+    flat = [m.reshape(-1) for m in models]
+    parts: dict[int, list] = {}
+
+    def work(a: int, b: int) -> None:
+        out = []
+        for m, fn, w in zip(flat, fns, windows):
+            if w is None:
+                out.append(None)
+                continue
+            t = block_tau(m[a:b], fb[a:b], fn, a).abs_()
+            out.append(window_part(t.numpy(), *w))
+        parts[a] = out
+
+    _S.run_blocks(fb.numel(), _S.BLOCK, work)
+    return [None if w is None else window_merge([parts[a][i] for a in sorted(parts)], *w)
+            for i, w in enumerate(windows)]
 
 
 def _window(hist, n: int, density: float) -> tuple[int, int]:

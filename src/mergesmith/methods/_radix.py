@@ -95,6 +95,20 @@ def window_hist(k: torch.Tensor, lo_key: int, hi_key: int) -> tuple[int, tuple[t
     return below, sparse_hist(d[(d >= 0) & (d < width)], width)
 
 
+def window_part(v: np.ndarray, lo_key: int, hi_key: int) -> tuple[int, np.ndarray]:
+    """One block's share of :func:`window_hist` for float32 values ``v >= +0``: (count of keys below
+    ``lo_key``, the keys in [lo_key, hi_key) minus ``lo_key``, int32)."""
+    d = v.view(np.int32) - np.int32(lo_key)  # non-negative keys: no overflow
+    return int(np.count_nonzero(d < 0)), np.compress(d.view(np.uint32) < np.uint32(hi_key - lo_key), d)
+
+
+def window_merge(parts: list[tuple[int, np.ndarray]], lo_key: int, hi_key: int):
+    """:func:`window_hist`'s result from the blocks' :func:`window_part` results (in any order)."""
+    below = sum(b for b, _ in parts)
+    inside = np.concatenate([x for _, x in parts]) if parts else np.empty(0, np.int32)
+    return below, sparse_hist(torch.from_numpy(inside), hi_key - lo_key)
+
+
 def abs_window_hist(x: torch.Tensor, lo_key: int, hi_key: int):
     """:func:`window_hist` of ``keys(x.abs_(), nonneg=True)`` (``x`` is overwritten with |x|). On the CPU
     block by block over the kernel threads (cache-resident temporaries; one histogram at the end)."""
@@ -102,21 +116,14 @@ def abs_window_hist(x: torch.Tensor, lo_key: int, hi_key: int):
         return window_hist(keys(x.abs_(), nonneg=True), lo_key, hi_key)
     from ._sampling import BLOCK, run_blocks
 
-    width = np.uint32(hi_key - lo_key)
-    lo = np.int32(lo_key)
     xf = x.view(-1).numpy()
     parts: dict[int, tuple[int, np.ndarray]] = {}
 
     def work(a: int, b: int) -> None:
-        v = np.abs(xf[a:b], out=xf[a:b])
-        d = v.view(np.int32) - lo  # non-negative keys: no overflow
-        parts[a] = (int(np.count_nonzero(d < 0)), np.compress(d.view(np.uint32) < width, d))
+        parts[a] = window_part(np.abs(xf[a:b], out=xf[a:b]), lo_key, hi_key)
 
     run_blocks(xf.size, BLOCK, work)
-    order = sorted(parts)
-    below = sum(parts[a][0] for a in order)
-    inside = np.concatenate([parts[a][1] for a in order]) if order else np.empty(0, np.int32)
-    return below, sparse_hist(torch.from_numpy(inside), int(width))
+    return window_merge(list(parts.values()), lo_key, hi_key)
 
 
 def dense(parts, size: int = BUCKETS) -> torch.Tensor:

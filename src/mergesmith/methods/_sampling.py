@@ -123,19 +123,18 @@ def bernoulli_mask(shape, keep_prob, seed: int, device=None) -> torch.Tensor:
     return mask.reshape(shape).to(dev)
 
 
+def drop_rescale_block_(x: np.ndarray, d: float, seed: int, start: int) -> None:
+    """In place on float32 elements start .. start+len(x)-1 of a stream: x <- x * keep / d,
+    keep_k = u_k < d (any block on its own: the words are drawn from ``start``)."""
+    thr = word_threshold(d)
+    if thr < 1 << 32:
+        np.multiply(x, np.less(words(seed, start, x.size), np.uint32(thr)), out=x)
+    np.divide(x, np.float32(d), out=x)
+
+
 def drop_rescale_(t: torch.Tensor, d: float, seed: int) -> torch.Tensor:
     """In place on a contiguous float32 CPU tensor: t <- t * keep / d with keep_k = u_k < d, one fused
     pass per block (the same values as ``t * bernoulli_mask(...) / d``)."""
-    thr = word_threshold(d)
     flat = t.view(-1).numpy()
-    t32, d32 = np.uint32(min(thr, (1 << 32) - 1)), np.float32(d)
-    everything = thr >= 1 << 32
-
-    def work(a: int, b: int) -> None:
-        x = flat[a:b]
-        if not everything:
-            np.multiply(x, np.less(words(seed, a, b - a), t32), out=x)
-        np.divide(x, d32, out=x)
-
-    run_blocks(flat.size, BLOCK, work)
+    run_blocks(flat.size, BLOCK, lambda a, b: drop_rescale_block_(flat[a:b], d, seed, a))
     return t

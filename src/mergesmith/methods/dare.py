@@ -50,6 +50,21 @@ def dare_sparsify(ctx, i: int, t: torch.Tensor, p) -> torch.Tensor:
     return K.rescale(t, t * mask, p["rescale"], keep_prob=d)
 
 
+def dare_block(ctx, i: int, p):
+    """Block form of :func:`dare_sparsify` for the GTA block path: ``fn(x, start)`` overwriting a float32
+    CPU block of the task vector that starts at flat element ``start`` (the same values as the whole-
+    tensor fast path), or None where only the whole-tensor form applies (l1/l2 rescale)."""
+    d = p["density"][i]
+    if d >= 1:
+        return lambda x, start: None
+    if d <= 0:
+        return lambda x, start: x.zero_()
+    if p["rescale"] != "inverse_keep_prob":
+        return None
+    seed = ctx.seed_of(i)
+    return lambda x, start: S.drop_rescale_block_(x.numpy(), d, seed, start)
+
+
 def _dare_params():
     return (
         G.density_param(0.8, "keep probability d = 1 - drop rate p (README LLM example p = 0.2)"),
@@ -58,8 +73,8 @@ def _dare_params():
     )
 
 
-_LINEAR = G.Pipeline("dare_linear", sparsify=dare_sparsify)
-_TIES = G.Pipeline("dare_ties", sparsify=dare_sparsify, trim="ties_density", consensus=True)
+_LINEAR = G.Pipeline("dare_linear", sparsify=dare_sparsify, block_sparsify=dare_block)
+_TIES = G.Pipeline("dare_ties", sparsify=dare_sparsify, trim="ties_density", consensus=True, block_sparsify=dare_block)
 
 MERGEKIT_TIES = "ties_density: 1, rescale: l1, weighted_elect: true, zero_sign: positive, normalize: false"
 
