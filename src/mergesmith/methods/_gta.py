@@ -162,8 +162,10 @@ class Pipeline:
     consensus: bool = False
     trim_rescale: bool = False  # apply p["rescale"] (l1/l2) after the trim (ties)
     check: Callable[[Params], None] | None = None  # cross-parameter validation
-    # block form of the sparsifier: (ctx, i, p) -> fn(block, start) in place, or None (whole tensor only)
+    # block form of the sparsifier: (ctx, i, p, row) -> fn(block, start) in place, or None (whole tensor
+    # only); row = length of the last dim; row_blocks: blocks must hold whole rows (per-row statistics)
     block_sparsify: Callable | None = None
+    row_blocks: bool = False
 
     # -- statistics hook for register(stats=...) --------------------------------------------------
     def stats_for(self, p: Params):
@@ -308,7 +310,7 @@ class Pipeline:
                 if major is None:
                     raise MergeError(f"{self.name}: scope and zero_sign must be the same for every tensor")
         if self.blockable(p, base, major, thresholds):
-            fns = self.block_sparsifiers(ctx, p, len(models))
+            fns = self.block_sparsifiers(ctx, p, base, len(models))
             if fns is not None and not self._tensor_thresholds_needed(p, thresholds):
                 return self._merge_blocks(ctx, base, models, p, thresholds, major, fns)  # tau formed per block
             taus = self.deltas(ctx, base, models, p, trim=False)
@@ -343,15 +345,23 @@ class Pipeline:
             return False
         return True
 
-    def block_sparsifiers(self, ctx: TensorContext, p: Params, n: int) -> list | None:
+    def block_sparsifiers(self, ctx: TensorContext, p: Params, base: torch.Tensor, n: int) -> list | None:
         """Per-model block functions that form tau_i block by block (identity without a sparsifier),
         or None when the sparsifier needs the whole tensor."""
         if self.sparsify is None:
             return [None] * n
         if self.block_sparsify is None:
             return None
-        fns = [self.block_sparsify(ctx, i, p) for i in range(n)]
+        row = base.shape[-1] if base.dim() else 1
+        fns = [self.block_sparsify(ctx, i, p, row) for i in range(n)]
         return None if any(f is None for f in fns) else fns
+
+    def block_step(self, base: torch.Tensor) -> int:
+        """Elements per block: ``_sampling.BLOCK``, rounded down to whole rows (at least one) if ``row_blocks``."""
+        if not self.row_blocks or base.dim() == 0:
+            return _S.BLOCK
+        row = max(1, base.shape[-1])
+        return max(1, _S.BLOCK // row) * row
 
     def _tensor_thresholds_needed(self, p: Params, thresholds) -> bool:
         return self.trim is not None and thresholds is None and any(needs_selection(float(d)) for d in p[self.trim])
@@ -387,7 +397,7 @@ class Pipeline:
                 delta = self.combine(block, p, major)
             flat_out[a:b] = _scale(delta, lam).add_(bb)
 
-        _S.run_blocks(flat_out.numel(), _S.BLOCK, work)
+        _S.run_blocks(flat_out.numel(), self.block_step(base), work)
         if deferred:
             for a in sorted(records):
                 votes, idx, alt = records[a]

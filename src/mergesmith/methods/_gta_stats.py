@@ -81,10 +81,10 @@ class GTAStats(GlobalStats):
             return int(sign.sum(dtype=torch.float64).item())  # exact: entries are -1, 0, 1
         if step == "window" and base.device.type == "cpu" and base.dtype == torch.float32 \
                 and base.numel() >= 2 * _S.BLOCK:
-            fns = self.pipe.block_sparsifiers(ctx, p, len(models))
+            fns = self.pipe.block_sparsifiers(ctx, p, base, len(models))
             if fns is not None:
                 hists = _window_blocks(base, models, fns, [state["window"][i] if needs_selection(d) else None
-                                                           for i, d in enumerate(dens)])
+                                                           for i, d in enumerate(dens)], self.pipe.block_step(base))
                 return {"numel": base.numel(), "density": dens, "hist": hists, "name": ctx.name}
         taus = self.pipe.deltas(ctx, base, models, p, trim=False)
         hists = []
@@ -170,7 +170,7 @@ class GTAStats(GlobalStats):
                 f"({first}{got} at {name}); use scope: tensor for per-layer values")
 
 
-def _window_blocks(base: torch.Tensor, models: list[torch.Tensor], fns: list, windows: list) -> list:
+def _window_blocks(base: torch.Tensor, models: list[torch.Tensor], fns: list, windows: list, step: int) -> list:
     """The window pass on the CPU block by block over the kernel threads: per block, each model's task
     vector is formed (and sparsified, ``fns``) in cache and only its window counts leave the block.
     ``windows[i]``: (lo, hi) keys, or None (no selection for model i)."""
@@ -188,7 +188,7 @@ def _window_blocks(base: torch.Tensor, models: list[torch.Tensor], fns: list, wi
             out.append(window_part(t.numpy(), *w))
         parts[a] = out
 
-    _S.run_blocks(fb.numel(), _S.BLOCK, work)
+    _S.run_blocks(fb.numel(), step, work)
     return [None if w is None else window_merge([parts[a][i] for a in sorted(parts)], *w)
             for i, w in enumerate(windows)]
 

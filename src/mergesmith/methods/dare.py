@@ -50,7 +50,7 @@ def dare_sparsify(ctx, i: int, t: torch.Tensor, p) -> torch.Tensor:
     return K.rescale(t, t * mask, p["rescale"], keep_prob=d)
 
 
-def dare_block(ctx, i: int, p):
+def dare_block(ctx, i: int, p, row: int):
     """Block form of :func:`dare_sparsify` for the GTA block path: ``fn(x, start)`` overwriting a float32
     CPU block of the task vector that starts at flat element ``start`` (the same values as the whole-
     tensor fast path), or None where only the whole-tensor form applies (l1/l2 rescale)."""

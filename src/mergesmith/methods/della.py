@@ -224,6 +224,29 @@ def magprune(ctx, i: int, t: torch.Tensor, p) -> torch.Tensor:
     return K.rescale(t, t * mask, mode, keep_prob=q if mode == "inverse_keep_prob" else None)
 
 
+def magprune_block(ctx, i: int, p, row: int):
+    """Block form of :func:`magprune` for the GTA block path (blocks of whole rows of length ``row``):
+    ``fn(x, start)`` overwrites a float32 CPU block that starts at flat element ``start`` with the values of
+    the whole-tensor fast path; None where only the whole-tensor form applies."""
+    d, eps = p["density"][i], p["epsilon"][i]
+    if d >= 1:
+        return lambda x, start: None
+    if p["rescale"] != "inverse_keep_prob" or row < 2 or float(_q_of_rank(2, d, eps)[0]) < 1e-12:
+        return None
+    seed = ctx.seed_of(i)
+    qr = _q_of_rank(row, d, eps).numpy()
+
+    def fn(x: torch.Tensor, start: int) -> None:
+        xr = x.numpy().reshape(-1, row)
+        r = xr.shape[0]
+        q = _by_rank(xr, qr, out=_scratch("q", (r, row), np.float32))
+        keep = np.less(S.uniform_np(seed, start, r * row).reshape(r, row), q)
+        np.multiply(xr, keep, out=xr)
+        np.divide(xr, q, out=xr)
+
+    return fn
+
+
 def check_window(p) -> None:
     for i, (d, eps) in enumerate(zip(p["density"], p["epsilon"])):
         if d < 1 and not (d - eps > 0 and d + eps <= 1):
@@ -242,8 +265,10 @@ def _params(lam: float, lam_help: str):
     )
 
 
-_DELLA = G.Pipeline("della", sparsify=magprune, consensus=True, check=check_window)
-_LINEAR = G.Pipeline("della_linear", sparsify=magprune, check=check_window)
+_DELLA = G.Pipeline("della", sparsify=magprune, consensus=True, check=check_window, block_sparsify=magprune_block,
+                    row_blocks=True)
+_LINEAR = G.Pipeline("della_linear", sparsify=magprune, check=check_window, block_sparsify=magprune_block,
+                     row_blocks=True)
 
 PAPER = "Deep et al., DELLA-Merging (MagPrune), 2024 (arXiv 2406.11617)"
 
