@@ -445,3 +445,55 @@ def test_rss_trim_hands_memory_back_only_above_the_budget():
     if sys.platform.startswith("linux") and _memory._glibc() is not None:
         assert _memory.rss_bytes() > 0
         assert _memory.trim_if_above(0) is True
+
+
+@register("_test_explodes_concurrently", paper="test", math="raises on the 5th tensor, several tensors at once",
+          base="none", granularity="tensor", params=(Param("weight", float, 1.0, scope="model"),),
+          concurrent_tensors=True)
+def _explodes_concurrently(ctx, base, models, p):
+    _explodes_concurrently.calls = getattr(_explodes_concurrently, "calls", 0) + 1
+    if _explodes_concurrently.calls == 5:
+        raise RuntimeError("injected failure")
+    return models[0]
+
+
+def test_failure_in_a_concurrent_tensor_leaves_no_output(tiny_zoo, tmp_path, monkeypatch):
+    import mergesmith.engine as E
+
+    monkeypatch.setattr(E.Executor, "_tensor_workers", lambda self: 2)
+    z = tiny_zoo("llama")
+    with pytest.raises(RuntimeError, match="injected"):
+        run_recipe(recipe("_test_explodes_concurrently", None, [z["ft0"]]), tmp_path / "out")
+    assert os.listdir(tmp_path) == []
+
+
+def test_concurrent_tensors_give_the_sequential_result(tiny_zoo, tmp_path, monkeypatch):
+    """Spectral methods compute several tensors at once on single-threaded workers (concurrent_tensors):
+    the same tensors as one at a time (to float32 rounding: LAPACK's results depend on its thread count)."""
+    import threading
+
+    import mergesmith.engine as E
+    from mergesmith.methods.base import get_method
+
+    z = tiny_zoo("llama")
+    r = recipe("tsv_m", z["base"], [z["ft0"], z["ft1"]])
+    assert get_method("tsv_m").concurrent_tensors
+    names = set()
+    real = E.Executor._compute
+
+    def spy(self, *a, **k):
+        names.add(threading.current_thread().name.split("_")[0])
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(E.Executor, "_compute", spy)
+    monkeypatch.setattr(E.Executor, "_tensor_workers", lambda self: 2)
+    run_recipe(r, tmp_path / "conc")
+    assert names == {"mergesmith-compute"}
+    monkeypatch.setattr(E.Executor, "_tensor_workers", lambda self: 0)
+    names.clear()
+    run_recipe(r, tmp_path / "seq")
+    assert names == {"MainThread"}
+    a, b = load_state(tmp_path / "conc"), load_state(tmp_path / "seq")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), atol=1e-5, rtol=1e-4), k

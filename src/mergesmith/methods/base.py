@@ -222,6 +222,9 @@ class MethodSpec:
     sums: Callable[..., Any] | None = None
     sum_phases: int | Callable[[Params], int] = 1
     finish_sums: Callable[[int, Any, Any, Params], Any] | None = None
+    # tensor-wise methods whose per-tensor work is mostly LAPACK, which uses a second thread poorly: on the
+    # CPU the engine computes several tensors at once, each single-threaded (Executor, "concurrent tensors")
+    concurrent_tensors: bool = False
 
     def param(self, name: str) -> Param | None:
         for p in self.params:
@@ -301,6 +304,7 @@ def register(
     sums: Callable[..., Any] | None = None,
     sum_phases: int | Callable[[Params], int] = 1,
     finish_sums: Callable[[int, Any, Any, Params], Any] | None = None,
+    concurrent_tensors: bool = False,
 ):
     """Decorator that registers a tensor-level merge function under ``name``."""
 
@@ -310,7 +314,7 @@ def register(
             params=tuple(params), aliases=tuple(aliases), min_models=min_models, max_models=max_models,
             stats=stats, mergekit=mergekit, chunkable=chunkable, notes=notes,
             example=dict(example or {}), validate=validate, sums=sums,
-            sum_phases=sum_phases, finish_sums=finish_sums,
+            sum_phases=sum_phases, finish_sums=finish_sums, concurrent_tensors=concurrent_tensors,
         )
         if name in _REGISTRY and _REGISTRY[name].fn is not fn:
             raise RuntimeError(f"merge method {name!r} registered twice")

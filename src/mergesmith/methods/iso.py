@@ -104,6 +104,7 @@ _COMMON = (
 
 @register(
     "iso_c",
+    concurrent_tensors=True,  # SVD-bound: several tensors at once on the CPU
     aliases=("iso", "isotropic", "iso_c_merge", "isotropic_merging"),
     paper="Marczak et al., No Task Left Behind: Isotropic Model Merging with Common and Task-Specific Subspaces, "
           "ICML 2025 (arXiv 2502.04959)",
@@ -135,6 +136,7 @@ def iso_c(ctx, base, models, p):
 
 @register(
     "iso_cts",
+    concurrent_tensors=True,  # SVD-bound: several tensors at once on the CPU
     aliases=("iso_cts_merge",),
     paper="Marczak et al., No Task Left Behind: Isotropic Model Merging with Common and Task-Specific Subspaces, "
           "ICML 2025 (arXiv 2502.04959)",

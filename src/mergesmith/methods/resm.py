@@ -74,6 +74,7 @@ def sparsity_ranks(deltas: list[torch.Tensor], r: int, rank_fraction: float | No
 
 @register(
     "resm",
+    concurrent_tensors=True,  # SVD-bound: several tensors at once on the CPU
     aliases=("reweighting_enhanced_task_singular_merging",),
     paper="Yang et al., Mix Data or Merge Models? Balancing the Helpfulness, Honesty, and Harmlessness of Large "
           "Language Model via Model Merging, 2025 (arXiv 2502.06876)",

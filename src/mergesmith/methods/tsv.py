@@ -55,6 +55,7 @@ def tsv_merge_matrix(deltas: list[torch.Tensor], k: int, *, svd: str = "gram", n
 
 @register(
     "tsv_m",
+    concurrent_tensors=True,  # SVD-bound: several tensors at once on the CPU
     aliases=("tsv", "tsvm", "tsv_merge", "task_singular_vectors", "task_singular_vector_merging"),
     paper="Gargiulo et al., Task Singular Vectors: Reducing Task Interference in Model Merging, CVPR 2025 "
           "(arXiv 2412.00081)",
