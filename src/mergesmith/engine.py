@@ -12,6 +12,7 @@ the tensor's shape, so output bytes do not depend on threads or device schedulin
 """
 from __future__ import annotations
 
+import os
 import threading
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -24,7 +25,9 @@ from .deferred import SignDeferral
 from .methods.base import TensorContext, get_method
 from .plan import InputRef, Plan, TensorJob
 
-TENSOR_WORKERS = 2  # most tensors computed at once (concurrent_tensors): each holds its inputs and temporaries
+# most tensors computed at once (concurrent_tensors): each holds its inputs and temporaries; 1 = one at a
+# time. On the 0.5B benchmark 2 took TSV-M from ~690 to 559 s and its peak RSS from 1.28 to 1.65 GB.
+TENSOR_WORKERS = int(os.environ.get("MERGESMITH_TENSOR_WORKERS", "2"))
 # ... and only while their float32 inputs add up to at most this (a tensor alone always runs): two 5632 x
 # 2048 spectral merges at once took peak RSS from 1.28 to 1.65 GB on the 0.5B benchmark
 CONCURRENT_BYTES = 256 << 20
@@ -303,10 +306,10 @@ class Executor:
         """How many tensors to compute at once (0: one at a time on this thread, torch's threads inside).
         Methods with ``concurrent_tensors`` on the CPU: one single-threaded computation per thread, as
         LAPACK gains ~1.5x from 2 threads where two independent decompositions gain ~2x."""
-        n = torch.get_num_threads()
+        n = min(torch.get_num_threads(), TENSOR_WORKERS)
         if not self.spec.concurrent_tensors or self.device.type != "cpu" or n < 2:
             return 0
-        return min(n, TENSOR_WORKERS)
+        return n
 
     def _patch(self) -> None:
         """Overwrite the coordinates recorded by ``ctx.defer`` when the whole-model sign came out negative."""
