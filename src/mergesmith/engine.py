@@ -28,9 +28,6 @@ from .plan import InputRef, Plan, TensorJob
 # most tensors computed at once (concurrent_tensors): each holds its inputs and temporaries; 1 = one at a
 # time. On the 0.5B benchmark 2 took TSV-M from ~690 to 559 s and its peak RSS from 1.28 to 1.65 GB.
 TENSOR_WORKERS = int(os.environ.get("MERGESMITH_TENSOR_WORKERS", "2"))
-# ... and only while their float32 inputs add up to at most this (a tensor alone always runs): two 5632 x
-# 2048 spectral merges at once took peak RSS from 1.28 to 1.65 GB on the 0.5B benchmark
-CONCURRENT_BYTES = 256 << 20
 CHUNK_ELEMENTS = 1 << 22  # 4M elements (16 MB in float32) per input per chunk
 PREFETCH_BYTES = 1 << 28  # prefetch the next unit only when its float32 inputs fit in 256 MB
 TRIM_RSS_BYTES = 1280 << 20  # above this resident size, hand freed heap holes back to the OS (see _memory)
@@ -262,11 +259,8 @@ class Executor:
                 pending.append(writer.submit(self.sink.write, unit.job.out_name, out, offset))
                 bar.advance()
 
-            def drain(keep: int, room: int = 0) -> None:
-                """Wait until at most ``keep`` computations are in flight and, with ``room``, until a unit
-                of ``room`` input bytes fits under CONCURRENT_BYTES beside them (or nothing is in flight)."""
-                while len(inflight) > keep or (room and inflight and
-                                               room + sum(map(_input_bytes, inflight.values())) > CONCURRENT_BYTES):
+            def drain(keep: int) -> None:  # wait until at most ``keep`` computations are in flight
+                while len(inflight) > keep:
                     done, _ = wait(list(inflight), return_when=FIRST_COMPLETED)
                     for f in done:
                         emit(inflight.pop(f), f.result())
@@ -281,7 +275,7 @@ class Executor:
                         bar.advance()
                         continue
                     if workers:
-                        drain(workers - 1, _input_bytes(unit))
+                        drain(workers - 1)
                         inflight[computer.submit(self._compute, unit, base, models, stats,
                                                  sums.get(unit.job.out_name))] = unit
                         del base, models
