@@ -26,7 +26,8 @@ from .methods.base import TensorContext, get_method
 from .plan import InputRef, Plan, TensorJob
 
 # most tensors computed at once (concurrent_tensors): each holds its inputs and temporaries; 1 = one at a
-# time. On the 0.5B benchmark 2 took TSV-M from ~690 to 559 s and its peak RSS from 1.28 to 1.65 GB.
+# time. On the 0.5B benchmark 2 took TSV-M from 775 s (one at a time, load 2-3) to 559 s and its peak RSS
+# from 1.28 to 1.65 GB.
 TENSOR_WORKERS = int(os.environ.get("MERGESMITH_TENSOR_WORKERS", "2"))
 CHUNK_ELEMENTS = 1 << 22  # 4M elements (16 MB in float32) per input per chunk
 PREFETCH_BYTES = 1 << 28  # prefetch the next unit only when its float32 inputs fit in 256 MB
