@@ -276,10 +276,12 @@ class Executor:
                         bar.advance()
                         continue
                     if workers:
-                        drain(workers - 1)
                         inflight[computer.submit(self._compute, unit, base, models, stats,
                                                  sums.get(unit.job.out_name))] = unit
                         del base, models
+                        # wait for a free worker before taking the next unit: inputs held = the units in
+                        # flight plus the one the reader prefetches (not one more waiting here)
+                        drain(workers - 1)
                         continue
                     out = self._compute(unit, base, models, stats, sums.get(unit.job.out_name))
                     del base, models  # free the inputs before the next (possibly big) unit loads
