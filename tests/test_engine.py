@@ -497,3 +497,19 @@ def test_concurrent_tensors_give_the_sequential_result(tiny_zoo, tmp_path, monke
     assert a.keys() == b.keys()
     for k in a:
         assert torch.allclose(a[k].float(), b[k].float(), atol=1e-5, rtol=1e-4), k
+
+
+def test_tensor_workers_setting(tiny_zoo, tmp_path, monkeypatch):
+    import mergesmith.engine as E
+
+    z = tiny_zoo("llama")
+    seen = []
+    real = E.Executor._tensor_workers
+    monkeypatch.setattr(E.Executor, "_tensor_workers", lambda self: seen.append(real(self)) or seen[-1])
+    monkeypatch.setenv("MERGESMITH_TENSOR_WORKERS", "1")
+    run_recipe(recipe("tsv_m", z["base"], [z["ft0"], z["ft1"]]), tmp_path / "one")
+    assert seen[-1] == 0  # one tensor at a time
+    monkeypatch.setenv("MERGESMITH_TENSOR_WORKERS", "two")
+    with pytest.raises(MergeError, match="MERGESMITH_TENSOR_WORKERS must be a whole number"):
+        run_recipe(recipe("tsv_m", z["base"], [z["ft0"], z["ft1"]]), tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()

@@ -22,13 +22,13 @@ import torch
 
 from ._memory import trim_if_above
 from .deferred import SignDeferral
-from .methods.base import TensorContext, get_method
+from .methods.base import MergeError, TensorContext, get_method
 from .plan import InputRef, Plan, TensorJob
 
 # most tensors computed at once (concurrent_tensors): each holds its inputs and temporaries; 1 = one at a
 # time. On the 0.5B benchmark 2 took TSV-M from 775 s (one at a time, load 2-3) to 559 s and its peak RSS
 # from 1.28 to 1.65 GB.
-TENSOR_WORKERS = int(os.environ.get("MERGESMITH_TENSOR_WORKERS", "2"))
+TENSOR_WORKERS = 2  # default of the environment variable MERGESMITH_TENSOR_WORKERS
 CHUNK_ELEMENTS = 1 << 22  # 4M elements (16 MB in float32) per input per chunk
 PREFETCH_BYTES = 1 << 28  # prefetch the next unit only when its float32 inputs fit in 256 MB
 TRIM_RSS_BYTES = 1280 << 20  # above this resident size, hand freed heap holes back to the OS (see _memory)
@@ -303,10 +303,15 @@ class Executor:
         """How many tensors to compute at once (0: one at a time on this thread, torch's threads inside).
         Methods with ``concurrent_tensors`` on the CPU: one single-threaded computation per thread, as
         LAPACK gains ~1.5x from 2 threads where two independent decompositions gain ~2x."""
-        n = min(torch.get_num_threads(), TENSOR_WORKERS)
-        if not self.spec.concurrent_tensors or self.device.type != "cpu" or n < 2:
+        if not self.spec.concurrent_tensors or self.device.type != "cpu":
             return 0
-        return n
+        raw = os.environ.get("MERGESMITH_TENSOR_WORKERS", str(TENSOR_WORKERS))
+        try:
+            n = int(raw)
+        except ValueError:
+            raise MergeError(f"MERGESMITH_TENSOR_WORKERS must be a whole number (1 = one tensor at a time), got {raw!r}") from None
+        n = min(torch.get_num_threads(), n)
+        return n if n >= 2 else 0
 
     def _patch(self) -> None:
         """Overwrite the coordinates recorded by ``ctx.defer`` when the whole-model sign came out negative."""
