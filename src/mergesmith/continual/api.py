@@ -26,6 +26,7 @@ import torch
 from ..io.checkpoint import DTYPE_TO_SAFETENSORS, SAFETENSORS_DTYPES, Checkpoint, open_checkpoint
 from ..io.writer import ShardedWriter, parse_size
 from ..methods.base import MergeError, TensorContext
+from ..methods.kernels import row_ranges
 from .protocol import get_continual_method
 from .state import FORMAT, FORMAT_VERSION, StateFolder
 
@@ -82,10 +83,8 @@ def row_chunks(shape, budget: int | None = None) -> list:
     row = 4
     for d in shape[1:]:
         row *= int(d)
-    step = max(1, budget // max(row, 1))
-    if step >= shape[0]:
-        return [None]
-    return [(a, min(a + step, shape[0])) for a in range(0, shape[0], step)]
+    ranges = row_ranges(shape[0], row, budget)
+    return [None] if len(ranges) == 1 else ranges
 
 
 def _offset(rows, shape, dtype) -> int:

@@ -81,6 +81,8 @@ from typing import Sequence
 
 import torch
 
+from ..methods.kernels import row_ranges
+
 # Names of 2-D tensors that are embeddings (lookup tables), not linear maps: element-wise in OPCM.
 EMBEDDING_PATTERN = re.compile(
     r"(^|[._])(embed\w*|wte|wpe|word_embeddings|position_embeddings|token_type_embeddings|tok_embeddings|"
@@ -123,8 +125,7 @@ def thin_svd(x: torch.Tensor):
 
 
 def _row_blocks(m: int, n: int) -> list[tuple[int, int]]:
-    step = max(1, BLOCK_ELEMENTS // max(n, 1))
-    return [(a, min(a + step, m)) for a in range(0, m, step)]
+    return row_ranges(m, n, BLOCK_ELEMENTS)
 
 
 def gram_spectrum(G: torch.Tensor, cutoff: bool = False, rcond: float | None = None):

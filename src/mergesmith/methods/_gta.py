@@ -334,12 +334,11 @@ class Pipeline:
         """Whether trim, election and merge may run block by block: every step after the sparsifier is
         per element given the thresholds and the majority sign (not with l1/l2 rescaling after the
         trim, mergekit's exact top-k, or a per-tensor majority sign)."""
-        if base.device.type != "cpu" or base.dtype != torch.float32 or base.numel() < 2 * _S.BLOCK:
+        if not blocks_apply(base):
             return False
         if self.trim_rescale and p.get("rescale", "none") not in ("none", None):
             return False
-        if self.trim is not None and thresholds is None and p.get("exact_topk") \
-                and any(needs_selection(float(d)) for d in p[self.trim]):
+        if p.get("exact_topk") and self._tensor_thresholds_needed(p, thresholds):
             return False
         if self.consensus and p.get("zero_sign", "positive") == "majority" and major is None:
             return False
@@ -405,6 +404,11 @@ class Pipeline:
                 if alt is not None:
                     ctx.defer.alternative(idx + a, alt)
         return out
+
+
+def blocks_apply(base: torch.Tensor) -> bool:
+    """Whether a tensor goes block by block at all: float32 on the CPU, at least two blocks."""
+    return base.device.type == "cpu" and base.dtype == torch.float32 and base.numel() >= 2 * _S.BLOCK
 
 
 def block_tau(m: torch.Tensor, base: torch.Tensor, fn, start: int) -> torch.Tensor:

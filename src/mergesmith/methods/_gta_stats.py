@@ -33,7 +33,7 @@ import math
 import torch
 
 from . import _sampling as _S
-from ._gta import DEFERRED, block_tau, needs_selection, official_rank
+from ._gta import DEFERRED, block_tau, blocks_apply, needs_selection, official_rank
 from .kernels import bits_to_float
 from ._radix import (_OFFSET, abs_window_hist, dense, high_hist, key_value, keys, locate, low_hist, window_merge,
                      window_part)
@@ -79,8 +79,7 @@ class GTAStats(GlobalStats):
             taus = self.pipe.deltas(ctx, base, models, p, thresholds=state["thr"])
             _, _, sign = self.pipe.elect(taus, p)
             return int(sign.sum(dtype=torch.float64).item())  # exact: entries are -1, 0, 1
-        if step == "window" and base.device.type == "cpu" and base.dtype == torch.float32 \
-                and base.numel() >= 2 * _S.BLOCK:
+        if step == "window" and blocks_apply(base):
             fns = self.pipe.block_sparsifiers(ctx, p, base, len(models))
             if fns is not None:
                 hists = _window_blocks(base, models, fns, [state["window"][i] if needs_selection(d) else None

@@ -26,16 +26,10 @@ import numpy as np
 import torch
 
 from .base import ChunkParts, register
-from .kernels import INLINE_BLOCK
+from .kernels import INLINE_BLOCK, row_ranges
 
 SAMPLE_SIZE = 1_000_000
 IQR_FACTOR = 1.5
-
-
-def _blocks(rows: int, row_len: int, size: int) -> list[tuple[int, int]]:
-    """Row ranges of about ``size`` elements (at least one row each)."""
-    step = max(1, size // max(1, row_len))
-    return [(a, min(a + step, rows)) for a in range(0, rows, step)]
 
 
 # Work sizes on the CPU: the softmaxes run on ~1M-element row blocks (a softmax is a parallel region at
@@ -55,10 +49,10 @@ def row_kl(model: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
     rows, cols = m.shape
     out = torch.empty(rows, 1, dtype=m.dtype, device=m.device)
     cpu = m.device.type == "cpu"
-    for a0, a1 in _blocks(rows, cols, SOFTMAX_BLOCK) if cpu else [(0, rows)]:
+    for a0, a1 in row_ranges(rows, cols, SOFTMAX_BLOCK) if cpu else [(0, rows)]:
         p = torch.softmax(m[a0:a1], dim=-1)
         q = torch.softmax(b[a0:a1], dim=-1)
-        for r0, r1 in _blocks(a1 - a0, cols, INLINE_BLOCK) if cpu else [(0, a1 - a0)]:
+        for r0, r1 in row_ranges(a1 - a0, cols, INLINE_BLOCK) if cpu else [(0, a1 - a0)]:
             pb, qb = p[r0:r1].add_(1e-8), q[r0:r1].add_(1e-8)
             torch.sum(torch.div(pb, qb, out=qb).log_().mul_(pb), dim=-1, keepdim=True, out=out[a0 + r0:a0 + r1])
     return out
@@ -70,7 +64,7 @@ def importance_scores(model: torch.Tensor, base: torch.Tensor, kl: torch.Tensor 
     kl = row_kl(model, base) if kl is None else kl
     out = torch.empty_like(m)
     size = INLINE_BLOCK if m.device.type == "cpu" else m.numel()
-    for r0, r1 in _blocks(m.shape[0], m.shape[1], size):
+    for r0, r1 in row_ranges(m.shape[0], m.shape[1], size):
         torch.sub(m[r0:r1], b[r0:r1], out=out[r0:r1]).abs_().mul_(kl[r0:r1])
     return out.reshape(model.shape)
 
@@ -80,7 +74,7 @@ def keep_outliers(model: torch.Tensor, base: torch.Tensor, kl: torch.Tensor, thr
     out = model if inplace else model.clone()
     m, b = _rows(out), _rows(base)
     size = INLINE_BLOCK if m.device.type == "cpu" else m.numel()
-    for r0, r1 in _blocks(m.shape[0], m.shape[1], size):
+    for r0, r1 in row_ranges(m.shape[0], m.shape[1], size):
         d = m[r0:r1].sub_(b[r0:r1])
         keep = d.abs().mul_(kl[r0:r1]).ge_(threshold)  # the importance scores, then the comparison
         d.mul_(keep).add_(b[r0:r1])

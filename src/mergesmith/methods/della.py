@@ -198,15 +198,18 @@ def _magprune_fused_(t: torch.Tensor, d: float, eps: float, seed: int) -> torch.
     x = t.view(-1, t.shape[-1]).numpy()
     n = x.shape[1]
     step, qr = _row_blocks(n, d, eps)
-
-    def work(a: int, b: int) -> None:
-        q = _by_rank(x[a:b], qr, out=_scratch("q", (b - a, n), np.float32))
-        keep = np.less(S.uniform_np(seed, a * n, (b - a) * n).reshape(b - a, n), q)
-        np.multiply(x[a:b], keep, out=x[a:b])
-        np.divide(x[a:b], q, out=x[a:b])
-
-    S.run_blocks(x.shape[0], step, work)
+    S.run_blocks(x.shape[0], step, lambda a, b: _magprune_rows_(x[a:b], qr, seed, a * n))
     return t
+
+
+def _magprune_rows_(x: np.ndarray, qr: np.ndarray, seed: int, start: int) -> None:
+    """In place on float32 rows ``x`` whose first element is element ``start`` of the stream:
+    x <- x * keep / q, q = ``qr`` by within-row rank, keep = u < q."""
+    r, n = x.shape
+    q = _by_rank(x, qr, out=_scratch("q", (r, n), np.float32))
+    keep = np.less(S.uniform_np(seed, start, r * n).reshape(r, n), q)
+    np.multiply(x, keep, out=x)
+    np.divide(x, q, out=x)
 
 
 def magprune(ctx, i: int, t: torch.Tensor, p) -> torch.Tensor:
@@ -235,16 +238,7 @@ def magprune_block(ctx, i: int, p, row: int):
         return None
     seed = ctx.seed_of(i)
     qr = _q_of_rank(row, d, eps).numpy()
-
-    def fn(x: torch.Tensor, start: int) -> None:
-        xr = x.numpy().reshape(-1, row)
-        r = xr.shape[0]
-        q = _by_rank(xr, qr, out=_scratch("q", (r, row), np.float32))
-        keep = np.less(S.uniform_np(seed, start, r * row).reshape(r, row), q)
-        np.multiply(xr, keep, out=xr)
-        np.divide(xr, q, out=xr)
-
-    return fn
+    return lambda x, start: _magprune_rows_(x.numpy().reshape(-1, row), qr, seed, start)
 
 
 def check_window(p) -> None:

@@ -388,6 +388,13 @@ def slerp_flat(t: float, v0: torch.Tensor, v1: torch.Tensor, g: torch.Tensor, do
 INLINE_BLOCK = 32760  # below torch's parallel grain (32768): ops on blocks this size run inline
 
 
+def row_ranges(rows: int, row_len: int, size: int) -> list[tuple[int, int]]:
+    """(start, end) ranges over ``rows`` rows of ``row_len`` elements (or bytes), each about ``size``
+    of them and at least one row."""
+    step = max(1, size // max(1, row_len))
+    return [(a, min(a + step, rows)) for a in range(0, rows, step)]
+
+
 def inline_blocks(n: int, device, size: int = INLINE_BLOCK) -> list[tuple[int, int]]:
     """(start, end) ranges over ``n`` flat elements for block loops. On the CPU below torch's parallel
     grain, so each op runs inline on the calling thread with cache-resident operands: a parallel
