@@ -17,5 +17,5 @@ if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
   .venv/bin/python -m pip install -q "torch==2.13.0" 2>&1 | grep -v "^WARNING: Location" || true
 fi
 .venv/bin/python -m pip install -q -e ".[dev]" 2>&1 | grep -v "^WARNING: Location" || true
-.venv/bin/python -c "import torch, transformers, peft, safetensors, mergesmith" 
+.venv/bin/python -c "import torch, transformers, peft, safetensors, numba, mergesmith"
 echo "$want" > "$stamp"

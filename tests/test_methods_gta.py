@@ -277,8 +277,12 @@ def test_ties_global_sampled_estimate_then_exact_window_through_the_engine():
             assert torch.equal(got[k], ref[k]), (d, k)
     # the sampled pass really reads a subset of rows
     job = type("Job", (), {"shape": (700, 130)})()
-    rows = sum(u.rows[1] - u.rows[0] for u in sample_units(job, 16))
-    assert 700 // 32 <= rows <= 700 // 8
+    units = sample_units(job, 16)
+    assert len(units) == 1 and units[0].rows is None  # one unit: its runs of rows read as one tensor
+    runs = units[0].runs
+    rows = sum(b - a for a, b in runs)
+    assert 700 // 32 <= rows <= 700 // 8 and len(runs) > 4
+    assert all(b0 < a1 for (_, b0), (a1, _) in zip(runs, runs[1:]))  # spread over the tensor, no overlap
 
 
 def test_ties_global_falls_back_to_exact_passes_when_the_sample_misses(monkeypatch):
@@ -616,14 +620,26 @@ def test_radix_select_equals_kthvalue():
     ("della_linear", {"density": 0.5, "epsilon": 0.2, "weight": [1.0, 0.5, 2.0]}),
     ("breadcrumbs_ties", {}),
     ("consensus_ties", {}),
+    ("ties", {"density": 0.5, "weighted_elect": True, "weight": [0.5, 1.0, 2.0], "agg": "weighted_mean"}),
+    ("ties", {"density": 0.5, "elect": "count", "agg": "sum", "weight": [2.0, 0.5, 1.0]}),
+    ("dare_ties", {"density": 0.7, "ties_density": 0.6, "lambda": 0.5, "zero_sign": "positive", "weight": [1.0, 3.0, 0.5]}),
 ])
 @pytest.mark.parametrize("data", ["quantized", "continuous"])
-def test_block_by_block_path_equals_the_whole_tensor_path(tmp_path, monkeypatch, method, params, data):
+@pytest.mark.parametrize("kernels", ["fused", "torch"])
+@pytest.mark.parametrize("stored", ["float32", "bfloat16"])
+def test_block_by_block_path_equals_the_whole_tensor_path(tmp_path, monkeypatch, method, params, data, kernels, stored):
     """Trim/elect/merge block by block over the kernel threads (and the blocked window histogram of the
     global trim) give the bytes of the whole-tensor operations: deferred majority patches included
-    (quantized values: exact cancellations), thresholds to the bit (continuous values: no ties)."""
+    (quantized values: exact cancellations), thresholds to the bit (continuous values: no ties). Both
+    block forms: the fused numba kernels (reading bf16 bits as stored) and the torch ops."""
+    import mergesmith.methods._fused as F
     import mergesmith.methods._gta as G
     import mergesmith.methods._sampling as S
+
+    if kernels == "fused" and not F.enabled():
+        pytest.skip("numba not installed")
+    if kernels == "torch":
+        monkeypatch.setenv("MERGESMITH_FUSED", "0")
     from safetensors.torch import load_file, save_file
 
     from mergesmith.run import run_recipe
@@ -633,12 +649,13 @@ def test_block_by_block_path_equals_the_whole_tensor_path(tmp_path, monkeypatch,
     if data == "continuous":
         g = torch.Generator().manual_seed(24)
         models = [{k: v + torch.randn(v.shape, generator=g) * 0.1 for k, v in base.items()} for _ in range(3)]
+    dt = getattr(torch, stored)
     for name, sd in [("base", base)] + [(f"m{i}", m) for i, m in enumerate(models)]:
         (tmp_path / name).mkdir()
-        save_file({k: v.contiguous() for k, v in sd.items()}, tmp_path / name / "model.safetensors")
+        save_file({k: v.to(dt).contiguous() for k, v in sd.items()}, tmp_path / name / "model.safetensors")
     spec = get_method(method)
     params = {**spec.example, **params}
-    recipe = {"merge_method": method, "base_model": str(tmp_path / "base"), "dtype": "float32", "seed": 5,
+    recipe = {"merge_method": method, "base_model": str(tmp_path / "base"), "dtype": stored, "seed": 5,
               "models": [{"model": str(tmp_path / f"m{i}")} for i in range(3)], "parameters": params}
 
     def run(out):
@@ -648,12 +665,15 @@ def test_block_by_block_path_equals_the_whole_tensor_path(tmp_path, monkeypatch,
             got.update(load_file(f))
         return got
 
-    real = G.Pipeline._merge_blocks
-    calls = []
+    real, real_combine = G.Pipeline._merge_blocks, F.combine
+    calls, fused = [], []
     monkeypatch.setattr(G.Pipeline, "_merge_blocks", lambda self, *a: calls.append(1) or real(self, *a))
+    monkeypatch.setattr(F, "combine", lambda *a: fused.append(1) or real_combine(*a))
     monkeypatch.setattr(S, "BLOCK", 16)  # several blocks per tensor, on two kernel threads
     blocked = run("blocked")
     assert calls, "the block path did not run"
+    fusable = params.get("agg") != "max"
+    assert bool(fused) == (kernels == "fused" and fusable)
     monkeypatch.setattr(G.Pipeline, "blockable", lambda self, *a: False)
     monkeypatch.setattr(S, "BLOCK", 1 << 22)  # no block path anywhere (window pass, sparsifiers)
     whole = run("whole")

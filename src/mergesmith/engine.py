@@ -36,6 +36,8 @@ TRIM_RSS_BYTES = 1280 << 20  # above this resident size, hand freed heap holes b
 
 def _input_bytes(unit: "Unit") -> int:
     rows = unit.rows[1] - unit.rows[0] if unit.rows is not None else None
+    if unit.runs:
+        rows = sum(b - a for a, b in unit.runs)
     n = 1
     for k, s in enumerate(unit.job.shape):
         n *= rows if (k == 0 and rows is not None) else s
@@ -71,6 +73,7 @@ class Unit:
     rows: tuple[int, int] | None  # row range of a chunk, None = whole tensor
     phase: str = "apply"  # "sums": accumulate the method's per-tensor sums (MethodSpec.sums), no output
     step: int = 0  # which sums phase (MethodSpec.sum_phases), for phase "sums"
+    runs: tuple = ()  # a sample of the tensor: these row ranges read one after the other as one tensor (rows None)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -125,8 +128,9 @@ def run_statistics(spec, params, items, num_models: int, deferral: Any = None) -
 
 
 def sample_units(job: TensorJob, stride: int, blocks: int = 32) -> list[Unit]:
-    """About one row in ``stride`` of a tensor, as ~``blocks`` evenly spaced runs of rows (for an
-    estimate; chunk ids are negative so seeded sparsifiers draw fresh masks). Small tensors are whole."""
+    """About one row in ``stride`` of a tensor, as ~``blocks`` evenly spaced runs of rows read as one
+    unit (for an estimate; chunk ids are negative so seeded sparsifiers draw fresh masks). Small
+    tensors are whole."""
     numel = 1
     for s in job.shape:
         numel *= s
@@ -135,7 +139,7 @@ def sample_units(job: TensorJob, stride: int, blocks: int = 32) -> list[Unit]:
         return [Unit(job, -1, None)]
     run = max(1, -(-rows // (stride * blocks)))
     step = run * stride
-    return [Unit(job, -1 - j, (a, min(a + run, rows))) for j, a in enumerate(range(step // 2, rows, step))]
+    return [Unit(job, -1, None, runs=tuple((a, min(a + run, rows)) for a in range(step // 2, rows, step)))]
 
 
 class Executor:
@@ -160,9 +164,15 @@ class Executor:
 
     def _load(self, unit: Unit):
         job = unit.job
-        base = self._read(job.base, unit.rows) if job.base is not None else None
-        models = [self._read(r, unit.rows) for r in job.models]
-        if job.method is None:
+        if unit.runs:  # a sample (statistics only): its runs of rows concatenated
+            def read(ref):
+                return torch.cat([self._read(ref, r) for r in unit.runs])
+        else:
+            def read(ref):
+                return self._read(ref, unit.rows)
+        base = read(job.base) if job.base is not None else None
+        models = [read(r) for r in job.models]
+        if job.method is None or self._raw(job):
             return base, models
         dev = self.device
         nb = dev.type == "cuda"
@@ -173,6 +183,7 @@ class Executor:
 
     def _ctx(self, unit: Unit, stats: Any, sums: Any = None, record: bool = False) -> TensorContext:
         j = unit.job
+        raw = self._raw(j)
         defer = None
         if record and self.deferral is not None:
             row = 1
@@ -181,7 +192,12 @@ class Executor:
             defer = self.deferral.recorder(j.out_name, unit.rows[0] * row if unit.rows is not None else 0)
         return TensorContext(name=j.out_name, layer=j.layer, num_layers=j.num_layers, seed=self.plan.seed,
                              device=self.device, stats=stats, sums=sums, chunk=unit.chunk, rows=unit.rows,
-                             shape=tuple(j.shape), owned=True, defer=defer)
+                             shape=tuple(j.shape), owned=not raw, raw=raw, defer=defer, out_dtype=j.dtype)
+
+    def _raw(self, job: TensorJob) -> bool:
+        """Whether this job's inputs go to the method in their stored dtype (MethodSpec.raw_inputs; CPU only)."""
+        return (self.device.type == "cpu" and job.method is not None and self.spec.raw_inputs is not None
+                and bool(self.spec.raw_inputs(job.params)))
 
     def _stream(self, units: list[Unit]) -> Iterator[tuple[Unit, Any]]:
         """Yield (unit, loaded inputs) with the next unit prefetched in a reader thread.

@@ -18,11 +18,13 @@ Whole-model (``scope: global``) trimming and the global majority sign come from
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
+import numpy as np
 import torch
 
+from . import _fused as _F
 from . import _sampling as _S
 from . import kernels as K
 from .base import MergeError, Param, Params, TensorContext
@@ -282,7 +284,7 @@ class Pipeline:
             return K.disjoint_merge_list(weighted, sign, self._agg(p), weights=w, votes=votes)
         delta = torch.zeros_like(taus[0])
         for wi, t in zip(w, taus):
-            delta.add_(t, alpha=wi)
+            delta.add_(t if wi == 1 else t * wi)  # not add_(alpha=): that may fuse the multiply-add
         if p.get("normalize"):
             total = sum(w)
             if abs(total) >= 1e-8:  # mergekit: a weight sum of ~0 divides by 1
@@ -290,10 +292,22 @@ class Pipeline:
         return delta
 
     # -- the method ------------------------------------------------------------------------------
+    def raw_inputs(self, p: Params) -> bool:
+        """Whether the engine may hand this tensor's inputs in their stored dtype (MethodSpec.raw_inputs):
+        when the fused kernels can take them (``_fused``); :meth:`merge` converts them otherwise."""
+        if not _F.enabled() or (self.sparsify is not None and self.block_sparsify is None):
+            return False
+        if self.consensus and self._agg(p) == "max":
+            return False
+        return not (self.trim_rescale and p.get("rescale", "none") not in ("none", None))
+
     def merge(self, ctx: TensorContext, base: torch.Tensor, models: list[torch.Tensor], p: Params) -> torch.Tensor:
         self.validate(p)
         if base.numel() == 0:
-            return base.clone()
+            return base.to(torch.float32, copy=True)
+        if ctx.raw:  # stored dtypes (raw_inputs): the fused path reads them, everything else gets float32 copies
+            if not self._fused_inputs(base, models):
+                ctx, base, models = float32_inputs(ctx, base, models)
         thresholds, major = None, None
         steps = self.stat_steps(p)
         if steps:
@@ -313,11 +327,15 @@ class Pipeline:
             fns = self.block_sparsifiers(ctx, p, base, len(models))
             if fns is not None and not self._tensor_thresholds_needed(p, thresholds):
                 return self._merge_blocks(ctx, base, models, p, thresholds, major, fns)  # tau formed per block
+            if ctx.raw:
+                ctx, base, models = float32_inputs(ctx, base, models)
             taus = self.deltas(ctx, base, models, p, trim=False)
             if self.trim is not None and thresholds is None:  # tensor scope: the whole tensor's thresholds
                 thresholds = [tensor_threshold(t, d) if needs_selection(d) else None
                               for t, d in zip(taus, p[self.trim])]
             return self._merge_blocks(ctx, base, taus, p, thresholds, major)
+        if ctx.raw:
+            ctx, base, models = float32_inputs(ctx, base, models)
         taus = self.deltas(ctx, base, models, p, thresholds)
         if major == DEFERRED:
             if ctx.defer is None:
@@ -365,6 +383,38 @@ class Pipeline:
     def _tensor_thresholds_needed(self, p: Params, thresholds) -> bool:
         return self.trim is not None and thresholds is None and any(needs_selection(float(d)) for d in p[self.trim])
 
+    def _fused_inputs(self, base: torch.Tensor, models: list[torch.Tensor]) -> bool:
+        """Whether these (raw) inputs can go to the fused block path as they are."""
+        return _F.enabled() and base.numel() >= 2 * _S.BLOCK and all(_F.raw_ok(t) for t in [base, *models])
+
+    def fused_args(self, p: Params, thresholds, major) -> tuple | None:
+        """The per-tensor arguments of ``_fused.combine`` (trim kinds, hardshrink bounds, weights, switches),
+        or None where the kernel does not apply (numba unavailable, ``agg: max``)."""
+        if not _F.enabled():
+            return None
+        w = [float(x) for x in p["weight"]]
+        n = len(w)
+        kind, below = np.zeros(n, np.int8), np.zeros(n, np.float32)
+        if self.trim is not None:
+            for i, d in enumerate(p[self.trim]):
+                if d <= 0:
+                    kind[i] = _F.ZERO
+                elif d < 1 and thresholds is not None and thresholds[i] is not None:
+                    kind[i] = _F.THRESHOLD  # as K.trim_below: keep |t| > nextafter(thr, 0)
+                    below[i] = np.nextafter(np.float32(thresholds[i]), np.float32(0.0))
+        agg, fill, norm = self._agg(p), 1.0, 0.0
+        if self.consensus:
+            if agg not in _F.AGG:
+                return None
+            if p.get("zero_sign", "positive") == "majority" and major != DEFERRED:
+                fill = float(major) if major else 1.0
+        elif p.get("normalize") and abs(sum(w)) >= 1e-8:
+            norm = sum(w)
+        lam = float(p["lambda"])
+        return (kind, below, np.array(w, np.float32), all(x == 1.0 for x in w), self.consensus,
+                p.get("elect", "mass") == "count", bool(p.get("weighted_elect")), _F.AGG.get(agg, 0), np.float32(fill),
+                major == DEFERRED, np.float32(norm), np.float32(lam), lam != 1)
+
     def _merge_blocks(self, ctx: TensorContext, base: torch.Tensor, taus: list[torch.Tensor], p: Params,
                       thresholds, major, fns: list | None = None) -> torch.Tensor:
         """Trim, elect, merge and add the base on blocks of ``_sampling.BLOCK`` elements spread over the
@@ -373,7 +423,12 @@ class Pipeline:
         (from :meth:`block_sparsifiers`): ``taus`` are the models, and each block's task vectors are
         formed and sparsified in the block. Deferred majority signs: the blocks' votes and alternatives
         are handed to ``ctx.defer`` in block order."""
-        out = base if ctx.owned else torch.empty_like(base)
+        args = self.fused_args(p, thresholds, major)
+        # the fused kernel's output never aliases the base it reads (nor a base in a stored dtype); it is
+        # written in bf16 directly when that is what the engine stores
+        narrow = args is not None and ctx.out_dtype == torch.bfloat16
+        out = base if ctx.owned and args is None else \
+            torch.empty(base.shape, dtype=torch.bfloat16 if narrow else torch.float32)
         flat_out, flat_base = out.view(-1), base.reshape(-1)
         flat = [t.reshape(-1) for t in taus]
         deferred = major == DEFERRED
@@ -381,6 +436,19 @@ class Pipeline:
             raise RuntimeError(f"{self.name}: the majority sign was deferred but ctx.defer is not set")
         lam = p["lambda"]
         records: dict[int, tuple] = {}
+        if args is not None:  # one fused kernel per block (``_fused``): the same float32 operations
+
+            def fused(a: int, b: int) -> None:
+                bb = _F.as_float32(flat_base[a:b])  # scratch slot 0; task vectors in slots 1..n
+                block = [t[a:b] for t in flat] if fns is None else \
+                    [block_tau(m[a:b], bb, fn, a, slot=i + 1) for i, (m, fn) in enumerate(zip(flat, fns))]
+                ai = _F.scratch(-2, b - a if deferred else 0, torch.int64).numpy()
+                av = _F.scratch(-3, b - a if deferred else 0).numpy()
+                o = _F.scratch(-5, b - a) if narrow else flat_out[a:b]
+                votes, nalt = _F.combine(tuple(t.numpy() for t in block), bb.numpy(), *args, o.numpy(), ai, av)
+                if narrow:
+                    _F.narrow_bf16(o, flat_out[a:b])
+                records[a] = (votes, torch.from_numpy(ai[:nalt].copy()), torch.from_numpy(av[:nalt].copy()) if nalt else None)
 
         def work(a: int, b: int) -> None:
             bb = flat_base[a:b]
@@ -396,7 +464,7 @@ class Pipeline:
                 delta = self.combine(block, p, major)
             flat_out[a:b] = _scale(delta, lam).add_(bb)
 
-        _S.run_blocks(flat_out.numel(), self.block_step(base), work)
+        _S.run_blocks(flat_out.numel(), self.block_step(base), work if args is None else fused)
         if deferred:
             for a in sorted(records):
                 votes, idx, alt = records[a]
@@ -407,13 +475,24 @@ class Pipeline:
 
 
 def blocks_apply(base: torch.Tensor) -> bool:
-    """Whether a tensor goes block by block at all: float32 on the CPU, at least two blocks."""
-    return base.device.type == "cpu" and base.dtype == torch.float32 and base.numel() >= 2 * _S.BLOCK
+    """Whether a tensor goes block by block at all: on the CPU, at least two blocks, float32 (or a stored
+    dtype the fused kernels read: ``_fused.raw_ok``)."""
+    if base.device.type != "cpu" or base.numel() < 2 * _S.BLOCK:
+        return False
+    return base.dtype == torch.float32 or (_F.raw_ok(base) and _F.enabled())
 
 
-def block_tau(m: torch.Tensor, base: torch.Tensor, fn, start: int) -> torch.Tensor:
-    """tau = m - base on one block, sparsified in place by ``fn(tau, start)`` (None: not sparsified)."""
-    t = torch.sub(m, base)
+def float32_inputs(ctx: TensorContext, base: torch.Tensor, models: list[torch.Tensor]):
+    """(ctx, base, models) with float32 copies of inputs handed in their stored dtype (``ctx.raw``),
+    which the method then owns."""
+    ctx = replace(ctx, raw=False, owned=True)
+    return ctx, base.to(torch.float32, copy=True), [m.to(torch.float32, copy=True) for m in models]
+
+
+def block_tau(m: torch.Tensor, base: torch.Tensor, fn, start: int, slot: int | None = None) -> torch.Tensor:
+    """tau = m - base on one block (``m`` float32 or a stored dtype, ``base`` float32), sparsified in place
+    by ``fn(tau, start)`` (None: not sparsified). ``slot``: write it into that ``_fused.scratch`` buffer."""
+    t = _F.sub(m, base, slot) if _F.enabled() else torch.sub(m, base)
     if fn is not None:
         fn(t, start)
     return t

@@ -32,8 +32,9 @@ import math
 
 import torch
 
+from . import _fused as _F
 from . import _sampling as _S
-from ._gta import DEFERRED, block_tau, blocks_apply, needs_selection, official_rank
+from ._gta import DEFERRED, block_tau, blocks_apply, float32_inputs, needs_selection, official_rank
 from .kernels import bits_to_float
 from ._radix import (_OFFSET, abs_window_hist, dense, high_hist, key_value, keys, locate, low_hist, window_merge,
                      window_part)
@@ -73,14 +74,21 @@ class GTAStats(GlobalStats):
         if base.numel() == 0:
             return None
         dens = [float(d) for d in p[self.pipe.trim]]
+        fused_window = step == "window" and blocks_apply(base) and (not ctx.raw or self.pipe._fused_inputs(base, models))
+        if step == "sample" and self.pipe.sparsify is None and _F.enabled() and all(_F.raw_ok(t) for t in [base, *models]):
+            return self._fused_sample(base, models, dens, ctx.name)
+        if ctx.raw and not fused_window:  # stored dtypes (MethodSpec.raw_inputs): float32 copies
+            ctx, base, models = float32_inputs(ctx, base, models)
         if step == "major":
             if any(needs_selection(d) for d in dens) and (state["thr"] is None or dens != state["density"]):
                 raise MergeError(self._mixed(dens, ctx.name))
             taus = self.pipe.deltas(ctx, base, models, p, thresholds=state["thr"])
             _, _, sign = self.pipe.elect(taus, p)
             return int(sign.sum(dtype=torch.float64).item())  # exact: entries are -1, 0, 1
-        if step == "window" and blocks_apply(base):
+        if fused_window:
             fns = self.pipe.block_sparsifiers(ctx, p, base, len(models))
+            if fns is None and ctx.raw:
+                ctx, base, models = float32_inputs(ctx, base, models)
             if fns is not None:
                 hists = _window_blocks(base, models, fns, [state["window"][i] if needs_selection(d) else None
                                                            for i, d in enumerate(dens)], self.pipe.block_step(base))
@@ -101,6 +109,13 @@ class GTAStats(GlobalStats):
             else:
                 hists.append(low_hist(k, state["bucket"][i][0]))
         return {"numel": base.numel(), "density": dens, "hist": hists, "name": ctx.name}
+
+    def _fused_sample(self, base, models, dens, name):
+        """The ``sample`` step's high-key histograms of |tau_i| by the fused kernels (no sparsifier)."""
+        b = _F.as_float32(base.reshape(-1))
+        hists = [_F.abs_high_hist(_F.sub(m.reshape(-1), b, slot=1)) if needs_selection(d) else None
+                 for m, d in zip(models, dens)]
+        return {"numel": base.numel(), "density": dens, "hist": hists, "name": name}
 
     # -- reduce ------------------------------------------------------------------------------------
     def reduce(self, pass_index, state, partials):
@@ -177,14 +192,17 @@ def _window_blocks(base: torch.Tensor, models: list[torch.Tensor], fns: list, wi
     flat = [m.reshape(-1) for m in models]
     parts: dict[int, list] = {}
 
+    fused = _F.enabled()
+
     def work(a: int, b: int) -> None:
         out = []
+        bb = _F.as_float32(fb[a:b]) if fused else fb[a:b]
         for m, fn, w in zip(flat, fns, windows):
             if w is None:
                 out.append(None)
                 continue
-            t = block_tau(m[a:b], fb[a:b], fn, a).abs_()
-            out.append(window_part(t.numpy(), *w))
+            t = block_tau(m[a:b], bb, fn, a, slot=1 if fused else None)
+            out.append(_F.window(t, *w) if fused else window_part(t.abs_().numpy(), *w))
         parts[a] = out
 
     _S.run_blocks(fb.numel(), step, work)

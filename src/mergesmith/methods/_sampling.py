@@ -22,6 +22,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from . import _fused
+
 BLOCK = 1 << 17  # elements per work item (128K: per-item overheads amortised, temporaries ~cache-sized)
 _POOLS: dict[int, ThreadPoolExecutor] = {}
 _LOCK = threading.Lock()
@@ -127,6 +129,9 @@ def drop_rescale_block_(x: np.ndarray, d: float, seed: int, start: int) -> None:
     """In place on float32 elements start .. start+len(x)-1 of a stream: x <- x * keep / d,
     keep_k = u_k < d (any block on its own: the words are drawn from ``start``)."""
     thr = word_threshold(d)
+    if thr < 1 << 32 and _fused.enabled():  # one pass: the same float32 operations
+        _fused.drop_scale(x, _fused.words(seed, start, x.size), thr, d)
+        return
     if thr < 1 << 32:
         np.multiply(x, np.less(words(seed, start, x.size), np.uint32(thr)), out=x)
     np.divide(x, np.float32(d), out=x)

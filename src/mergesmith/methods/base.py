@@ -122,6 +122,11 @@ class TensorContext:
     extra: dict = field(default_factory=dict)
     # True when the engine made the input tensors for this call only: a method may overwrite them
     owned: bool = False
+    # True when the engine handed the inputs in their stored dtype (MethodSpec.raw_inputs): the method
+    # reads them as they are (never in place) or converts them to float32 itself
+    raw: bool = False
+    # the dtype the engine will store the result in (None: unknown); a method may return it directly
+    out_dtype: Any = None
     # a ``deferred.Recorder`` when the executor patches outputs after the last tensor (GlobalStats.defer)
     defer: Any = None
 
@@ -225,6 +230,10 @@ class MethodSpec:
     # tensor-wise methods whose per-tensor work is mostly LAPACK, which uses a second thread poorly: on the
     # CPU the engine computes several tensors at once, each single-threaded (Executor, "concurrent tensors")
     concurrent_tensors: bool = False
+    # a function of a tensor's parameters: True lets the engine hand that tensor's inputs in their stored
+    # dtype (bf16 ...) on the CPU instead of float32 copies (ctx.raw); for methods with kernels that read
+    # the stored bits (``_fused``). None: always float32
+    raw_inputs: Callable[[Params], bool] | None = None
 
     def param(self, name: str) -> Param | None:
         for p in self.params:
@@ -305,6 +314,7 @@ def register(
     sum_phases: int | Callable[[Params], int] = 1,
     finish_sums: Callable[[int, Any, Any, Params], Any] | None = None,
     concurrent_tensors: bool = False,
+    raw_inputs: Callable[[Params], bool] | None = None,
 ):
     """Decorator that registers a tensor-level merge function under ``name``."""
 
@@ -315,6 +325,7 @@ def register(
             stats=stats, mergekit=mergekit, chunkable=chunkable, notes=notes,
             example=dict(example or {}), validate=validate, sums=sums,
             sum_phases=sum_phases, finish_sums=finish_sums, concurrent_tensors=concurrent_tensors,
+            raw_inputs=raw_inputs,
         )
         if name in _REGISTRY and _REGISTRY[name].fn is not fn:
             raise RuntimeError(f"merge method {name!r} registered twice")

@@ -83,6 +83,7 @@ MERGEKIT_TIES = "ties_density: 1, rescale: l1, weighted_elect: true, zero_sign: 
     "dare_linear",
     validate=_LINEAR.validate,
     chunkable=_LINEAR.chunkable,
+    raw_inputs=_LINEAR.raw_inputs,
     aliases=("dare", "dare_ta", "dare_task_arithmetic"),
     paper="Yu et al., Language Models are Super Mario (DARE), ICML 2024 (arXiv 2311.03099)",
     math="tau~_i = Bernoulli(d_i) * tau_i / d_i; theta = theta_0 + lambda * sum_i w_i tau~_i [/ sum_i w_i]",
@@ -106,6 +107,7 @@ def dare_linear(ctx, base, models, p):
     "dare_ties",
     validate=_TIES.validate,
     chunkable=_TIES.chunkable,
+    raw_inputs=_TIES.raw_inputs,
     aliases=("dare_ties_merging",),
     paper="Yu et al., Language Models are Super Mario (DARE), ICML 2024 (arXiv 2311.03099)",
     math="tau~_i = Bernoulli(d_i) * tau_i / d_i; then TIES on tau~_i: trim to ties_density (whole model), "

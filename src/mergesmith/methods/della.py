@@ -32,6 +32,7 @@ import threading
 import numpy as np
 import torch
 
+from . import _fused
 from . import _gta as G
 from . import _sampling as S
 from . import kernels as K
@@ -206,6 +207,9 @@ def _magprune_rows_(x: np.ndarray, qr: np.ndarray, seed: int, start: int) -> Non
     """In place on float32 rows ``x`` whose first element is element ``start`` of the stream:
     x <- x * keep / q, q = ``qr`` by within-row rank, keep = u < q."""
     r, n = x.shape
+    if _fused.enabled():  # rank -> q -> draw -> rescale in one pass: the same float32 operations
+        _fused.magprune_apply(x, _order(x), qr, _fused.words(seed, start, r * n))
+        return
     q = _by_rank(x, qr, out=_scratch("q", (r, n), np.float32))
     keep = np.less(S.uniform_np(seed, start, r * n).reshape(r, n), q)
     np.multiply(x, keep, out=x)
@@ -271,6 +275,7 @@ PAPER = "Deep et al., DELLA-Merging (MagPrune), 2024 (arXiv 2406.11617)"
     "della",
     validate=_DELLA.validate,
     chunkable=_DELLA.chunkable,
+    raw_inputs=_DELLA.raw_inputs,
     aliases=("della_merging",),
     paper=PAPER,
     math="q_j = (d - eps) + 2 eps rank_j/(n-1) per row; tau~ = Bernoulli(q) tau / q; gamma = sgn(sum_i w_i tau~_i); "
@@ -293,6 +298,7 @@ def della(ctx, base, models, p):
     "della_linear",
     validate=_LINEAR.validate,
     chunkable=_LINEAR.chunkable,
+    raw_inputs=_LINEAR.raw_inputs,
     aliases=(),
     paper=PAPER,
     math="q_j = (d - eps) + 2 eps rank_j/(n-1) per row; tau~ = Bernoulli(q) tau / q; "

@@ -34,6 +34,7 @@ MERGEKIT = "scope: tensor, exact_topk: true, weighted_elect: true, zero_sign: po
     "ties",
     validate=_PIPE.validate,
     chunkable=_PIPE.chunkable,
+    raw_inputs=_PIPE.raw_inputs,
     aliases=("ties_merging", "ties-merging"),
     paper="Yadav et al., TIES-Merging: Resolving Interference When Merging Models, NeurIPS 2023 (arXiv 2306.01708)",
     math="trim tau_i to |tau_i| >= t_i (top-k per model, whole model); gamma = sgn(sum_i tau_i) (0 -> global "
