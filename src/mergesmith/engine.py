@@ -118,11 +118,20 @@ def run_statistics(spec, params, items, num_models: int, deferral: Any = None) -
     k = 0
     while k < gs.passes(params, state):
         stride = gs.sample_stride(k, state)
-        partials = []
+        partials: list = []
+        acc, folding = None, True
         for ctx, base, models, p in (items(stride) if callable(items) else items):
             ctx.stats = state
-            partials.append(gs.collect(k, state, ctx, base, models, p))
-        state = gs.reduce(k, state, partials)
+            part = gs.collect(k, state, ctx, base, models, p)
+            if folding:
+                got = gs.fold(k, state, acc, part)
+                if got is NotImplemented:
+                    folding = False
+                else:
+                    acc = got
+                    continue
+            partials.append(part)
+        state = gs.reduce(k, state, [acc] if folding else partials)
         k += 1
     return state
 

@@ -19,6 +19,7 @@ from typing import Any, Mapping
 import torch
 
 from ..methods.base import MergeError
+from . import buffers
 
 SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -154,7 +155,7 @@ class SafetensorsCheckpoint(Checkpoint):
             begin, end = begin + a * row_bytes, begin + b * row_bytes
             shape = (b - a,) + tuple(shape[1:])
         n = end - begin
-        raw = torch.empty(n, dtype=torch.uint8)  # not zero-filled, unlike bytearray (a full extra pass)
+        raw = buffers.empty((n,), torch.uint8)  # not zero-filled (unlike bytearray), reused when free
         view = memoryview(raw.numpy()) if n else memoryview(b"")
         fd = self._fd(self.file_of[name])
         got = 0

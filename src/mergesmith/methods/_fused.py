@@ -169,6 +169,19 @@ def _compile():
                 x[i, j] = (x[i, j] * (one if u < q else zero)) / q
 
     @njit(**opts)
+    def sparse_counts(v, hist, ids):
+        """Distinct values of ``v`` (ints in [0, hist.size)) ascending in ids[:u], their counts in
+        hist[ids[:u]]; returns u. ``hist`` must be all zero on entry (the caller re-zeroes those ids)."""
+        u = 0
+        for x in v:
+            if hist[x] == 0:
+                ids[u] = x
+                u += 1
+            hist[x] += 1
+        ids[:u].sort()
+        return u
+
+    @njit(**opts)
     def combine(taus, base, kind, below, w, unit_w, consensus, elect_count, weighted_elect, agg, fill,
                 deferred, norm, lam, scale, out, alt_idx, alt_val):
         """theta = base + lam * merge(trim(taus)) on one block; see ``Pipeline.combine`` /
@@ -293,7 +306,7 @@ def _compile():
     del numba
     return SimpleNamespace(widen_bf16=widen_bf16, sub_bf16=sub_bf16, window=window, abs_high_hist=abs_high_hist,
                            combine=combine, drop_scale=drop_scale, magprune_apply=magprune_apply,
-                           pcg_words=pcg_words, narrow_bf16=narrow_bf16)
+                           pcg_words=pcg_words, narrow_bf16=narrow_bf16, sparse_counts=sparse_counts)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -408,3 +421,17 @@ def words(seed: int, start: int, count: int) -> np.ndarray:
     _kernels().pcg_words(out, np.uint64(s >> 64), np.uint64(s & m), np.uint64(inc >> 64), np.uint64(inc & m),
                          start & 1)
     return out
+
+
+def sparse_counts(v: np.ndarray, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_radix.sparse_hist`` of int32 ``v`` in [0, size): (ascending distinct values, their counts), int64,
+    through a per-thread dense histogram that is reset entry by entry (no 4 MB zero-fill per call)."""
+    hist = getattr(_SCRATCH, "hist", None)
+    if hist is None or hist.size < size:
+        hist = _SCRATCH.hist = np.zeros(max(size, 1 << 16), np.int64)
+    ids = np.empty(min(v.size, size), np.int64)
+    u = _kernels().sparse_counts(v, hist, ids)
+    ids = ids[:u]
+    cnt = hist[ids].copy()
+    hist[ids] = 0
+    return torch.from_numpy(ids), torch.from_numpy(cnt)

@@ -24,6 +24,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ..io import buffers
 from . import _fused as _F
 from . import _sampling as _S
 from . import kernels as K
@@ -428,7 +429,7 @@ class Pipeline:
         # written in bf16 directly when that is what the engine stores
         narrow = args is not None and ctx.out_dtype == torch.bfloat16
         out = base if ctx.owned and args is None else \
-            torch.empty(base.shape, dtype=torch.bfloat16 if narrow else torch.float32)
+            buffers.empty(base.shape, torch.bfloat16 if narrow else torch.float32)
         flat_out, flat_base = out.view(-1), base.reshape(-1)
         flat = [t.reshape(-1) for t in taus]
         deferred = major == DEFERRED

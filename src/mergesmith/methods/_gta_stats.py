@@ -117,6 +117,27 @@ class GTAStats(GlobalStats):
                  for m, d in zip(models, dens)]
         return {"numel": base.numel(), "density": dens, "hist": hists, "name": name}
 
+    def fold(self, pass_index, state, acc, part):
+        """The ``window`` pass is summed as it streams (dense histograms of the window, a few MB per
+        model) instead of holding every tensor's sparse histogram until ``reduce``."""
+        if state["steps"][pass_index] != "window":
+            return NotImplemented
+        if part is None:
+            return acc
+        if acc is None:
+            acc = {"numel": 0, "density": part["density"], "name": part["name"],
+                   "hist": [None if h is None else [0, torch.zeros(hi - lo, dtype=torch.int64)]
+                            for h, (lo, hi) in zip(part["hist"], [w or (0, 0) for w in state["window"]])]}
+        if part["density"] != acc["density"]:
+            raise MergeError(self._mixed(part["density"], part["name"], acc["density"]))
+        acc["numel"] += part["numel"]
+        for h, a in zip(part["hist"], acc["hist"]):
+            if h is not None:
+                a[0] += h[0]
+                if h[1][0].numel():
+                    a[1].index_add_(0, h[1][0], h[1][1])
+        return acc
+
     # -- reduce ------------------------------------------------------------------------------------
     def reduce(self, pass_index, state, partials):
         state = dict(state)

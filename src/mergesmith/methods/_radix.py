@@ -104,8 +104,12 @@ def window_part(v: np.ndarray, lo_key: int, hi_key: int) -> tuple[int, np.ndarra
 
 def window_merge(parts: list[tuple[int, np.ndarray]], lo_key: int, hi_key: int):
     """:func:`window_hist`'s result from the blocks' :func:`window_part` results (in any order)."""
+    from . import _fused
+
     below = sum(b for b, _ in parts)
     inside = np.concatenate([x for _, x in parts]) if parts else np.empty(0, np.int32)
+    if _fused.enabled():
+        return below, _fused.sparse_counts(inside, hi_key - lo_key)
     return below, sparse_hist(torch.from_numpy(inside), hi_key - lo_key)
 
 
@@ -127,10 +131,12 @@ def abs_window_hist(x: torch.Tensor, lo_key: int, hi_key: int):
 
 
 def dense(parts, size: int = BUCKETS) -> torch.Tensor:
-    """Sum sparse histograms (None entries skipped) into one dense int64 histogram."""
+    """Sum sparse histograms (None entries skipped; dense int64 tensors too) into one dense int64 histogram."""
     h = torch.zeros(size, dtype=torch.int64)
     for part in parts:
-        if part is not None and part[0].numel():
+        if isinstance(part, torch.Tensor):
+            h += part
+        elif part is not None and part[0].numel():
             h.index_add_(0, part[0], part[1])
     return h
 

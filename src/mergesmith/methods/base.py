@@ -186,6 +186,12 @@ class GlobalStats:
     def reduce(self, pass_index: int, state: Any, partials: list) -> Any:
         raise NotImplementedError
 
+    def fold(self, pass_index: int, state: Any, acc: Any, part: Any) -> Any:
+        """Optional: add one tensor's partial to a running total (``acc`` None at first) so the engine need
+        not hold a pass's partials until ``reduce``, which then gets ``[total]``. Return NotImplemented
+        (the default) to have the partials collected in a list."""
+        return NotImplemented
+
     def check_plan(self, params: list[Params]) -> None:
         """Called by the planner with every tensor's parameters, before any weight is read: raise
         MergeError when they cannot share one statistics pass (e.g. a per-layer global density)."""
