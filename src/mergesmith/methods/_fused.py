@@ -185,112 +185,162 @@ def _compile():
     def combine(taus, base, kind, below, w, unit_w, consensus, elect_count, weighted_elect, agg, fill,
                 deferred, norm, lam, scale, out, alt_idx, alt_val):
         """theta = base + lam * merge(trim(taus)) on one block; see ``Pipeline.combine`` /
-        ``combine_deferred``. Returns (sum of the raw elected signs, number of deferred alternatives)."""
+        ``combine_deferred``. Returns (sum of the raw elected signs, number of deferred alternatives).
+        Loop-invariant switches are tested outside the inner loops, which are branch-free selects."""
         n = base.size
         nm = len(taus)
         T = np.empty((nm, SUB), np.float32)  # trimmed task vectors of the sub-block
+        V = np.empty(SUB, np.float32)  # one model's vote
         S = np.empty(SUB, np.float32)  # elected sign (raw), then filled
         tot = np.empty(SUB, np.float32)
         div = np.empty(SUB, np.float32)
         cnt = np.empty(SUB, np.float32)
-        Z = np.empty(SUB, np.bool_)  # raw elected sign was 0 (deferred majority)
+        R = np.empty(SUB, np.float32)  # the raw elected sign (deferred majority)
         one = np.float32(1.0)
         zero = np.float32(0.0)
         same = unit_w or weighted_elect
+        weigh = not unit_w
         votes = 0
         nalt = 0
         for a in range(0, n, SUB):
             m = min(SUB, n - a)
             for i in range(nm):  # trim (kernels.trim_below is hardshrink at nextafter(thr, 0))
-                x = taus[i]
-                k = kind[i]
+                x = taus[i][a:a + m]
                 lb = below[i]
-                for j in range(m):
-                    t = x[a + j]
-                    if k == 2:
-                        t = zero
-                    elif k == 1 and t >= -lb and t <= lb:
-                        t = zero
-                    T[i, j] = t
+                Ti = T[i]
+                if kind[i] == 2:
+                    for j in range(m):
+                        Ti[j] = zero
+                elif kind[i] == 1:
+                    for j in range(m):
+                        t = x[j]
+                        Ti[j] = zero if (t >= -lb and t <= lb) else t
+                else:
+                    for j in range(m):
+                        Ti[j] = x[j]
+            bs = base[a:a + m]
+            os_ = out[a:a + m]
             if not consensus:
                 for j in range(m):
                     tot[j] = zero
                 for i in range(nm):
                     wi = w[i]
+                    Ti = T[i]
+                    if weigh:
+                        for j in range(m):
+                            tot[j] = tot[j] + Ti[j] * wi
+                    else:
+                        for j in range(m):
+                            tot[j] = tot[j] + Ti[j]
+                if norm != zero:
                     for j in range(m):
-                        tot[j] = tot[j] + (T[i, j] if unit_w else T[i, j] * wi)
+                        tot[j] = tot[j] / norm
+                if scale:
+                    for j in range(m):
+                        tot[j] = tot[j] * lam
                 for j in range(m):
-                    d = tot[j] / norm if norm != zero else tot[j]
-                    if scale:
-                        d = d * lam
-                    out[a + j] = d + base[a + j]
+                    os_[j] = tot[j] + bs[j]
                 continue
             # election: votes v_i = w_i tau_i (weighted_elect) or tau_i; mass = sgn(sum v), count = sgn(sum sgn v)
             for i in range(nm):
                 wi = w[i]
-                for j in range(m):
-                    v = T[i, j] * wi if (weighted_elect and not unit_w) else T[i, j]
-                    if elect_count:
-                        v = one if v > 0 else (-one if v < 0 else (v if v != v else zero))
-                    S[j] = v if i == 0 else S[j] + v
+                Ti = T[i]
+                if weighted_elect and weigh:
+                    for j in range(m):
+                        V[j] = Ti[j] * wi
+                else:
+                    for j in range(m):
+                        V[j] = Ti[j]
+                if elect_count:
+                    for j in range(m):
+                        v = V[j]
+                        V[j] = one if v > 0 else (-one if v < 0 else (v if v != v else zero))
+                if i == 0:
+                    for j in range(m):
+                        S[j] = V[j]
+                else:
+                    for j in range(m):
+                        S[j] = S[j] + V[j]
+            nz = 0
             for j in range(m):
                 s = S[j]
                 s = one if s > 0 else (-one if s < 0 else (s if s != s else zero))
+                nz += s == zero
+                S[j] = s
+            if deferred:
+                vi = 0
+                for j in range(m):  # an integer sum vectorizes (a float one is serial without fast-math)
+                    vi += np.int32(S[j])
+                votes += vi
+            fz = one if deferred else fill  # tentative fill +1 (Pipeline.combine_deferred)
+            if nz:
                 if deferred:
-                    votes += 1 if s > 0 else (-1 if s < 0 else 0)
-                    Z[j] = s == zero
-                    S[j] = s if s != zero else one  # tentative fill +1 (Pipeline.combine_deferred)
-                else:
-                    S[j] = s if s != zero else fill
+                    for j in range(m):
+                        R[j] = S[j]
+                for j in range(m):
+                    S[j] = fz if S[j] == zero else S[j]
+            for j in range(m):
                 tot[j] = zero
                 div[j] = zero
                 cnt[j] = zero
             # disjoint merge (kernels.disjoint_merge_list)
             for i in range(nm):
                 wi = w[i]
-                for j in range(m):
-                    sg = S[j]
-                    d = T[i, j] if unit_w else T[i, j] * wi
-                    if same:
-                        kept = d * sg
-                        if kept <= zero:
-                            kept = zero
+                dw = wi if agg == 2 else one
+                Ti = T[i]
+                if same:
+                    for j in range(m):
+                        d = Ti[j] * wi if weigh else Ti[j]
+                        kept = d * S[j]
+                        kept = zero if kept <= zero else kept
                         tot[j] = tot[j] + kept
                         ag = one if kept > zero else zero
-                    else:
-                        v = T[i, j] * sg
-                        ag = one if v > zero else zero
-                        tot[j] = tot[j] + d * ag
-                    div[j] = div[j] + (ag * wi if agg == 2 else ag)
-                    cnt[j] = cnt[j] + ag
+                        div[j] = div[j] + ag * dw
+                        cnt[j] = cnt[j] + ag
+                else:
+                    for j in range(m):
+                        ag = one if Ti[j] * S[j] > zero else zero
+                        tot[j] = tot[j] + (Ti[j] * wi) * ag
+                        div[j] = div[j] + ag * dw
+                        cnt[j] = cnt[j] + ag
+            if same:
+                for j in range(m):
+                    tot[j] = tot[j] * S[j]
+            if agg == 0:
+                for j in range(m):
+                    tot[j] = tot[j] / (div[j] if div[j] > one else one)
+            elif agg == 2:
+                for j in range(m):
+                    tot[j] = tot[j] / (div[j] if div[j] != zero else one)
+            if scale:
+                for j in range(m):
+                    tot[j] = tot[j] * lam
             for j in range(m):
-                sg = S[j]
-                t = tot[j] * sg if same else tot[j]
-                if agg == 0:
-                    t = t / (div[j] if div[j] > one else one)
-                elif agg == 2:
-                    t = t / (div[j] if div[j] != zero else one)
-                b = base[a + j]
-                out[a + j] = (t * lam if scale else t) + b
-            if not deferred:
+                os_[j] = tot[j] + bs[j]
+            if not deferred or nz == 0:
                 continue
-            for j in range(m):  # raw elected sign 0 with a vote for +1: the value a fill of -1 gives
-                if not Z[j] or cnt[j] <= zero:
+            nalt_sub = 0
+            for j in range(m):  # raw elected sign 0 with a vote for +1 (branch-free flags first)
+                f = one if (R[j] == zero) & (cnt[j] > zero) else zero
+                R[j] = f
+                nalt_sub += np.int32(f)
+            if nalt_sub == 0:
+                continue
+            for j in range(m):  # there, the value a fill of -1 gives
+                if R[j] == zero:
                     continue
                 t2 = zero
                 d2 = zero
                 for i in range(nm):
                     wi = w[i]
-                    d = T[i, j] if unit_w else T[i, j] * wi
+                    d = T[i, j] * wi if weigh else T[i, j]
                     if same:
                         kept = -d
-                        if kept <= zero:
-                            kept = zero
+                        kept = zero if kept <= zero else kept
                         t2 = t2 + kept
                         ag = one if kept > zero else zero
                     else:
-                        v = -T[i, j]
-                        ag = one if v > zero else zero
+                        ag = one if -T[i, j] > zero else zero
                         t2 = t2 + d * ag
                     d2 = d2 + (ag * wi if agg == 2 else ag)
                 t = -t2 if same else t2
@@ -299,7 +349,7 @@ def _compile():
                 elif agg == 2:
                     t = t / (d2 if d2 != zero else one)
                 alt_idx[nalt] = a + j
-                alt_val[nalt] = (t * lam if scale else t) + base[a + j]
+                alt_val[nalt] = (t * lam if scale else t) + bs[j]
                 nalt += 1
         return votes, nalt
 
