@@ -666,15 +666,19 @@ def test_block_by_block_path_equals_the_whole_tensor_path(tmp_path, monkeypatch,
             got.update(load_file(f))
         return got
 
-    real, real_combine = G.Pipeline._merge_blocks, F.combine
+    real, real_combine, real_direct = G.Pipeline._merge_blocks, F.combine, F.combine_bf16
     calls, fused = [], []
     monkeypatch.setattr(G.Pipeline, "_merge_blocks", lambda self, *a: calls.append(1) or real(self, *a))
-    monkeypatch.setattr(F, "combine", lambda *a: fused.append(1) or real_combine(*a))
+    monkeypatch.setattr(F, "combine", lambda *a: fused.append("f32") or real_combine(*a))
+    monkeypatch.setattr(F, "combine_bf16", lambda *a: fused.append("bf16") or real_direct(*a))
     monkeypatch.setattr(S, "BLOCK", 16)  # several blocks per tensor, on two kernel threads
     blocked = run("blocked")
     assert calls, "the block path did not run"
     fusable = params.get("agg") != "max"
     assert bool(fused) == (kernels == "fused" and fusable)
+    if fused and stored == "bfloat16" and method in ("ties", "task_arithmetic") and \
+            params.get("scope") != "tensor":
+        assert "bf16" in fused  # no sparsifier: the kernel reads the stored bits
     monkeypatch.setattr(G.Pipeline, "blockable", lambda self, *a: False)
     monkeypatch.setattr(S, "BLOCK", 1 << 22)  # no block path anywhere (window pass, sparsifiers)
     whole = run("whole")

@@ -182,6 +182,151 @@ def _compile():
         return u
 
     @njit(**opts)
+    def merge_sub(T, m, bs, os_, a, w, unit_w, consensus, elect_count, weighted_elect, agg, fill, deferred,
+                  norm, lam, scale, alt_idx, alt_val, nalt, V, S, tot, div, cnt, R):
+        """Election, disjoint merge, scale and + base of one sub-block of trimmed task vectors T[:, :m]
+        into os_[:m] (bs: the base's float32 values); deferred alternatives appended from ``nalt``.
+        Returns (sum of the raw elected signs, new nalt)."""
+        nm = T.shape[0]
+        one = np.float32(1.0)
+        zero = np.float32(0.0)
+        same = unit_w or weighted_elect
+        weigh = not unit_w
+        dv = 0
+        if not consensus:
+            for j in range(m):
+                tot[j] = zero
+            for i in range(nm):
+                wi = w[i]
+                Ti = T[i]
+                if weigh:
+                    for j in range(m):
+                        tot[j] = tot[j] + Ti[j] * wi
+                else:
+                    for j in range(m):
+                        tot[j] = tot[j] + Ti[j]
+            if norm != zero:
+                for j in range(m):
+                    tot[j] = tot[j] / norm
+            if scale:
+                for j in range(m):
+                    tot[j] = tot[j] * lam
+            for j in range(m):
+                os_[j] = tot[j] + bs[j]
+            return dv, nalt
+        # election: votes v_i = w_i tau_i (weighted_elect) or tau_i; mass = sgn(sum v), count = sgn(sum sgn v)
+        for i in range(nm):
+            wi = w[i]
+            Ti = T[i]
+            if weighted_elect and weigh:
+                for j in range(m):
+                    V[j] = Ti[j] * wi
+            else:
+                for j in range(m):
+                    V[j] = Ti[j]
+            if elect_count:
+                for j in range(m):
+                    v = V[j]
+                    V[j] = one if v > 0 else (-one if v < 0 else (v if v != v else zero))
+            if i == 0:
+                for j in range(m):
+                    S[j] = V[j]
+            else:
+                for j in range(m):
+                    S[j] = S[j] + V[j]
+        nz = 0
+        for j in range(m):
+            s = S[j]
+            s = one if s > 0 else (-one if s < 0 else (s if s != s else zero))
+            nz += s == zero
+            S[j] = s
+        if deferred:
+            vi = 0
+            for j in range(m):  # an integer sum vectorizes (a float one is serial without fast-math)
+                vi += np.int32(S[j])
+            dv += vi
+        fz = one if deferred else fill  # tentative fill +1 (Pipeline.combine_deferred)
+        if nz:
+            if deferred:
+                for j in range(m):
+                    R[j] = S[j]
+            for j in range(m):
+                S[j] = fz if S[j] == zero else S[j]
+        for j in range(m):
+            tot[j] = zero
+            div[j] = zero
+            cnt[j] = zero
+        # disjoint merge (kernels.disjoint_merge_list)
+        for i in range(nm):
+            wi = w[i]
+            dw = wi if agg == 2 else one
+            Ti = T[i]
+            if same:
+                for j in range(m):
+                    d = Ti[j] * wi if weigh else Ti[j]
+                    kept = d * S[j]
+                    kept = zero if kept <= zero else kept
+                    tot[j] = tot[j] + kept
+                    ag = one if kept > zero else zero
+                    div[j] = div[j] + ag * dw
+                    cnt[j] = cnt[j] + ag
+            else:
+                for j in range(m):
+                    ag = one if Ti[j] * S[j] > zero else zero
+                    tot[j] = tot[j] + (Ti[j] * wi) * ag
+                    div[j] = div[j] + ag * dw
+                    cnt[j] = cnt[j] + ag
+        if same:
+            for j in range(m):
+                tot[j] = tot[j] * S[j]
+        if agg == 0:
+            for j in range(m):
+                tot[j] = tot[j] / (div[j] if div[j] > one else one)
+        elif agg == 2:
+            for j in range(m):
+                tot[j] = tot[j] / (div[j] if div[j] != zero else one)
+        if scale:
+            for j in range(m):
+                tot[j] = tot[j] * lam
+        for j in range(m):
+            os_[j] = tot[j] + bs[j]
+        if not deferred or nz == 0:
+            return dv, nalt
+        nalt_sub = 0
+        for j in range(m):  # raw elected sign 0 with a vote for +1 (branch-free flags first)
+            f = one if (R[j] == zero) & (cnt[j] > zero) else zero
+            R[j] = f
+            nalt_sub += np.int32(f)
+        if nalt_sub == 0:
+            return dv, nalt
+        for j in range(m):  # there, the value a fill of -1 gives
+            if R[j] == zero:
+                continue
+            t2 = zero
+            d2 = zero
+            for i in range(nm):
+                wi = w[i]
+                d = T[i, j] * wi if weigh else T[i, j]
+                if same:
+                    kept = -d
+                    kept = zero if kept <= zero else kept
+                    t2 = t2 + kept
+                    ag = one if kept > zero else zero
+                else:
+                    ag = one if -T[i, j] > zero else zero
+                    t2 = t2 + d * ag
+                d2 = d2 + (ag * wi if agg == 2 else ag)
+            t = -t2 if same else t2
+            if agg == 0:
+                t = t / (d2 if d2 > one else one)
+            elif agg == 2:
+                t = t / (d2 if d2 != zero else one)
+            alt_idx[nalt] = a + j
+            alt_val[nalt] = (t * lam if scale else t) + bs[j]
+            nalt += 1
+        return dv, nalt
+
+    @njit(**opts)
     def combine(taus, base, kind, below, w, unit_w, consensus, elect_count, weighted_elect, agg, fill,
                 deferred, norm, lam, scale, out, alt_idx, alt_val):
         """theta = base + lam * merge(trim(taus)) on one block; see ``Pipeline.combine`` /
@@ -196,10 +341,7 @@ def _compile():
         div = np.empty(SUB, np.float32)
         cnt = np.empty(SUB, np.float32)
         R = np.empty(SUB, np.float32)  # the raw elected sign (deferred majority)
-        one = np.float32(1.0)
         zero = np.float32(0.0)
-        same = unit_w or weighted_elect
-        weigh = not unit_w
         votes = 0
         nalt = 0
         for a in range(0, n, SUB):
@@ -218,144 +360,65 @@ def _compile():
                 else:
                     for j in range(m):
                         Ti[j] = x[j]
-            bs = base[a:a + m]
-            os_ = out[a:a + m]
-            if not consensus:
-                for j in range(m):
-                    tot[j] = zero
-                for i in range(nm):
-                    wi = w[i]
-                    Ti = T[i]
-                    if weigh:
-                        for j in range(m):
-                            tot[j] = tot[j] + Ti[j] * wi
-                    else:
-                        for j in range(m):
-                            tot[j] = tot[j] + Ti[j]
-                if norm != zero:
-                    for j in range(m):
-                        tot[j] = tot[j] / norm
-                if scale:
-                    for j in range(m):
-                        tot[j] = tot[j] * lam
-                for j in range(m):
-                    os_[j] = tot[j] + bs[j]
-                continue
-            # election: votes v_i = w_i tau_i (weighted_elect) or tau_i; mass = sgn(sum v), count = sgn(sum sgn v)
+            dv, nalt = merge_sub(T, m, base[a:a + m], out[a:a + m], a, w, unit_w, consensus, elect_count,
+                                 weighted_elect, agg, fill, deferred, norm, lam, scale, alt_idx, alt_val, nalt,
+                                 V, S, tot, div, cnt, R)
+            votes += dv
+        return votes, nalt
+
+    @njit(**opts)
+    def combine_bf16(models, base, kind, below, w, unit_w, consensus, elect_count, weighted_elect, agg, fill,
+                     deferred, norm, lam, scale, out, alt_idx, alt_val):
+        """``combine`` straight from the stored bf16 bits (int16) of the models and the base:
+        tau_i = float32(theta_i) - float32(theta_0) per sub-block, no task vector written to memory."""
+        n = base.size
+        nm = len(models)
+        T = np.empty((nm, SUB), np.float32)
+        B = np.empty(SUB, np.float32)  # the base's float32 values of the sub-block
+        U = np.empty(SUB, np.uint32)  # one model's widened bits
+        BU = B.view(np.uint32)
+        UF = U.view(np.float32)
+        V = np.empty(SUB, np.float32)
+        S = np.empty(SUB, np.float32)
+        tot = np.empty(SUB, np.float32)
+        div = np.empty(SUB, np.float32)
+        cnt = np.empty(SUB, np.float32)
+        R = np.empty(SUB, np.float32)
+        zero = np.float32(0.0)
+        mask = np.uint32(0xFFFF)
+        sh = np.uint32(16)
+        votes = 0
+        nalt = 0
+        for a in range(0, n, SUB):
+            m = min(SUB, n - a)
+            bb = base[a:a + m]
+            for j in range(m):
+                BU[j] = (np.uint32(bb[j]) & mask) << sh
             for i in range(nm):
-                wi = w[i]
+                x = models[i][a:a + m]
+                for j in range(m):
+                    U[j] = (np.uint32(x[j]) & mask) << sh
+                lb = below[i]
                 Ti = T[i]
-                if weighted_elect and weigh:
+                if kind[i] == 2:
                     for j in range(m):
-                        V[j] = Ti[j] * wi
+                        Ti[j] = zero
+                elif kind[i] == 1:
+                    for j in range(m):
+                        t = UF[j] - B[j]
+                        Ti[j] = zero if (t >= -lb and t <= lb) else t
                 else:
                     for j in range(m):
-                        V[j] = Ti[j]
-                if elect_count:
-                    for j in range(m):
-                        v = V[j]
-                        V[j] = one if v > 0 else (-one if v < 0 else (v if v != v else zero))
-                if i == 0:
-                    for j in range(m):
-                        S[j] = V[j]
-                else:
-                    for j in range(m):
-                        S[j] = S[j] + V[j]
-            nz = 0
-            for j in range(m):
-                s = S[j]
-                s = one if s > 0 else (-one if s < 0 else (s if s != s else zero))
-                nz += s == zero
-                S[j] = s
-            if deferred:
-                vi = 0
-                for j in range(m):  # an integer sum vectorizes (a float one is serial without fast-math)
-                    vi += np.int32(S[j])
-                votes += vi
-            fz = one if deferred else fill  # tentative fill +1 (Pipeline.combine_deferred)
-            if nz:
-                if deferred:
-                    for j in range(m):
-                        R[j] = S[j]
-                for j in range(m):
-                    S[j] = fz if S[j] == zero else S[j]
-            for j in range(m):
-                tot[j] = zero
-                div[j] = zero
-                cnt[j] = zero
-            # disjoint merge (kernels.disjoint_merge_list)
-            for i in range(nm):
-                wi = w[i]
-                dw = wi if agg == 2 else one
-                Ti = T[i]
-                if same:
-                    for j in range(m):
-                        d = Ti[j] * wi if weigh else Ti[j]
-                        kept = d * S[j]
-                        kept = zero if kept <= zero else kept
-                        tot[j] = tot[j] + kept
-                        ag = one if kept > zero else zero
-                        div[j] = div[j] + ag * dw
-                        cnt[j] = cnt[j] + ag
-                else:
-                    for j in range(m):
-                        ag = one if Ti[j] * S[j] > zero else zero
-                        tot[j] = tot[j] + (Ti[j] * wi) * ag
-                        div[j] = div[j] + ag * dw
-                        cnt[j] = cnt[j] + ag
-            if same:
-                for j in range(m):
-                    tot[j] = tot[j] * S[j]
-            if agg == 0:
-                for j in range(m):
-                    tot[j] = tot[j] / (div[j] if div[j] > one else one)
-            elif agg == 2:
-                for j in range(m):
-                    tot[j] = tot[j] / (div[j] if div[j] != zero else one)
-            if scale:
-                for j in range(m):
-                    tot[j] = tot[j] * lam
-            for j in range(m):
-                os_[j] = tot[j] + bs[j]
-            if not deferred or nz == 0:
-                continue
-            nalt_sub = 0
-            for j in range(m):  # raw elected sign 0 with a vote for +1 (branch-free flags first)
-                f = one if (R[j] == zero) & (cnt[j] > zero) else zero
-                R[j] = f
-                nalt_sub += np.int32(f)
-            if nalt_sub == 0:
-                continue
-            for j in range(m):  # there, the value a fill of -1 gives
-                if R[j] == zero:
-                    continue
-                t2 = zero
-                d2 = zero
-                for i in range(nm):
-                    wi = w[i]
-                    d = T[i, j] * wi if weigh else T[i, j]
-                    if same:
-                        kept = -d
-                        kept = zero if kept <= zero else kept
-                        t2 = t2 + kept
-                        ag = one if kept > zero else zero
-                    else:
-                        ag = one if -T[i, j] > zero else zero
-                        t2 = t2 + d * ag
-                    d2 = d2 + (ag * wi if agg == 2 else ag)
-                t = -t2 if same else t2
-                if agg == 0:
-                    t = t / (d2 if d2 > one else one)
-                elif agg == 2:
-                    t = t / (d2 if d2 != zero else one)
-                alt_idx[nalt] = a + j
-                alt_val[nalt] = (t * lam if scale else t) + bs[j]
-                nalt += 1
+                        Ti[j] = UF[j] - B[j]
+            dv, nalt = merge_sub(T, m, B[:m], out[a:a + m], a, w, unit_w, consensus, elect_count,
+                                 weighted_elect, agg, fill, deferred, norm, lam, scale, alt_idx, alt_val, nalt,
+                                 V, S, tot, div, cnt, R)
+            votes += dv
         return votes, nalt
 
     del numba
     return SimpleNamespace(widen_bf16=widen_bf16, sub_bf16=sub_bf16, window=window, abs_high_hist=abs_high_hist,
-                           combine=combine, drop_scale=drop_scale, magprune_apply=magprune_apply,
+                           combine=combine, combine_bf16=combine_bf16, drop_scale=drop_scale, magprune_apply=magprune_apply,
                            pcg_words=pcg_words, narrow_bf16=narrow_bf16, sparse_counts=sparse_counts)
 
 
@@ -417,6 +480,12 @@ def sub(m: torch.Tensor, base32: torch.Tensor, slot: int | None = None) -> torch
 def combine(*args):
     """``combine`` kernel (see ``Pipeline.fused_args`` for the arguments); releases the GIL."""
     return _kernels().combine(*args)
+
+
+def combine_bf16(models: list[torch.Tensor], base: torch.Tensor, *args):
+    """``combine_bf16`` kernel on flat bf16 blocks (the models and the base as stored)."""
+    return _kernels().combine_bf16(tuple(m.view(torch.int16).numpy() for m in models),
+                                   base.view(torch.int16).numpy(), *args)
 
 
 def window(tau: torch.Tensor, lo: int, hi: int) -> tuple[int, np.ndarray]:

@@ -438,18 +438,26 @@ class Pipeline:
         lam = p["lambda"]
         records: dict[int, tuple] = {}
         if args is not None:  # one fused kernel per block (``_fused``): the same float32 operations
+            direct = fns is not None and all(f is None for f in fns) and \
+                all(t.dtype == torch.bfloat16 for t in [flat_base, *flat])  # tau never materialised
 
             def fused(a: int, b: int) -> None:
-                bb = _F.as_float32(flat_base[a:b])  # scratch slot 0; task vectors in slots 1..n
-                block = [t[a:b] for t in flat] if fns is None else \
-                    [block_tau(m[a:b], bb, fn, a, slot=i + 1) for i, (m, fn) in enumerate(zip(flat, fns))]
                 ai = _F.scratch(-2, b - a if deferred else 0, torch.int64).numpy()
                 av = _F.scratch(-3, b - a if deferred else 0).numpy()
                 o = _F.scratch(-5, b - a) if narrow else flat_out[a:b]
-                votes, nalt = _F.combine(tuple(t.numpy() for t in block), bb.numpy(), *args, o.numpy(), ai, av)
+                if direct:
+                    votes, nalt = _F.combine_bf16([m[a:b] for m in flat], flat_base[a:b], *args, o.numpy(), ai, av)
+                else:
+                    votes, nalt = blocks_combine(a, b, o, ai, av)
                 if narrow:
                     _F.narrow_bf16(o, flat_out[a:b])
                 records[a] = (votes, torch.from_numpy(ai[:nalt].copy()), torch.from_numpy(av[:nalt].copy()) if nalt else None)
+
+            def blocks_combine(a: int, b: int, o, ai, av):
+                bb = _F.as_float32(flat_base[a:b])  # scratch slot 0; task vectors in slots 1..n
+                block = [t[a:b] for t in flat] if fns is None else \
+                    [block_tau(m[a:b], bb, fn, a, slot=i + 1) for i, (m, fn) in enumerate(zip(flat, fns))]
+                return _F.combine(tuple(t.numpy() for t in block), bb.numpy(), *args, o.numpy(), ai, av)
 
         def work(a: int, b: int) -> None:
             bb = flat_base[a:b]
