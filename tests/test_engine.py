@@ -513,3 +513,43 @@ def test_tensor_workers_setting(tiny_zoo, tmp_path, monkeypatch):
     with pytest.raises(MergeError, match="MERGESMITH_TENSOR_WORKERS must be a whole number"):
         run_recipe(recipe("tsv_m", z["base"], [z["ft0"], z["ft1"]]), tmp_path / "bad")
     assert not (tmp_path / "bad").exists()
+
+
+def test_buffer_pool_reuses_only_unreferenced_buffers(monkeypatch):
+    import mergesmith.io.buffers as B
+
+    monkeypatch.setattr(B, "_BUFS", [])
+    monkeypatch.setattr(B, "POOL_BYTES", 8 << 20)
+    a = B.empty((1 << 20,), torch.float32)  # 4 MB: pooled
+    pa = a.data_ptr()
+    view = a[10:20]  # a view keeps the buffer busy after the tensor is gone
+    del a
+    b = B.empty((1 << 20,), torch.float32)
+    assert b.data_ptr() != pa  # still referenced through the view
+    del view
+    c = B.empty((1 << 19,), torch.float32)  # 2 MB: the freed 4 MB buffer, best fit
+    assert c.data_ptr() == pa and c.shape == (1 << 19,)
+    del b, c
+    assert B.held_bytes() == 8 << 20
+    d = B.empty((3 << 20,), torch.float32)  # 12 MB > the pool: plain memory, the pool drops idle buffers
+    assert d.numel() == 3 << 20 and B.held_bytes() <= 8 << 20
+    small = B.empty((10,), torch.bfloat16)  # below MIN_BYTES: never pooled
+    assert small.dtype == torch.bfloat16 and small.shape == (10,)
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "task_arithmetic", "della"])
+def test_in_memory_inputs_are_never_written(method, monkeypatch):
+    """The engine hands these methods their inputs as stored (raw_inputs): the caller's tensors must come
+    back untouched, on the fused block path and on the converting path."""
+    import mergesmith.methods._sampling as S
+
+    monkeypatch.setattr(S, "BLOCK", 64)  # the block path on small tensors
+    g = torch.Generator().manual_seed(3)
+    for dt in (torch.float32, torch.bfloat16):
+        base = {"w": torch.randn(40, 33, generator=g).to(dt), "b": torch.randn(33, generator=g).to(dt)}
+        models = [{k: v + 0.1 * torch.randn(v.shape, generator=g).to(dt) for k, v in base.items()} for _ in range(3)]
+        keep = [{k: v.clone() for k, v in sd.items()} for sd in [base, *models]]
+        merge_state_dicts(method, models, base=base)
+        for sd, ref in zip([base, *models], keep):
+            for k in ref:
+                assert torch.equal(sd[k], ref[k]), (method, dt, k)
