@@ -541,8 +541,10 @@ def test_buffer_pool_reuses_only_unreferenced_buffers(monkeypatch):
 def test_in_memory_inputs_are_never_written(method, monkeypatch):
     """The engine hands these methods their inputs as stored (raw_inputs): the caller's tensors must come
     back untouched, on the fused block path and on the converting path."""
+    import mergesmith.methods._fused as F
     import mergesmith.methods._sampling as S
 
+    F.enabled()  # load the kernels: small tensors alone would not (see the next test)
     monkeypatch.setattr(S, "BLOCK", 64)  # the block path on small tensors
     g = torch.Generator().manual_seed(3)
     for dt in (torch.float32, torch.bfloat16):
@@ -553,3 +555,22 @@ def test_in_memory_inputs_are_never_written(method, monkeypatch):
         for sd, ref in zip([base, *models], keep):
             for k in ref:
                 assert torch.equal(sd[k], ref[k]), (method, dt, k)
+
+
+def test_a_small_merge_does_not_import_numba():
+    """The fused kernels are for tensors of two blocks or more: a small TIES/DARE/DELLA merge starts fast."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch\n"
+        "from mergesmith import merge_state_dicts\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "base = {'w': torch.randn(64, 32, generator=g).bfloat16()}\n"
+        "models = [{'w': base['w'] + 0.1} for _ in range(3)]\n"
+        "for m in ('ties', 'dare_ties', 'della', 'task_arithmetic'):\n"
+        "    merge_state_dicts(m, models, base=base)\n"
+        "print('numba' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -71,7 +71,19 @@ def test_magprune_probs_noncontiguous_and_threads():
         torch.set_num_threads(old)
 
 
-def test_magprune_fused_equals_unfused_formula():
+@pytest.fixture(params=["numba", "numpy"])
+def kernels(request, monkeypatch):
+    """Both forms of the draw-and-rescale kernels: numba's (loaded first: these tensors are small) and numpy's."""
+    from mergesmith.methods import _fused
+
+    if request.param == "numpy":
+        monkeypatch.setenv("MERGESMITH_FUSED", "0")
+    elif not _fused.enabled():
+        pytest.skip("numba not installed")
+    return request.param
+
+
+def test_magprune_fused_equals_unfused_formula(kernels):
     g = torch.Generator().manual_seed(4)
     for shape in [(37, 1000), (5, 2), (3, 5632)]:
         t = _tie_heavy(shape, g) * 0.01 + torch.randn(shape, generator=g) * 1e-3 * (torch.rand(shape, generator=g) < 0.5)
@@ -84,7 +96,7 @@ def test_magprune_fused_equals_unfused_formula():
         assert _bits(got[ok]) == _bits(want[ok])
 
 
-def test_drop_rescale_equals_mask_formula():
+def test_drop_rescale_equals_mask_formula(kernels):
     g = torch.Generator().manual_seed(5)
     t = torch.randn(1000, 333, generator=g)
     for d in (0.5, 0.1, 0.9, 1 - 2 ** -26, 1e-9):

@@ -206,7 +206,7 @@ class Executor:
     def _raw(self, job: TensorJob) -> bool:
         """Whether this job's inputs go to the method in their stored dtype (MethodSpec.raw_inputs; CPU only)."""
         return (self.device.type == "cpu" and job.method is not None and self.spec.raw_inputs is not None
-                and bool(self.spec.raw_inputs(job.params)))
+                and bool(self.spec.raw_inputs(job.params, tuple(job.shape))))
 
     def _stream(self, units: list[Unit]) -> Iterator[tuple[Unit, Any]]:
         """Yield (unit, loaded inputs) with the next unit prefetched in a reader thread.

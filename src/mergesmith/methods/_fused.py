@@ -30,9 +30,16 @@ KEEP, THRESHOLD, ZERO = 0, 1, 2
 AGG = {"mean": 0, "sum": 1, "weighted_mean": 2}
 
 
-def enabled() -> bool:
-    """Whether the fused kernels may be used: numba importable and ``MERGESMITH_FUSED`` not ``0``."""
+MIN_ELEMENTS = 1 << 16  # below this many elements a call site does not import numba for itself
+
+
+def enabled(n: int | None = None) -> bool:
+    """Whether the fused kernels may be used: numba importable and ``MERGESMITH_FUSED`` not ``0``.
+    ``n``: elements the caller is about to process; under ``MIN_ELEMENTS`` the answer is yes only if
+    the kernels are loaded already, so a small merge never pays for importing numba."""
     if os.environ.get("MERGESMITH_FUSED", "1").strip().lower() in ("0", "false", "no", "off"):
+        return False
+    if _KERNELS is None and n is not None and n < MIN_ELEMENTS:
         return False
     return _kernels() is not None
 

@@ -293,10 +293,13 @@ class Pipeline:
         return delta
 
     # -- the method ------------------------------------------------------------------------------
-    def raw_inputs(self, p: Params) -> bool:
+    def raw_inputs(self, p: Params, shape: tuple = ()) -> bool:
         """Whether the engine may hand this tensor's inputs in their stored dtype (MethodSpec.raw_inputs):
-        when the fused kernels can take them (``_fused``); :meth:`merge` converts them otherwise."""
-        if not _F.enabled() or (self.sparsify is not None and self.block_sparsify is None):
+        when the fused kernels can take them (``_fused``; tensors of two blocks or more); :meth:`merge`
+        converts them otherwise."""
+        if math.prod(shape) < 2 * _S.BLOCK or not _F.enabled(math.prod(shape)):
+            return False
+        if self.sparsify is not None and self.block_sparsify is None:
             return False
         if self.consensus and self._agg(p) == "max":
             return False
@@ -386,7 +389,7 @@ class Pipeline:
 
     def _fused_inputs(self, base: torch.Tensor, models: list[torch.Tensor]) -> bool:
         """Whether these (raw) inputs can go to the fused block path as they are."""
-        return _F.enabled() and base.numel() >= 2 * _S.BLOCK and all(_F.raw_ok(t) for t in [base, *models])
+        return base.numel() >= 2 * _S.BLOCK and _F.enabled(base.numel()) and all(_F.raw_ok(t) for t in [base, *models])
 
     def fused_args(self, p: Params, thresholds, major) -> tuple | None:
         """The per-tensor arguments of ``_fused.combine`` (trim kinds, hardshrink bounds, weights, switches),
@@ -488,7 +491,7 @@ def blocks_apply(base: torch.Tensor) -> bool:
     dtype the fused kernels read: ``_fused.raw_ok``)."""
     if base.device.type != "cpu" or base.numel() < 2 * _S.BLOCK:
         return False
-    return base.dtype == torch.float32 or (_F.raw_ok(base) and _F.enabled())
+    return base.dtype == torch.float32 or (_F.raw_ok(base) and _F.enabled(base.numel()))
 
 
 def float32_inputs(ctx: TensorContext, base: torch.Tensor, models: list[torch.Tensor]):

@@ -75,7 +75,8 @@ class GTAStats(GlobalStats):
             return None
         dens = [float(d) for d in p[self.pipe.trim]]
         fused_window = step == "window" and blocks_apply(base) and (not ctx.raw or self.pipe._fused_inputs(base, models))
-        if step == "sample" and self.pipe.sparsify is None and _F.enabled() and all(_F.raw_ok(t) for t in [base, *models]):
+        if step == "sample" and self.pipe.sparsify is None and _F.enabled(base.numel()) and \
+                all(_F.raw_ok(t) for t in [base, *models]):
             return self._fused_sample(base, models, dens, ctx.name)
         if ctx.raw and not fused_window:  # stored dtypes (MethodSpec.raw_inputs): float32 copies
             ctx, base, models = float32_inputs(ctx, base, models)
@@ -213,7 +214,7 @@ def _window_blocks(base: torch.Tensor, models: list[torch.Tensor], fns: list, wi
     flat = [m.reshape(-1) for m in models]
     parts: dict[int, list] = {}
 
-    fused = _F.enabled()
+    fused = _F.enabled(fb.numel())
 
     def work(a: int, b: int) -> None:
         out = []

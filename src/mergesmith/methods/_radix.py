@@ -108,7 +108,7 @@ def window_merge(parts: list[tuple[int, np.ndarray]], lo_key: int, hi_key: int):
 
     below = sum(b for b, _ in parts)
     inside = np.concatenate([x for _, x in parts]) if parts else np.empty(0, np.int32)
-    if _fused.enabled():
+    if _fused.enabled(inside.size):
         return below, _fused.sparse_counts(inside, hi_key - lo_key)
     return below, sparse_hist(torch.from_numpy(inside), hi_key - lo_key)
 

@@ -129,7 +129,7 @@ def drop_rescale_block_(x: np.ndarray, d: float, seed: int, start: int) -> None:
     """In place on float32 elements start .. start+len(x)-1 of a stream: x <- x * keep / d,
     keep_k = u_k < d (any block on its own: the words are drawn from ``start``)."""
     thr = word_threshold(d)
-    if thr < 1 << 32 and _fused.enabled():  # one pass: the same float32 operations
+    if thr < 1 << 32 and _fused.enabled(x.size):  # one pass: the same float32 operations
         _fused.drop_scale(x, _fused.words(seed, start, x.size), thr, d)
         return
     if thr < 1 << 32:

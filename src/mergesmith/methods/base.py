@@ -236,10 +236,10 @@ class MethodSpec:
     # tensor-wise methods whose per-tensor work is mostly LAPACK, which uses a second thread poorly: on the
     # CPU the engine computes several tensors at once, each single-threaded (Executor, "concurrent tensors")
     concurrent_tensors: bool = False
-    # a function of a tensor's parameters: True lets the engine hand that tensor's inputs in their stored
-    # dtype (bf16 ...) on the CPU instead of float32 copies (ctx.raw); for methods with kernels that read
-    # the stored bits (``_fused``). None: always float32
-    raw_inputs: Callable[[Params], bool] | None = None
+    # a function of a tensor's parameters and full shape: True lets the engine hand that tensor's inputs in
+    # their stored dtype (bf16 ...) on the CPU instead of float32 copies (ctx.raw); for methods with kernels
+    # that read the stored bits (``_fused``). None: always float32
+    raw_inputs: Callable[[Params, tuple], bool] | None = None
 
     def param(self, name: str) -> Param | None:
         for p in self.params:
@@ -320,7 +320,7 @@ def register(
     sum_phases: int | Callable[[Params], int] = 1,
     finish_sums: Callable[[int, Any, Any, Params], Any] | None = None,
     concurrent_tensors: bool = False,
-    raw_inputs: Callable[[Params], bool] | None = None,
+    raw_inputs: Callable[[Params, tuple], bool] | None = None,
 ):
     """Decorator that registers a tensor-level merge function under ``name``."""
 

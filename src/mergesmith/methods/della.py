@@ -207,7 +207,7 @@ def _magprune_rows_(x: np.ndarray, qr: np.ndarray, seed: int, start: int) -> Non
     """In place on float32 rows ``x`` whose first element is element ``start`` of the stream:
     x <- x * keep / q, q = ``qr`` by within-row rank, keep = u < q."""
     r, n = x.shape
-    if _fused.enabled():  # rank -> q -> draw -> rescale in one pass: the same float32 operations
+    if _fused.enabled(x.size):  # rank -> q -> draw -> rescale in one pass: the same float32 operations
         _fused.magprune_apply(x, _order(x), qr, _fused.words(seed, start, r * n))
         return
     q = _by_rank(x, qr, out=_scratch("q", (r, n), np.float32))
