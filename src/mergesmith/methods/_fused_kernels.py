@@ -1,0 +1,427 @@
+"""The numba kernels of ``_fused`` (imported on first use only: importing numba costs ~0.5 s).
+
+Module-level functions so numba's on-disk cache (``cache=True``) finds them again in the next process
+(closures get a new cache key every time and were recompiled on every run).
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+SUB = 1024  # elements per sub-block inside a kernel (a few KB per model: L1-resident)
+opts = dict(nogil=True, cache=True, boundscheck=False, fastmath=False, error_model="numpy")
+
+
+@njit(**opts)
+def widen_bf16(src, out):
+    """out = float32 of the bf16 bit patterns ``src`` (int16): exact."""
+    ou = out.view(np.uint32)
+    for j in range(src.size):
+        ou[j] = (np.uint32(src[j]) & np.uint32(0xFFFF)) << np.uint32(16)
+
+
+@njit(**opts)
+def sub_bf16(src, base, out):
+    """out = float32(src) - base; ``src`` bf16 bits (int16), ``base`` float32."""
+    ou = out.view(np.uint32)
+    for j in range(src.size):
+        ou[j] = (np.uint32(src[j]) & np.uint32(0xFFFF)) << np.uint32(16)
+    for j in range(src.size):
+        out[j] = out[j] - base[j]
+
+
+@njit(**opts)
+def window_bf16(src, base, lo, width, out):
+    """``window`` of tau = float32(src) - base, ``src`` the stored bf16 bits (int16): tau not kept.
+    Per sub-block: keys and both counts in vectorised loops, then the (few) inside keys compacted."""
+    U = np.empty(SUB, np.uint32)
+    UF = U.view(np.float32)
+    D = np.empty(SUB, np.int32)
+    below = 0
+    n = 0
+    uw = np.uint32(width)
+    lo32 = np.int32(lo)
+    for a in range(0, src.size, SUB):
+        m = min(SUB, src.size - a)
+        x = src[a:a + m]
+        for j in range(m):
+            U[j] = (np.uint32(x[j]) & np.uint32(0xFFFF)) << np.uint32(16)
+        for j in range(m):
+            UF[j] = UF[j] - base[a + j]
+        ins = 0
+        for j in range(m):
+            d = np.int32(U[j] & np.uint32(0x7FFFFFFF)) - lo32
+            D[j] = d
+            below += 1 if d < 0 else 0
+            ins += 1 if np.uint32(d) < uw else 0
+        if ins:
+            for j in range(m):
+                if np.uint32(D[j]) < uw:
+                    out[n] = D[j]
+                    n += 1
+    return below, n
+
+
+@njit(**opts)
+def narrow_bf16(src, out):
+    """out = bf16 bits (int16) of float32 ``src``, rounded to nearest even as torch does; NaN -> 0x7FC0."""
+    si = src.view(np.uint32)
+    for j in range(src.size):
+        u = si[j]
+        if (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):
+            out[j] = np.int16(0x7FC0)
+        else:
+            out[j] = np.int16(np.uint16((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)))
+
+
+@njit(**opts)
+def window(tau, lo, width, out):
+    """(count of |tau| keys < lo, count n of keys in [lo, lo + width)); out[:n] = those keys - lo.
+    The key of |x| is the bit pattern of x with the sign bit cleared (= ``keys(x.abs())``). Counts in
+    vectorised loops per sub-block, then the (few, ~2 %) inside keys compacted."""
+    ti = tau.view(np.int32)
+    D = np.empty(SUB, np.int32)
+    below = 0
+    n = 0
+    uw = np.uint32(width)
+    lo32 = np.int32(lo)
+    for a in range(0, ti.size, SUB):
+        m = min(SUB, ti.size - a)
+        ins = 0
+        for j in range(m):
+            d = (ti[a + j] & np.int32(0x7FFFFFFF)) - lo32
+            D[j] = d
+            below += 1 if d < 0 else 0
+            ins += 1 if np.uint32(d) < uw else 0
+        if ins:
+            for j in range(m):
+                if np.uint32(D[j]) < uw:
+                    out[n] = D[j]
+                    n += 1
+    return below, n
+
+
+@njit(**opts)
+def abs_high_hist(tau, hist):
+    """hist[k >> 16] += 1 for the keys k of |tau| (``_radix.high_hist(keys(|tau|), nonneg=True)``)."""
+    ti = tau.view(np.int32)
+    for j in range(ti.size):
+        hist[(ti[j] & np.int32(0x7FFFFFFF)) >> 16] += 1
+
+
+M_HI = np.uint64(0x2360ED051FC65DA4)  # PCG_DEFAULT_MULTIPLIER_128 (numpy's PCG64)
+M_LO = np.uint64(0x4385DF649FCCF645)
+LOW32 = np.uint64(0xFFFFFFFF)
+S32 = np.uint64(32)
+
+
+@njit(**opts)
+def mulhi64(a, b):
+    """High 64 bits of the 128-bit product of uint64 a, b."""
+    a0, a1 = a & LOW32, a >> S32
+    b0, b1 = b & LOW32, b >> S32
+    p0, p1, p2, p3 = a0 * b0, a0 * b1, a1 * b0, a1 * b1
+    mid = (p0 >> S32) + (p1 & LOW32) + (p2 & LOW32)
+    return p3 + (p1 >> S32) + (p2 >> S32) + (mid >> S32)
+
+
+@njit(**opts)
+def pcg_words(out, s_hi, s_lo, i_hi, i_lo, odd):
+    """out[k] = 32-bit word ``odd + k`` of PCG64 (XSL-RR 128/64) from state (s_hi, s_lo), increment
+    (i_hi, i_lo): raw output r gives words 2r (low half) and 2r + 1 (high half), as numpy's
+    ``random_raw`` viewed as little-endian uint32."""
+    n = out.size
+    k = 0
+    w = odd
+    while k < n:
+        hi = mulhi64(s_lo, M_LO) + s_lo * M_HI + s_hi * M_LO  # state = state * M + inc (mod 2^128)
+        lo = s_lo * M_LO
+        s_lo = lo + i_lo
+        s_hi = hi + i_hi + (np.uint64(1) if s_lo < lo else np.uint64(0))
+        x = s_hi ^ s_lo
+        rot = s_hi >> np.uint64(58)
+        r = (x >> rot) | (x << ((np.uint64(64) - rot) & np.uint64(63)))
+        if w == 0 and k < n:
+            out[k] = np.uint32(r & LOW32)
+            k += 1
+        if k < n:
+            out[k] = np.uint32(r >> S32)
+            k += 1
+        w = 0
+
+
+@njit(**opts)
+def drop_scale(x, w, thr, d):
+    """DARE on one block: x <- x * [w < thr] / d (``_sampling.drop_rescale_block_``)."""
+    one = np.float32(1.0)
+    zero = np.float32(0.0)
+    for j in range(x.size):
+        x[j] = (x[j] * (one if np.uint64(w[j]) < thr else zero)) / d
+
+
+@njit(**opts)
+def magprune_apply(x, order, qr, w):
+    """DELLA's MagPrune on rows x (r, n): the element of in-row rank k (``order[i, k]``) gets q = qr[k],
+    keep = u < q with u = (w >> 8) 2^-24 of its stream word, x <- x * keep / q (``della._magprune_rows_``)."""
+    r, n = x.shape
+    one = np.float32(1.0)
+    zero = np.float32(0.0)
+    scale = np.float32(2.0 ** -24)
+    for i in range(r):
+        for k in range(n):
+            j = order[i, k]
+            q = qr[k]
+            u = np.float32(w[i * n + j] >> np.uint32(8)) * scale
+            x[i, j] = (x[i, j] * (one if u < q else zero)) / q
+
+
+@njit(**opts)
+def sparse_counts(v, hist, ids):
+    """Distinct values of ``v`` (ints in [0, hist.size)) ascending in ids[:u], their counts in
+    hist[ids[:u]]; returns u. ``hist`` must be all zero on entry (the caller re-zeroes those ids)."""
+    u = 0
+    for x in v:
+        if hist[x] == 0:
+            ids[u] = x
+            u += 1
+        hist[x] += 1
+    ids[:u].sort()
+    return u
+
+
+@njit(**opts)
+def merge_sub(T, m, bs, os_, a, w, unit_w, consensus, elect_count, weighted_elect, agg, fill, deferred,
+              norm, lam, scale, alt_idx, alt_val, nalt, V, S, tot, div, cnt, R):
+    """Election, disjoint merge, scale and + base of one sub-block of trimmed task vectors T[:, :m]
+    into os_[:m] (bs: the base's float32 values); deferred alternatives appended from ``nalt``.
+    Returns (sum of the raw elected signs, new nalt)."""
+    nm = T.shape[0]
+    one = np.float32(1.0)
+    zero = np.float32(0.0)
+    same = unit_w or weighted_elect
+    weigh = not unit_w
+    dv = 0
+    if not consensus:
+        for j in range(m):
+            tot[j] = zero
+        for i in range(nm):
+            wi = w[i]
+            Ti = T[i]
+            if weigh:
+                for j in range(m):
+                    tot[j] = tot[j] + Ti[j] * wi
+            else:
+                for j in range(m):
+                    tot[j] = tot[j] + Ti[j]
+        if norm != zero:
+            for j in range(m):
+                tot[j] = tot[j] / norm
+        if scale:
+            for j in range(m):
+                tot[j] = tot[j] * lam
+        for j in range(m):
+            os_[j] = tot[j] + bs[j]
+        return dv, nalt
+    # election: votes v_i = w_i tau_i (weighted_elect) or tau_i; mass = sgn(sum v), count = sgn(sum sgn v)
+    for i in range(nm):
+        wi = w[i]
+        Ti = T[i]
+        if weighted_elect and weigh:
+            for j in range(m):
+                V[j] = Ti[j] * wi
+        else:
+            for j in range(m):
+                V[j] = Ti[j]
+        if elect_count:
+            for j in range(m):
+                v = V[j]
+                V[j] = one if v > 0 else (-one if v < 0 else (v if v != v else zero))
+        if i == 0:
+            for j in range(m):
+                S[j] = V[j]
+        else:
+            for j in range(m):
+                S[j] = S[j] + V[j]
+    nz = 0
+    for j in range(m):
+        s = S[j]
+        s = one if s > 0 else (-one if s < 0 else (s if s != s else zero))
+        nz += s == zero
+        S[j] = s
+    if deferred:
+        vi = 0
+        for j in range(m):  # an integer sum vectorizes (a float one is serial without fast-math)
+            vi += np.int32(S[j])
+        dv += vi
+    fz = one if deferred else fill  # tentative fill +1 (Pipeline.combine_deferred)
+    if nz:
+        if deferred:
+            for j in range(m):
+                R[j] = S[j]
+        for j in range(m):
+            S[j] = fz if S[j] == zero else S[j]
+    for j in range(m):
+        tot[j] = zero
+        div[j] = zero
+        cnt[j] = zero
+    # disjoint merge (kernels.disjoint_merge_list)
+    for i in range(nm):
+        wi = w[i]
+        dw = wi if agg == 2 else one
+        Ti = T[i]
+        if same:
+            for j in range(m):
+                d = Ti[j] * wi if weigh else Ti[j]
+                kept = d * S[j]
+                kept = zero if kept <= zero else kept
+                tot[j] = tot[j] + kept
+                ag = one if kept > zero else zero
+                div[j] = div[j] + ag * dw
+                cnt[j] = cnt[j] + ag
+        else:
+            for j in range(m):
+                ag = one if Ti[j] * S[j] > zero else zero
+                tot[j] = tot[j] + (Ti[j] * wi) * ag
+                div[j] = div[j] + ag * dw
+                cnt[j] = cnt[j] + ag
+    if same:
+        for j in range(m):
+            tot[j] = tot[j] * S[j]
+    if agg == 0:
+        for j in range(m):
+            tot[j] = tot[j] / (div[j] if div[j] > one else one)
+    elif agg == 2:
+        for j in range(m):
+            tot[j] = tot[j] / (div[j] if div[j] != zero else one)
+    if scale:
+        for j in range(m):
+            tot[j] = tot[j] * lam
+    for j in range(m):
+        os_[j] = tot[j] + bs[j]
+    if not deferred or nz == 0:
+        return dv, nalt
+    nalt_sub = 0
+    for j in range(m):  # raw elected sign 0 with a vote for +1 (branch-free flags first)
+        f = one if (R[j] == zero) & (cnt[j] > zero) else zero
+        R[j] = f
+        nalt_sub += np.int32(f)
+    if nalt_sub == 0:
+        return dv, nalt
+    for j in range(m):  # there, the value a fill of -1 gives
+        if R[j] == zero:
+            continue
+        t2 = zero
+        d2 = zero
+        for i in range(nm):
+            wi = w[i]
+            d = T[i, j] * wi if weigh else T[i, j]
+            if same:
+                kept = -d
+                kept = zero if kept <= zero else kept
+                t2 = t2 + kept
+                ag = one if kept > zero else zero
+            else:
+                ag = one if -T[i, j] > zero else zero
+                t2 = t2 + d * ag
+            d2 = d2 + (ag * wi if agg == 2 else ag)
+        t = -t2 if same else t2
+        if agg == 0:
+            t = t / (d2 if d2 > one else one)
+        elif agg == 2:
+            t = t / (d2 if d2 != zero else one)
+        alt_idx[nalt] = a + j
+        alt_val[nalt] = (t * lam if scale else t) + bs[j]
+        nalt += 1
+    return dv, nalt
+
+
+@njit(**opts)
+def combine(taus, base, kind, below, w, unit_w, consensus, elect_count, weighted_elect, agg, fill,
+            deferred, norm, lam, scale, out, alt_idx, alt_val):
+    """theta = base + lam * merge(trim(taus)) on one block; see ``Pipeline.combine`` /
+    ``combine_deferred``. Returns (sum of the raw elected signs, number of deferred alternatives).
+    Loop-invariant switches are tested outside the inner loops, which are branch-free selects."""
+    n = base.size
+    nm = len(taus)
+    T = np.empty((nm, SUB), np.float32)  # trimmed task vectors of the sub-block
+    V = np.empty(SUB, np.float32)  # one model's vote
+    S = np.empty(SUB, np.float32)  # elected sign (raw), then filled
+    tot = np.empty(SUB, np.float32)
+    div = np.empty(SUB, np.float32)
+    cnt = np.empty(SUB, np.float32)
+    R = np.empty(SUB, np.float32)  # the raw elected sign (deferred majority)
+    zero = np.float32(0.0)
+    votes = 0
+    nalt = 0
+    for a in range(0, n, SUB):
+        m = min(SUB, n - a)
+        for i in range(nm):  # trim (kernels.trim_below is hardshrink at nextafter(thr, 0))
+            x = taus[i][a:a + m]
+            lb = below[i]
+            Ti = T[i]
+            if kind[i] == 2:
+                for j in range(m):
+                    Ti[j] = zero
+            elif kind[i] == 1:
+                for j in range(m):
+                    t = x[j]
+                    Ti[j] = zero if (t >= -lb and t <= lb) else t
+            else:
+                for j in range(m):
+                    Ti[j] = x[j]
+        dv, nalt = merge_sub(T, m, base[a:a + m], out[a:a + m], a, w, unit_w, consensus, elect_count,
+                             weighted_elect, agg, fill, deferred, norm, lam, scale, alt_idx, alt_val, nalt,
+                             V, S, tot, div, cnt, R)
+        votes += dv
+    return votes, nalt
+
+
+@njit(**opts)
+def combine_bf16(models, base, kind, below, w, unit_w, consensus, elect_count, weighted_elect, agg, fill,
+                 deferred, norm, lam, scale, out, alt_idx, alt_val):
+    """``combine`` straight from the stored bf16 bits (int16) of the models and the base:
+    tau_i = float32(theta_i) - float32(theta_0) per sub-block, no task vector written to memory."""
+    n = base.size
+    nm = len(models)
+    T = np.empty((nm, SUB), np.float32)
+    B = np.empty(SUB, np.float32)  # the base's float32 values of the sub-block
+    U = np.empty(SUB, np.uint32)  # one model's widened bits
+    BU = B.view(np.uint32)
+    UF = U.view(np.float32)
+    V = np.empty(SUB, np.float32)
+    S = np.empty(SUB, np.float32)
+    tot = np.empty(SUB, np.float32)
+    div = np.empty(SUB, np.float32)
+    cnt = np.empty(SUB, np.float32)
+    R = np.empty(SUB, np.float32)
+    zero = np.float32(0.0)
+    mask = np.uint32(0xFFFF)
+    sh = np.uint32(16)
+    votes = 0
+    nalt = 0
+    for a in range(0, n, SUB):
+        m = min(SUB, n - a)
+        bb = base[a:a + m]
+        for j in range(m):
+            BU[j] = (np.uint32(bb[j]) & mask) << sh
+        for i in range(nm):
+            x = models[i][a:a + m]
+            for j in range(m):
+                U[j] = (np.uint32(x[j]) & mask) << sh
+            lb = below[i]
+            Ti = T[i]
+            if kind[i] == 2:
+                for j in range(m):
+                    Ti[j] = zero
+            elif kind[i] == 1:
+                for j in range(m):
+                    t = UF[j] - B[j]
+                    Ti[j] = zero if (t >= -lb and t <= lb) else t
+            else:
+                for j in range(m):
+                    Ti[j] = UF[j] - B[j]
+        dv, nalt = merge_sub(T, m, B[:m], out[a:a + m], a, w, unit_w, consensus, elect_count,
+                             weighted_elect, agg, fill, deferred, norm, lam, scale, alt_idx, alt_val, nalt,
+                             V, S, tot, div, cnt, R)
+        votes += dv
+    return votes, nalt
