@@ -31,16 +31,33 @@ def sub_bf16(src, base, out):
 
 
 @njit(**opts)
+def window_sub(bits, lo32, uw, D, out, n):
+    """One sub-block of :func:`window`: ``bits`` the float32 bit patterns (int32) of tau. Counts in
+    vectorised loops, then the (few, ~2 %) keys inside compacted into out[n:]. Returns (below, n)."""
+    below = 0
+    ins = 0
+    for j in range(bits.size):
+        d = (bits[j] & np.int32(0x7FFFFFFF)) - lo32
+        D[j] = d
+        below += 1 if d < 0 else 0
+        ins += 1 if np.uint32(d) < uw else 0
+    if ins:
+        for j in range(bits.size):
+            if np.uint32(D[j]) < uw:
+                out[n] = D[j]
+                n += 1
+    return below, n
+
+
+@njit(**opts)
 def window_bf16(src, base, lo, width, out):
-    """``window`` of tau = float32(src) - base, ``src`` the stored bf16 bits (int16): tau not kept.
-    Per sub-block: keys and both counts in vectorised loops, then the (few) inside keys compacted."""
+    """``window`` of tau = float32(src) - base, ``src`` the stored bf16 bits (int16): tau not kept."""
     U = np.empty(SUB, np.uint32)
     UF = U.view(np.float32)
+    UI = U.view(np.int32)
     D = np.empty(SUB, np.int32)
     below = 0
     n = 0
-    uw = np.uint32(width)
-    lo32 = np.int32(lo)
     for a in range(0, src.size, SUB):
         m = min(SUB, src.size - a)
         x = src[a:a + m]
@@ -48,17 +65,8 @@ def window_bf16(src, base, lo, width, out):
             U[j] = (np.uint32(x[j]) & np.uint32(0xFFFF)) << np.uint32(16)
         for j in range(m):
             UF[j] = UF[j] - base[a + j]
-        ins = 0
-        for j in range(m):
-            d = np.int32(U[j] & np.uint32(0x7FFFFFFF)) - lo32
-            D[j] = d
-            below += 1 if d < 0 else 0
-            ins += 1 if np.uint32(d) < uw else 0
-        if ins:
-            for j in range(m):
-                if np.uint32(D[j]) < uw:
-                    out[n] = D[j]
-                    n += 1
+        b, n = window_sub(UI[:m], np.int32(lo), np.uint32(width), D, out, n)
+        below += b
     return below, n
 
 
@@ -77,27 +85,14 @@ def narrow_bf16(src, out):
 @njit(**opts)
 def window(tau, lo, width, out):
     """(count of |tau| keys < lo, count n of keys in [lo, lo + width)); out[:n] = those keys - lo.
-    The key of |x| is the bit pattern of x with the sign bit cleared (= ``keys(x.abs())``). Counts in
-    vectorised loops per sub-block, then the (few, ~2 %) inside keys compacted."""
+    The key of |x| is the bit pattern of x with the sign bit cleared (= ``keys(x.abs())``)."""
     ti = tau.view(np.int32)
     D = np.empty(SUB, np.int32)
     below = 0
     n = 0
-    uw = np.uint32(width)
-    lo32 = np.int32(lo)
     for a in range(0, ti.size, SUB):
-        m = min(SUB, ti.size - a)
-        ins = 0
-        for j in range(m):
-            d = (ti[a + j] & np.int32(0x7FFFFFFF)) - lo32
-            D[j] = d
-            below += 1 if d < 0 else 0
-            ins += 1 if np.uint32(d) < uw else 0
-        if ins:
-            for j in range(m):
-                if np.uint32(D[j]) < uw:
-                    out[n] = D[j]
-                    n += 1
+        b, n = window_sub(ti[a:a + min(SUB, ti.size - a)], np.int32(lo), np.uint32(width), D, out, n)
+        below += b
     return below, n
 
 
@@ -336,39 +331,43 @@ def merge_sub(T, m, bs, os_, a, w, unit_w, consensus, elect_count, weighted_elec
 
 
 @njit(**opts)
+def work_buffers(nm):
+    """The sub-block temporaries of the combine kernels: T (trimmed task vectors), V, S, tot, div, cnt, R."""
+    return (np.empty((nm, SUB), np.float32), np.empty(SUB, np.float32), np.empty(SUB, np.float32),
+            np.empty(SUB, np.float32), np.empty(SUB, np.float32), np.empty(SUB, np.float32),
+            np.empty(SUB, np.float32))
+
+
+@njit(**opts)
+def trim_into(Ti, x, kind, lb):
+    """Ti[:x.size] = x trimmed as ``kernels.trim_below`` (hardshrink at lb = nextafter(thr, 0)); kind 0:
+    keep all, 1: threshold, 2: all zero."""
+    zero = np.float32(0.0)
+    if kind == 2:
+        for j in range(x.size):
+            Ti[j] = zero
+    elif kind == 1:
+        for j in range(x.size):
+            t = x[j]
+            Ti[j] = zero if (t >= -lb and t <= lb) else t
+    else:
+        for j in range(x.size):
+            Ti[j] = x[j]
+
+
+@njit(**opts)
 def combine(taus, base, kind, below, w, unit_w, consensus, elect_count, weighted_elect, agg, fill,
             deferred, norm, lam, scale, out, alt_idx, alt_val):
     """theta = base + lam * merge(trim(taus)) on one block; see ``Pipeline.combine`` /
-    ``combine_deferred``. Returns (sum of the raw elected signs, number of deferred alternatives).
-    Loop-invariant switches are tested outside the inner loops, which are branch-free selects."""
+    ``combine_deferred``. Returns (sum of the raw elected signs, number of deferred alternatives)."""
     n = base.size
-    nm = len(taus)
-    T = np.empty((nm, SUB), np.float32)  # trimmed task vectors of the sub-block
-    V = np.empty(SUB, np.float32)  # one model's vote
-    S = np.empty(SUB, np.float32)  # elected sign (raw), then filled
-    tot = np.empty(SUB, np.float32)
-    div = np.empty(SUB, np.float32)
-    cnt = np.empty(SUB, np.float32)
-    R = np.empty(SUB, np.float32)  # the raw elected sign (deferred majority)
-    zero = np.float32(0.0)
+    T, V, S, tot, div, cnt, R = work_buffers(len(taus))
     votes = 0
     nalt = 0
     for a in range(0, n, SUB):
         m = min(SUB, n - a)
-        for i in range(nm):  # trim (kernels.trim_below is hardshrink at nextafter(thr, 0))
-            x = taus[i][a:a + m]
-            lb = below[i]
-            Ti = T[i]
-            if kind[i] == 2:
-                for j in range(m):
-                    Ti[j] = zero
-            elif kind[i] == 1:
-                for j in range(m):
-                    t = x[j]
-                    Ti[j] = zero if (t >= -lb and t <= lb) else t
-            else:
-                for j in range(m):
-                    Ti[j] = x[j]
+        for i in range(len(taus)):
+            trim_into(T[i], taus[i][a:a + m], kind[i], below[i])
         dv, nalt = merge_sub(T, m, base[a:a + m], out[a:a + m], a, w, unit_w, consensus, elect_count,
                              weighted_elect, agg, fill, deferred, norm, lam, scale, alt_idx, alt_val, nalt,
                              V, S, tot, div, cnt, R)
@@ -382,19 +381,11 @@ def combine_bf16(models, base, kind, below, w, unit_w, consensus, elect_count, w
     """``combine`` straight from the stored bf16 bits (int16) of the models and the base:
     tau_i = float32(theta_i) - float32(theta_0) per sub-block, no task vector written to memory."""
     n = base.size
-    nm = len(models)
-    T = np.empty((nm, SUB), np.float32)
+    T, V, S, tot, div, cnt, R = work_buffers(len(models))
     B = np.empty(SUB, np.float32)  # the base's float32 values of the sub-block
-    U = np.empty(SUB, np.uint32)  # one model's widened bits
+    U = np.empty(SUB, np.uint32)  # one model's widened bits, then its task vector
     BU = B.view(np.uint32)
     UF = U.view(np.float32)
-    V = np.empty(SUB, np.float32)
-    S = np.empty(SUB, np.float32)
-    tot = np.empty(SUB, np.float32)
-    div = np.empty(SUB, np.float32)
-    cnt = np.empty(SUB, np.float32)
-    R = np.empty(SUB, np.float32)
-    zero = np.float32(0.0)
     mask = np.uint32(0xFFFF)
     sh = np.uint32(16)
     votes = 0
@@ -404,22 +395,13 @@ def combine_bf16(models, base, kind, below, w, unit_w, consensus, elect_count, w
         bb = base[a:a + m]
         for j in range(m):
             BU[j] = (np.uint32(bb[j]) & mask) << sh
-        for i in range(nm):
+        for i in range(len(models)):
             x = models[i][a:a + m]
             for j in range(m):
                 U[j] = (np.uint32(x[j]) & mask) << sh
-            lb = below[i]
-            Ti = T[i]
-            if kind[i] == 2:
-                for j in range(m):
-                    Ti[j] = zero
-            elif kind[i] == 1:
-                for j in range(m):
-                    t = UF[j] - B[j]
-                    Ti[j] = zero if (t >= -lb and t <= lb) else t
-            else:
-                for j in range(m):
-                    Ti[j] = UF[j] - B[j]
+            for j in range(m):
+                UF[j] = UF[j] - B[j]
+            trim_into(T[i], UF[:m], kind[i], below[i])
         dv, nalt = merge_sub(T, m, B[:m], out[a:a + m], a, w, unit_w, consensus, elect_count,
                              weighted_elect, agg, fill, deferred, norm, lam, scale, alt_idx, alt_val, nalt,
                              V, S, tot, div, cnt, R)
