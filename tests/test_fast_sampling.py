@@ -287,3 +287,15 @@ def test_order32_paths(monkeypatch):
         got = D._order(x)
         assert np.array_equal(got, ref_order(x)) and calls == [1]
         assert list(got[3]).index(p2) < list(got[3]).index(p1)
+
+
+def test_kernel_pcg64_words_are_numpys_stream():
+    """The fused kernels generate PCG64 themselves: the words must be numpy's (``random_raw`` as uint32
+    halves), from any start, odd or even, for any seed."""
+    from mergesmith.methods import _fused
+
+    if not _fused.enabled():
+        pytest.skip("numba not installed")
+    for seed in (0, 1, 12345, 2 ** 62 + 7, 2 ** 63 - 1):
+        for start, count in ((0, 1), (0, 10), (1, 9), (2, 1), (5, 1000), (131072 * 7 + 3, 131072), (2 ** 40 + 1, 17)):
+            assert np.array_equal(_fused.words(seed, start, count), S.words(seed, start, count)), (seed, start, count)
