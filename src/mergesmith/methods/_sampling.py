@@ -13,6 +13,7 @@ made on the CPU). numpy releases the GIL in the generator, sorts and ufuncs.
 """
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import threading
@@ -64,21 +65,25 @@ def _pool(n: int) -> ThreadPoolExecutor:
 
 def run_blocks(total: int, step: int, fn: Callable[[int, int], None]) -> None:
     """Call fn(a, b) on [0, total) cut into ranges of ``step``, spread over torch's intra-op thread
-    count (contiguous runs of ranges per thread). fn must only write its own range."""
+    count. Each thread takes the next range as it gets free (the reader and writer threads share the
+    cores, so a fixed split left one thread idle at the end of every chunk). fn must only write its own
+    range; results must not depend on which thread runs a range."""
     step = max(1, int(step))
     nblocks = -(-total // step)
     workers = max(1, min(torch.get_num_threads(), nblocks))
+    ranges = itertools.count()  # next() is atomic under the GIL
 
-    def run(lo: int, hi: int) -> None:  # blocks lo..hi-1; inf * 0 etc. give nan silently, as in torch
+    def run() -> None:  # inf * 0 etc. give nan silently, as in torch
         with np.errstate(all="ignore"):
-            for j in range(lo, hi):
+            for j in ranges:
+                if j >= nblocks:
+                    return
                 fn(j * step, min(total, (j + 1) * step))
 
     if workers == 1:
-        run(0, nblocks)
+        run()
         return
-    cuts = [nblocks * k // workers for k in range(workers + 1)]
-    futures = [_pool(workers).submit(run, cuts[k], cuts[k + 1]) for k in range(workers)]
+    futures = [_pool(workers).submit(run) for _ in range(workers)]
     for f in futures:
         f.result()
 
