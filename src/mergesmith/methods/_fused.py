@@ -180,9 +180,44 @@ def words(seed: int, start: int, count: int) -> np.ndarray:
     s, inc = int(st["state"]), int(st["inc"])
     out = scratch(-4, count, torch.int32).numpy().view(np.uint32)
     m = (1 << 64) - 1
-    _kernels().pcg_words(out, np.uint64(s >> 64), np.uint64(s & m), np.uint64(inc >> 64), np.uint64(inc & m),
-                         start & 1)
+    odd = start & 1
+    raw = (odd + count + 1) // 2  # raw outputs spanned
+    if raw < 4096:
+        _kernels().pcg_words(out, np.uint64(s >> 64), np.uint64(s & m), np.uint64(inc >> 64), np.uint64(inc & m), odd)
+        return out
+    seg = -(-raw // 4)
+    a, c = _lcg_jump(seg, inc)
+    lanes = [s]
+    for _ in range(3):
+        lanes.append((a * lanes[-1] + c) & _MASK128)
+    st4 = np.array([x for v in lanes for x in (v >> 64, v & m)], dtype=np.uint64)
+    _kernels().pcg_words4(out, st4, np.uint64(inc >> 64), np.uint64(inc & m), odd, seg)
     return out
+
+
+_MULT128 = (0x2360ED051FC65DA4 << 64) | 0x4385DF649FCCF645  # PCG64's multiplier
+_MASK128 = (1 << 128) - 1
+
+
+def _lcg_jump(d: int, inc: int) -> tuple[int, int]:
+    """(A, C) with state_{+d} = A state + C (mod 2^128) for PCG64's LCG with increment ``inc`` (Brown's
+    jump-ahead, as in pcg_advance_lcg_128); cached per thread for the last few (d, inc)."""
+    jumps = getattr(_PCG, "jumps", None)
+    if jumps is None or len(jumps) > 256:
+        jumps = _PCG.jumps = {}
+    key = (d, inc)
+    got = jumps.get(key)
+    if got is None:
+        acc_mult, acc_plus, cur_mult, cur_plus = 1, 0, _MULT128, inc
+        while d:
+            if d & 1:
+                acc_mult = (acc_mult * cur_mult) & _MASK128
+                acc_plus = (acc_plus * cur_mult + cur_plus) & _MASK128
+            cur_plus = ((cur_mult + 1) * cur_plus) & _MASK128
+            cur_mult = (cur_mult * cur_mult) & _MASK128
+            d >>= 1
+        got = jumps[key] = (acc_mult, acc_plus)
+    return got
 
 
 def sparse_counts(v: np.ndarray, size: int) -> tuple[torch.Tensor, torch.Tensor]:
