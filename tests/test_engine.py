@@ -547,14 +547,19 @@ def test_in_memory_inputs_are_never_written(method, monkeypatch):
     F.enabled()  # load the kernels: small tensors alone would not (see the next test)
     monkeypatch.setattr(S, "BLOCK", 64)  # the block path on small tensors
     g = torch.Generator().manual_seed(3)
-    for dt in (torch.float32, torch.bfloat16):
+    for dt in (torch.float32, torch.bfloat16, torch.float16):  # f16: handed as stored, converted by the method
         base = {"w": torch.randn(40, 33, generator=g).to(dt), "b": torch.randn(33, generator=g).to(dt)}
         models = [{k: v + 0.1 * torch.randn(v.shape, generator=g).to(dt) for k, v in base.items()} for _ in range(3)]
         keep = [{k: v.clone() for k, v in sd.items()} for sd in [base, *models]]
-        merge_state_dicts(method, models, base=base)
+        got = merge_state_dicts(method, models, base=base)
         for sd, ref in zip([base, *models], keep):
             for k in ref:
                 assert torch.equal(sd[k], ref[k]), (method, dt, k)
+        monkeypatch.setenv("MERGESMITH_FUSED", "0")  # the same bytes from float32 copies and torch ops
+        want = merge_state_dicts(method, models, base=base)
+        monkeypatch.delenv("MERGESMITH_FUSED")
+        for k in want:
+            assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), (method, dt, k)
 
 
 def test_a_small_merge_does_not_import_numba():
