@@ -50,8 +50,25 @@ def window_sub(bits, lo32, uw, D, out, n):
 
 
 @njit(**opts)
-def window_bf16(src, base, lo, width, out):
-    """``window`` of tau = float32(src) - base, ``src`` the stored bf16 bits (int16): tau not kept."""
+def widen_sub_drop(x, B, U, w, thr, d, drop):
+    """U (float32 view UF) = float32(x) - B for bf16 bits x, then DARE's x * [w < thr] / d if ``drop``."""
+    UF = U.view(np.float32)
+    m = x.size
+    for j in range(m):
+        U[j] = (np.uint32(x[j]) & np.uint32(0xFFFF)) << np.uint32(16)
+    for j in range(m):
+        UF[j] = UF[j] - B[j]
+    if drop:
+        one = np.float32(1.0)
+        zero = np.float32(0.0)
+        for j in range(m):
+            UF[j] = (UF[j] * (one if np.uint64(w[j]) < thr else zero)) / d
+
+
+@njit(**opts)
+def window_bf16(src, base, w, thr, d, drop, lo, width, out):
+    """``window`` of tau = float32(src) - base (DARE-dropped with words ``w`` if ``drop``), ``src`` the stored
+    bf16 bits (int16): tau not kept."""
     U = np.empty(SUB, np.uint32)
     UF = U.view(np.float32)
     UI = U.view(np.int32)
@@ -60,11 +77,7 @@ def window_bf16(src, base, lo, width, out):
     n = 0
     for a in range(0, src.size, SUB):
         m = min(SUB, src.size - a)
-        x = src[a:a + m]
-        for j in range(m):
-            U[j] = (np.uint32(x[j]) & np.uint32(0xFFFF)) << np.uint32(16)
-        for j in range(m):
-            UF[j] = UF[j] - base[a + j]
+        widen_sub_drop(src[a:a + m], base[a:a + m], U, w[a:a + m] if drop else w, thr, d, drop)
         b, n = window_sub(UI[:m], np.int32(lo), np.uint32(width), D, out, n)
         below += b
     return below, n
@@ -416,10 +429,11 @@ def combine(taus, base, kind, below, w, unit_w, consensus, elect_count, weighted
 
 
 @njit(**opts)
-def combine_bf16(models, base, kind, below, w, unit_w, consensus, elect_count, weighted_elect, agg, fill,
-                 deferred, norm, lam, scale, out, alt_idx, alt_val):
+def combine_bf16(models, base, words, thr, dd, drop, kind, below, w, unit_w, consensus, elect_count,
+                 weighted_elect, agg, fill, deferred, norm, lam, scale, out, alt_idx, alt_val):
     """``combine`` straight from the stored bf16 bits (int16) of the models and the base:
-    tau_i = float32(theta_i) - float32(theta_0) per sub-block, no task vector written to memory."""
+    tau_i = float32(theta_i) - float32(theta_0) per sub-block, no task vector written to memory; with
+    ``drop``, DARE's tau_i * [words_i < thr_i] / dd_i first (``_sampling.drop_rescale_block_``)."""
     n = base.size
     T, V, S, tot, div, cnt, R = work_buffers(len(models))
     B = np.empty(SUB, np.float32)  # the base's float32 values of the sub-block
@@ -436,11 +450,7 @@ def combine_bf16(models, base, kind, below, w, unit_w, consensus, elect_count, w
         for j in range(m):
             BU[j] = (np.uint32(bb[j]) & mask) << sh
         for i in range(len(models)):
-            x = models[i][a:a + m]
-            for j in range(m):
-                U[j] = (np.uint32(x[j]) & mask) << sh
-            for j in range(m):
-                UF[j] = UF[j] - B[j]
+            widen_sub_drop(models[i][a:a + m], B, U, words[i][a:a + m] if drop else words[i], thr[i], dd[i], drop)
             trim_into(T[i], UF[:m], kind[i], below[i])
         dv, nalt = merge_sub(T, m, B[:m], out[a:a + m], a, w, unit_w, consensus, elect_count,
                              weighted_elect, agg, fill, deferred, norm, lam, scale, alt_idx, alt_val, nalt,

@@ -441,15 +441,19 @@ class Pipeline:
         lam = p["lambda"]
         records: dict[int, tuple] = {}
         if args is not None:  # one fused kernel per block (``_fused``): the same float32 operations
-            direct = fns is not None and all(f is None for f in fns) and \
-                all(t.dtype == torch.bfloat16 for t in [flat_base, *flat])  # tau never materialised
+            # tau never materialised: bf16 inputs, no sparsifier or DARE's draw (done inside the kernel)
+            direct = fns is not None and all(f is None or isinstance(f, _S.DropBlock) for f in fns) and \
+                all(t.dtype == torch.bfloat16 for t in [flat_base, *flat])
+            drops = [f.draw if f is not None else (1.0, 0) for f in fns] \
+                if direct and any(f is not None for f in fns) else None
 
             def fused(a: int, b: int) -> None:
                 ai = _F.scratch(-2, b - a if deferred else 0, torch.int64).numpy()
                 av = _F.scratch(-3, b - a if deferred else 0).numpy()
                 o = _F.scratch(-5, b - a) if narrow else flat_out[a:b]
                 if direct:
-                    votes, nalt = _F.combine_bf16([m[a:b] for m in flat], flat_base[a:b], *args, o.numpy(), ai, av)
+                    votes, nalt = _F.combine_bf16([m[a:b] for m in flat], flat_base[a:b], drops, a, *args, o.numpy(),
+                                                  ai, av)
                 else:
                     votes, nalt = blocks_combine(a, b, o, ai, av)
                 if narrow:

@@ -223,8 +223,8 @@ def _window_blocks(base: torch.Tensor, models: list[torch.Tensor], fns: list, wi
             if w is None:
                 out.append(None)
                 continue
-            if fused and fn is None and m.dtype == torch.bfloat16:  # straight from the stored bits
-                out.append(_F.window_bf16(m[a:b], bb, *w))
+            if fused and m.dtype == torch.bfloat16 and (fn is None or isinstance(fn, _S.DropBlock)):  # from the bits
+                out.append(_F.window_bf16(m[a:b], bb, *w, drop=None if fn is None else fn.draw, start=a))
                 continue
             t = block_tau(m[a:b], bb, fn, a, slot=1 if fused else None)
             out.append(_F.window(t, *w) if fused else window_part(t.abs_().numpy(), *w))

@@ -142,6 +142,23 @@ def drop_rescale_block_(x: np.ndarray, d: float, seed: int, start: int) -> None:
     np.divide(x, np.float32(d), out=x)
 
 
+class DropBlock:
+    """DARE's block function ``fn(x, start)`` (:func:`drop_rescale_block_` with density ``d`` and stream
+    ``seed``; d >= 1: identity), with (d, seed) readable so the fused kernels can draw in their own loop."""
+
+    def __init__(self, d: float, seed: int):
+        self.d, self.seed = float(d), int(seed)
+
+    def __call__(self, x: torch.Tensor, start: int) -> None:
+        if self.d < 1:
+            drop_rescale_block_(x.numpy(), self.d, self.seed, start)
+
+    @property
+    def draw(self) -> tuple[float, int]:
+        """(d, seed) for the kernels: d = 1 keeps everything and divides by 1 (exact identity)."""
+        return min(self.d, 1.0), self.seed
+
+
 def drop_rescale_(t: torch.Tensor, d: float, seed: int) -> torch.Tensor:
     """In place on a contiguous float32 CPU tensor: t <- t * keep / d with keep_k = u_k < d, one fused
     pass per block (the same values as ``t * bernoulli_mask(...) / d``)."""

@@ -55,14 +55,11 @@ def dare_block(ctx, i: int, p, row: int):
     CPU block of the task vector that starts at flat element ``start`` (the same values as the whole-
     tensor fast path), or None where only the whole-tensor form applies (l1/l2 rescale)."""
     d = p["density"][i]
-    if d >= 1:
-        return lambda x, start: None
     if d <= 0:
         return lambda x, start: x.zero_()
-    if p["rescale"] != "inverse_keep_prob":
+    if d < 1 and p["rescale"] != "inverse_keep_prob":
         return None
-    seed = ctx.seed_of(i)
-    return lambda x, start: S.drop_rescale_block_(x.numpy(), d, seed, start)
+    return S.DropBlock(d, ctx.seed_of(i))
 
 
 def _dare_params():
