@@ -75,9 +75,10 @@ class GTAStats(GlobalStats):
             return None
         dens = [float(d) for d in p[self.pipe.trim]]
         fused_window = step == "window" and blocks_apply(base) and (not ctx.raw or self.pipe._fused_inputs(base, models))
-        if step == "sample" and self.pipe.sparsify is None and _F.enabled(base.numel()) and \
-                all(_F.raw_ok(t) for t in [base, *models]):
-            return self._fused_sample(base, models, dens, ctx.name)
+        if step == "sample" and _F.enabled(base.numel()) and all(_F.raw_ok(t) for t in [base, *models]):
+            fns = self.pipe.block_sparsifiers(ctx, p, base, len(models))
+            if fns is not None and all(f is None or isinstance(f, _S.DropBlock) for f in fns):
+                return self._fused_sample(base, models, dens, ctx.name, fns)
         if ctx.raw and not fused_window:  # stored dtypes (MethodSpec.raw_inputs): float32 copies
             ctx, base, models = float32_inputs(ctx, base, models)
         if step == "major":
@@ -111,11 +112,19 @@ class GTAStats(GlobalStats):
                 hists.append(low_hist(k, state["bucket"][i][0]))
         return {"numel": base.numel(), "density": dens, "hist": hists, "name": ctx.name}
 
-    def _fused_sample(self, base, models, dens, name):
-        """The ``sample`` step's high-key histograms of |tau_i| by the fused kernels (no sparsifier)."""
+    def _fused_sample(self, base, models, dens, name, fns):
+        """The ``sample`` step's high-key histograms of |tau_i| by the fused kernels (no sparsifier, or
+        DARE's draw on the sample, which only estimates)."""
         b = _F.as_float32(base.reshape(-1))
-        hists = [_F.abs_high_hist(_F.sub(m.reshape(-1), b, slot=1)) if needs_selection(d) else None
-                 for m, d in zip(models, dens)]
+        hists = []
+        for m, d, fn in zip(models, dens, fns):
+            if not needs_selection(d):
+                hists.append(None)
+                continue
+            t = _F.sub(m.reshape(-1), b, slot=1)
+            if fn is not None:
+                fn(t, 0)
+            hists.append(_F.abs_high_hist(t))
         return {"numel": base.numel(), "density": dens, "hist": hists, "name": name}
 
     def fold(self, pass_index, state, acc, part):
