@@ -8,9 +8,14 @@ buffers). Every kernel performs the float32 operations of the torch path in the 
 (``kernels.trim_below``, ``elect_sign_list``, ``disjoint_merge_list``, ``Pipeline.combine_deferred``),
 so the results are bit-identical to it (tested); nothing uses fast-math.
 
-numba is optional: without it (or with ``MERGESMITH_FUSED=0``) the torch block path runs. Kernels are
-compiled on first use (about 2-5 s, cached on disk by numba) and only for tensors of at least two
-blocks, so small merges never import numba.
+Also here: DARE's and DELLA's draw-and-rescale (PCG64 words generated in the kernel: numpy's stream),
+the histograms of the global-TIES statistics passes, and bf16 rounding of the output. The kernels live
+in ``_fused_kernels`` (module-level, so numba's disk cache finds them again); this module holds the
+wrappers on torch blocks and the per-thread scratch buffers.
+
+numba is optional: without it (or with ``MERGESMITH_FUSED=0``) the torch block path runs. The kernels
+are compiled once after installing (10-20 s for the set, then loaded from numba's cache) and used for
+tensors of ``MIN_ELEMENTS`` or more, so a small merge never imports numba.
 """
 from __future__ import annotations
 
