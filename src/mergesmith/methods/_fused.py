@@ -110,7 +110,8 @@ def sub(m: torch.Tensor, base32: torch.Tensor, slot: int | None = None) -> torch
     n = base32.numel()
     out = torch.empty(n, dtype=torch.float32) if slot is None else scratch(slot, n)
     if m.dtype == torch.bfloat16:
-        _kernels().sub_bf16(m.view(torch.int16).numpy(), base32.numpy(), out.numpy())
+        _kernels().widen_sub_drop(m.view(torch.int16).numpy(), base32.numpy(), out.numpy(), _NO_WORDS, np.uint64(0),
+                                  np.float32(1.0), False)
     elif m.dtype == torch.float32:
         np.subtract(m.numpy(), base32.numpy(), out=out.numpy())
     else:

@@ -21,16 +21,6 @@ def widen_bf16(src, out):
 
 
 @njit(**opts)
-def sub_bf16(src, base, out):
-    """out = float32(src) - base; ``src`` bf16 bits (int16), ``base`` float32."""
-    ou = out.view(np.uint32)
-    for j in range(src.size):
-        ou[j] = (np.uint32(src[j]) & np.uint32(0xFFFF)) << np.uint32(16)
-    for j in range(src.size):
-        out[j] = out[j] - base[j]
-
-
-@njit(**opts)
 def window_sub(bits, lo32, uw, D, out, n):
     """One sub-block of :func:`window`: ``bits`` the float32 bit patterns (int32) of tau. Counts in
     vectorised loops, then the (few, ~2 %) keys inside compacted into out[n:]. Returns (below, n)."""
@@ -50,18 +40,16 @@ def window_sub(bits, lo32, uw, D, out, n):
 
 
 @njit(**opts)
-def widen_sub_drop(x, B, U, w, thr, d, drop):
-    """U (float32 view UF) = float32(x) - B for bf16 bits x, then DARE's x * [w < thr] / d if ``drop``."""
-    UF = U.view(np.float32)
-    m = x.size
-    for j in range(m):
-        U[j] = (np.uint32(x[j]) & np.uint32(0xFFFF)) << np.uint32(16)
-    for j in range(m):
+def widen_sub_drop(x, B, UF, w, thr, d, drop):
+    """UF[:x.size] = float32(x) - B for bf16 bits x (the task vector), then DARE's UF * [w < thr] / d if
+    ``drop`` (``_sampling.drop_rescale_block_``)."""
+    widen_bf16(x, UF)
+    for j in range(x.size):
         UF[j] = UF[j] - B[j]
     if drop:
         one = np.float32(1.0)
         zero = np.float32(0.0)
-        for j in range(m):
+        for j in range(x.size):
             UF[j] = (UF[j] * (one if np.uint64(w[j]) < thr else zero)) / d
 
 
@@ -77,7 +65,7 @@ def window_bf16(src, base, w, thr, d, drop, lo, width, out):
     n = 0
     for a in range(0, src.size, SUB):
         m = min(SUB, src.size - a)
-        widen_sub_drop(src[a:a + m], base[a:a + m], U, w[a:a + m] if drop else w, thr, d, drop)
+        widen_sub_drop(src[a:a + m], base[a:a + m], UF, w[a:a + m] if drop else w, thr, d, drop)
         b, n = window_sub(UI[:m], np.int32(lo), np.uint32(width), D, out, n)
         below += b
     return below, n
@@ -437,20 +425,14 @@ def combine_bf16(models, base, words, thr, dd, drop, kind, below, w, unit_w, con
     n = base.size
     T, V, S, tot, div, cnt, R = work_buffers(len(models))
     B = np.empty(SUB, np.float32)  # the base's float32 values of the sub-block
-    U = np.empty(SUB, np.uint32)  # one model's widened bits, then its task vector
-    BU = B.view(np.uint32)
-    UF = U.view(np.float32)
-    mask = np.uint32(0xFFFF)
-    sh = np.uint32(16)
+    UF = np.empty(SUB, np.float32)  # one model's task vector
     votes = 0
     nalt = 0
     for a in range(0, n, SUB):
         m = min(SUB, n - a)
-        bb = base[a:a + m]
-        for j in range(m):
-            BU[j] = (np.uint32(bb[j]) & mask) << sh
+        widen_bf16(base[a:a + m], B)
         for i in range(len(models)):
-            widen_sub_drop(models[i][a:a + m], B, U, words[i][a:a + m] if drop else words[i], thr[i], dd[i], drop)
+            widen_sub_drop(models[i][a:a + m], B, UF, words[i][a:a + m] if drop else words[i], thr[i], dd[i], drop)
             trim_into(T[i], UF[:m], kind[i], below[i])
         dv, nalt = merge_sub(T, m, B[:m], out[a:a + m], a, w, unit_w, consensus, elect_count,
                              weighted_elect, agg, fill, deferred, norm, lam, scale, alt_idx, alt_val, nalt,

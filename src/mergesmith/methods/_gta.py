@@ -297,7 +297,8 @@ class Pipeline:
         """Whether the engine may hand this tensor's inputs in their stored dtype (MethodSpec.raw_inputs):
         when the fused kernels can take them (``_fused``; tensors of two blocks or more); :meth:`merge`
         converts them otherwise."""
-        if math.prod(shape) < 2 * _S.BLOCK or not _F.enabled(math.prod(shape)):
+        n = math.prod(shape)
+        if n < 2 * _S.BLOCK or not _F.enabled(n):
             return False
         if self.sparsify is not None and self.block_sparsify is None:
             return False
@@ -442,7 +443,7 @@ class Pipeline:
         records: dict[int, tuple] = {}
         if args is not None:  # one fused kernel per block (``_fused``): the same float32 operations
             # tau never materialised: bf16 inputs, no sparsifier or DARE's draw (done inside the kernel)
-            direct = fns is not None and all(f is None or isinstance(f, _S.DropBlock) for f in fns) and \
+            direct = fns is not None and all(in_kernel(f) for f in fns) and \
                 all(t.dtype == torch.bfloat16 for t in [flat_base, *flat])
             drops = [f.draw if f is not None else (1.0, 0) for f in fns] \
                 if direct and any(f is not None for f in fns) else None
@@ -496,6 +497,11 @@ def blocks_apply(base: torch.Tensor) -> bool:
     if base.device.type != "cpu" or base.numel() < 2 * _S.BLOCK:
         return False
     return base.dtype == torch.float32 or (_F.raw_ok(base) and _F.enabled(base.numel()))
+
+
+def in_kernel(fn) -> bool:
+    """A block sparsifier the fused bf16 kernels apply in their own loop: none, or DARE's draw."""
+    return fn is None or isinstance(fn, _S.DropBlock)
 
 
 def float32_inputs(ctx: TensorContext, base: torch.Tensor, models: list[torch.Tensor]):

@@ -34,7 +34,7 @@ import torch
 
 from . import _fused as _F
 from . import _sampling as _S
-from ._gta import DEFERRED, block_tau, blocks_apply, float32_inputs, needs_selection, official_rank
+from ._gta import DEFERRED, block_tau, blocks_apply, float32_inputs, in_kernel, needs_selection, official_rank
 from .kernels import bits_to_float
 from ._radix import (_OFFSET, abs_window_hist, dense, high_hist, key_value, keys, locate, low_hist, window_merge,
                      window_part)
@@ -77,7 +77,7 @@ class GTAStats(GlobalStats):
         fused_window = step == "window" and blocks_apply(base) and (not ctx.raw or self.pipe._fused_inputs(base, models))
         if step == "sample" and _F.enabled(base.numel()) and all(_F.raw_ok(t) for t in [base, *models]):
             fns = self.pipe.block_sparsifiers(ctx, p, base, len(models))
-            if fns is not None and all(f is None or isinstance(f, _S.DropBlock) for f in fns):
+            if fns is not None and all(in_kernel(f) for f in fns):
                 return self._fused_sample(base, models, dens, ctx.name, fns)
         if ctx.raw and not fused_window:  # stored dtypes (MethodSpec.raw_inputs): float32 copies
             ctx, base, models = float32_inputs(ctx, base, models)
@@ -232,7 +232,7 @@ def _window_blocks(base: torch.Tensor, models: list[torch.Tensor], fns: list, wi
             if w is None:
                 out.append(None)
                 continue
-            if fused and m.dtype == torch.bfloat16 and (fn is None or isinstance(fn, _S.DropBlock)):  # from the bits
+            if fused and m.dtype == torch.bfloat16 and in_kernel(fn):  # from the bits
                 out.append(_F.window_bf16(m[a:b], bb, *w, drop=None if fn is None else fn.draw, start=a))
                 continue
             t = block_tau(m[a:b], bb, fn, a, slot=1 if fused else None)
