@@ -5,7 +5,7 @@ fine-tune-like variants (base + small noise), sharded ~400 MB — then, for each
 merge in a fresh subprocess and prints wall seconds, peak RSS and input GB/s next to the *floor*: the time
 to merely read every input tensor once and write an output of the same size.
 
-    python benchmarks/speed.py [--methods linear,ties,...] [--cache DIR] [--hidden 2048 --layers 8]
+    python benchmarks/speed.py [--methods linear,ties,...] [--cache DIR] [--hidden 2048 --layers 8] [--device cuda]
 
 Targets (2 cores): element-wise methods within 2x of the floor; ties/dare/della within 4x; peak RSS
 under 1.5 GB.
@@ -106,19 +106,20 @@ if args["method"] == "__floor__":
         del ts
     w.close()
 else:
-    run_recipe(args["recipe"], args["out"], threads=args.get("threads"))
+    run_recipe(args["recipe"], args["out"], threads=args.get("threads"), device=args.get("device", "cpu"))
 wall = time.time() - t0
-print(json.dumps({"wall": wall, "cpu": time.process_time() - c0,
+gpu_mb = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0
+print(json.dumps({"wall": wall, "cpu": time.process_time() - c0, "gpu_mb": gpu_mb,
                   "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
 
-def run_one(method: str, paths: dict, threads: int | None) -> dict:
+def run_one(method: str, paths: dict, threads: int | None, device: str = "cpu") -> dict:
     from mergesmith.methods.base import get_method
 
     with tempfile.TemporaryDirectory(dir=paths["base"].parent) as tmp:
         out = Path(tmp) / "out"
-        args: dict = {"out": str(out), "threads": threads, "method": method}
+        args: dict = {"out": str(out), "threads": threads, "method": method, "device": device}
         if method == "__floor__":
             out.mkdir()
             args["inputs"] = [str(paths[k]) for k in ("base", "ft0", "ft1", "ft2")]
@@ -184,6 +185,7 @@ def main() -> None:
     ap.add_argument("--intermediate", type=int, default=5632)
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device", default="cpu", help="compute device of the merges (cpu, cuda); the floor is device-free")
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
     a = ap.parse_args()
     cache = Path(a.cache) / f"llama-h{a.hidden}-l{a.layers}-i{a.intermediate}-v{a.vocab}"
@@ -198,8 +200,9 @@ def main() -> None:
     tries = ", ".join(f"{r['wall']:.1f}" for r in floors)
     print(f"model size {model_gb:.2f} GB (bf16); floor: read 4 inputs + write 1 output: {floor['wall']:.1f} s "
           f"(best of {tries} s), peak RSS {floor['rss_mb']:.0f} MB")
+    gpu = a.device != "cpu"
     print(f"{'method':<18}{'inputs':>7}{'wall s':>9}{'floor s':>9}{'x floor':>9}{'RSS MB':>9}{'in GB/s':>9}"
-          f"{'CPU s':>9}{'load':>11}")
+          f"{'CPU s':>9}{'load':>11}" + (f"{'GPU MB':>9}" if gpu else ""))
     from mergesmith.methods.base import MergeError, get_method
 
     for m in [x for x in a.methods.split(",") if x]:
@@ -209,7 +212,7 @@ def main() -> None:
             print(f"{m:<18} (not registered)")
             continue
         load0 = os.getloadavg()[0]
-        r = run_one(m, paths, a.threads)
+        r = run_one(m, paths, a.threads, a.device)
         r["load"] = [load0, os.getloadavg()[0]]  # other jobs on the machine inflate wall (less so CPU) time
         rows.append(r)
         if "error" in r:
@@ -218,8 +221,8 @@ def main() -> None:
         fl = floor["wall"] * (r["inputs"] + 1) / 5  # floor (4 reads + 1 write) scaled to this input count
         r["floor"] = fl
         print(f"{m:<18}{r['inputs']:>7}{r['wall']:>9.1f}{fl:>9.1f}{r['wall'] / fl:>9.2f}{r['rss_mb']:>9.0f}"
-              f"{r['inputs'] * model_gb / r['wall']:>9.2f}{r['cpu']:>9.1f}{r['load'][0]:>6.1f}-{r['load'][1]:<4.1f}",
-              flush=True)
+              f"{r['inputs'] * model_gb / r['wall']:>9.2f}{r['cpu']:>9.1f}{r['load'][0]:>6.1f}-{r['load'][1]:<4.1f}"
+              + (f"{r['gpu_mb']:>9.0f}" if gpu else ""), flush=True)
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=1))
 

@@ -87,6 +87,16 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
+def _float32_copy(t: torch.Tensor, dev: torch.device) -> torch.Tensor:
+    """``t`` as a float32 tensor on ``dev`` that is never ``t``'s storage (methods may work in place on
+    their inputs; in-memory inputs are the caller's). To another device the stored dtype goes over the bus
+    and is widened there (``t.to(dev, float32)`` widens on the host first: twice the bytes, a host pass)."""
+    moved = t.to(dev)
+    if moved is t:
+        return t.to(torch.float32, copy=True)
+    return moved.to(torch.float32)
+
+
 def units_of(job: TensorJob, chunkable: bool, chunk_elements: int = CHUNK_ELEMENTS) -> list[Unit]:
     numel = 1
     for s in job.shape:
@@ -184,11 +194,8 @@ class Executor:
         if job.method is None or self._raw(job):
             return base, models
         dev = self.device
-        nb = dev.type == "cuda"
-        # copy=True: methods may work in place without touching the caller's tensors (in-memory inputs)
-        base = base.to(dev, torch.float32, non_blocking=nb, copy=True) if base is not None else None
-        models = [m.to(dev, torch.float32, non_blocking=nb, copy=True) for m in models]
-        return base, models
+        base = _float32_copy(base, dev) if base is not None else None
+        return base, [_float32_copy(m, dev) for m in models]
 
     def _ctx(self, unit: Unit, stats: Any, sums: Any = None, record: bool = False) -> TensorContext:
         j = unit.job
