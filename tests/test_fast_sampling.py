@@ -196,7 +196,7 @@ def test_della_keep_rate_per_rank_with_fused_path():
 
 
 # --------------------------------------------------------------------------------------------------
-# MagPrune ranks from 32-bit keys (della._order): the exact stable order of the 64-bit keys
+# MagPrune ranks from 32-bit keys (_rank.row_order): the exact stable order of the 64-bit keys
 
 
 def ref_order(x: np.ndarray) -> np.ndarray:
@@ -243,6 +243,7 @@ def _order_cases(rows, n, rng):
 @pytest.mark.parametrize("n", [2, 3, 17, 2048, 5632])
 @pytest.mark.parametrize("rows", [1, 7, 64, 300])
 def test_order32_equals_int64_keys(n, rows):
+    from mergesmith.methods import _rank as R
     from mergesmith.methods import della as D
 
     if n * rows > 1_000_000:
@@ -252,8 +253,8 @@ def test_order32_equals_int64_keys(n, rows):
     for name, x in _order_cases(rows, n, rng).items():
         x = np.ascontiguousarray(x, dtype=np.float32)
         want = ref_order(x)
-        assert np.array_equal(D._order64(x.view(np.int32), b), want), name  # the previous keys
-        assert np.array_equal(D._order(x), want), (name, n, rows)
+        assert np.array_equal(R.order64(x.view(np.int32), b), want), name  # the previous keys
+        assert np.array_equal(R.row_order(x), want), (name, n, rows)
         vals = (np.arange(n, dtype=np.float32) + 0.5) / n
         out = np.full((rows, n), np.nan, np.float32)
         np.put_along_axis(out, want, np.broadcast_to(vals, (rows, n)), axis=-1)
@@ -263,20 +264,21 @@ def test_order32_equals_int64_keys(n, rows):
 def test_order32_paths(monkeypatch):
     """The 32-bit sort alone for bf16-born rows, the 64-bit one for float32 blocks, and for rows where two
     rounded magnitudes share a code."""
+    from mergesmith.methods import _rank as R
     from mergesmith.methods import della as D
 
     calls = []
-    real = D._order64
-    monkeypatch.setattr(D, "_order64", lambda xi, b: calls.append(xi.shape[0]) or real(xi, b))
+    real = R.order64
+    monkeypatch.setattr(R, "order64", lambda xi, b: calls.append(xi.shape[0]) or real(xi, b))
     rng = np.random.default_rng(7)
     for n in (2048, 5632):
         rows = max(1, S.BLOCK // n)
         x = _bf16_delta(rows, n, rng)
         calls.clear()
-        assert np.array_equal(D._order(x), ref_order(x)) and calls == []
+        assert np.array_equal(R.row_order(x), ref_order(x)) and calls == []
         x = (rng.standard_normal((rows, n)) * 0.002).astype(np.float32)
         calls.clear()
-        assert np.array_equal(D._order(x), ref_order(x)) and calls == [rows]
+        assert np.array_equal(R.row_order(x), ref_order(x)) and calls == [rows]
         # row 3: two magnitudes between the same multiples of 2^k (next to its largest), the larger one first
         x = _bf16_delta(rows, n, rng)
         u = x.view(np.uint32)
@@ -284,7 +286,7 @@ def test_order32_paths(monkeypatch):
         p1, p2 = (11, 22) if np.argmax(np.abs(x[3])) not in (11, 22) else (33, 44)
         u[3, p1], u[3, p2] = top | 2, top | 1
         calls.clear()
-        got = D._order(x)
+        got = R.row_order(x)
         assert np.array_equal(got, ref_order(x)) and calls == [1]
         assert list(got[3]).index(p2) < list(got[3]).index(p1)
 

@@ -494,6 +494,77 @@ def test_breadcrumbs_row_golden():
     assert z.item() == 3.0
 
 
+def test_breadcrumbs_row_band_breaks_ties_by_position():
+    """Row scope ranks equal magnitudes by position (ascending |tau|, then index): hand-computed."""
+    base = torch.zeros(1, 10)
+    tau = torch.tensor([[2.0, -1, 2, 3, -2, 1, 3, -2, 0.5, 1]])
+    # ascending stable order of |tau|: 0.5(8) 1(1) 1(5) 1(9) 2(0) 2(2) 2(4) 2(7) 3(3) 3(6)
+    # gamma 0.2 -> top 2 removed (ranks 8, 9: indices 3, 6); beta 0.3 -> ranks 5..7 kept: indices 2, 4, 7
+    out = merge_tensors("breadcrumbs", [tau], base, density=0.3, gamma=0.2, **{"lambda": 1.0})
+    exp = torch.zeros(1, 10)
+    exp[0, [2, 4, 7]] = tau[0, [2, 4, 7]]
+    assert torch.equal(out, exp)
+
+
+def _band_reference(t: torch.Tensor, beta: float, gamma: float) -> torch.Tensor:
+    """Straightforward row-scope Breadcrumbs: per row, a Python sort by (|x|, index)."""
+    out = torch.zeros_like(t)
+    for r in range(t.shape[0]):
+        row = t[r].tolist()
+        n = len(row)
+        n_top = int(gamma * n)
+        n_keep = min(int(beta * n), n - n_top)
+        order = sorted(range(n), key=lambda j: (abs(row[j]), j))
+        for j in order[n - n_top - n_keep: n - n_top]:
+            out[r, j] = t[r, j]
+    return out
+
+
+@pytest.mark.parametrize("kernels", ["fused", "numpy", "torch"])
+def test_breadcrumbs_band_forms_agree_on_tied_data(kernels, monkeypatch):
+    """The block kernel (numba), its numpy fallback and the torch path keep the same entries (bf16-born
+    task vectors: many equal magnitudes), equal to a plain Python reference; -0.0 where torch gives it."""
+    import mergesmith.methods._fused as F
+    from mergesmith.methods.breadcrumbs import band_mask, band_rows_
+
+    if kernels == "fused" and not F.enabled():
+        pytest.skip("numba not installed")
+    if kernels == "numpy":
+        monkeypatch.setenv("MERGESMITH_FUSED", "0")
+    g = torch.Generator().manual_seed(3)
+    for n, beta, gamma in [(64, 0.3, 0.05), (257, 0.5, 0.1), (2048, 0.15, 0.006), (5, 0.6, 0.2)]:
+        b = (torch.randn(40, n, generator=g) * 0.02).to(torch.bfloat16)
+        m = (b.float() + torch.randn(40, n, generator=g) * 0.002).to(torch.bfloat16)
+        t = m.float() - b.float()
+        n_top = int(gamma * n)
+        n_keep = min(int(beta * n), n - n_top)
+        want = t * band_mask(t, n - n_top - n_keep, n_keep)
+        if kernels == "torch":
+            got = want
+        else:
+            got = t.clone()
+            band_rows_(got.numpy(), n - n_top - n_keep, n - n_top)
+        assert torch.equal(got.view(torch.int32), want.view(torch.int32)), n
+        assert torch.equal(got, _band_reference(t, beta, gamma)), n
+
+
+def test_breadcrumbs_tensor_scope_is_mergekits_sort_slice():
+    """Tensor scope keeps mergekit's ``magnitude_outliers`` entries, ties included: the slice
+    [n_bot, n_bot + floor(beta n)) of ``torch.sort(|tau|)`` with n_bot = max(0, n - floor(beta n) - floor(gamma n))."""
+    g = torch.Generator().manual_seed(4)
+    for shape, beta, gamma in [((30, 17), 0.3, 0.05), ((64,), 0.5, 0.2), ((12, 40), 0.9, 0.3)]:
+        tau = torch.randint(-3, 4, shape, generator=g).float() * 0.25
+        n = tau.numel()
+        target, n_top = int(beta * n), int(gamma * n)
+        n_bot = max(0, n - target - n_top)
+        mask = torch.zeros(n)
+        mask[torch.sort(tau.abs().reshape(-1), descending=False).indices[n_bot:n_bot + target]] = 1
+        want = tau * mask.reshape(shape)
+        got = merge_tensors("breadcrumbs", [tau], torch.zeros(shape), density=beta, gamma=gamma, scope="tensor",
+                            **{"lambda": 1.0})
+        assert torch.equal(got, want), shape
+
+
 def test_breadcrumbs_ties_and_task_arithmetic():
     base = torch.zeros(1, 10)
     t1 = torch.arange(1.0, 11.0).reshape(1, 10)
@@ -619,6 +690,7 @@ def test_radix_select_equals_kthvalue():
     ("della", {"density": 0.6, "epsilon": 0.1}),
     ("della_linear", {"density": 0.5, "epsilon": 0.2, "weight": [1.0, 0.5, 2.0]}),
     ("breadcrumbs_ties", {}),
+    ("breadcrumbs", {"density": 0.3, "gamma": 0.1, "weight": [1.0, 0.5, 2.0], "normalize": True}),
     ("consensus_ties", {}),
     ("ties", {"density": 0.5, "weighted_elect": True, "weight": [0.5, 1.0, 2.0], "agg": "weighted_mean"}),
     ("ties", {"density": 0.5, "elect": "count", "agg": "sum", "weight": [2.0, 0.5, 1.0]}),

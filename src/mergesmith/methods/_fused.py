@@ -176,6 +176,11 @@ def drop_scale(x: np.ndarray, w: np.ndarray, thr: int, d: float) -> None:
     _kernels().drop_scale(x, w, np.uint64(thr), np.float32(d))
 
 
+def band_apply(x: np.ndarray, order: np.ndarray, lo: int, hi: int) -> None:
+    """In place on float32 rows ``x``: Breadcrumbs' band, zero outside in-row ranks lo .. hi-1 (see the kernel)."""
+    _kernels().band_apply(x, order, lo, hi)
+
+
 def magprune_apply(x: np.ndarray, order: np.ndarray, qr: np.ndarray, w: np.ndarray) -> None:
     """In place on float32 rows ``x``: MagPrune's draw and rescale from the in-row order (see the kernel)."""
     _kernels().magprune_apply(x, order, np.ascontiguousarray(qr, np.float32), w)

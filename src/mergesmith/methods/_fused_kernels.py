@@ -212,6 +212,19 @@ def magprune_apply(x, order, qr, w):
 
 
 @njit(**opts)
+def band_apply(x, order, lo, hi):
+    """Breadcrumbs' band on rows x (r, n): the elements of in-row rank k (``order[i, k]``) outside
+    lo <= k < hi are multiplied by 0 (``x * mask`` of the torch path), the others left as they are."""
+    r, n = x.shape
+    zero = np.float32(0.0)
+    for i in range(r):
+        for k in range(n):
+            if k < lo or k >= hi:
+                j = order[i, k]
+                x[i, j] = x[i, j] * zero
+
+
+@njit(**opts)
 def sparse_counts(v, hist, ids):
     """Distinct values of ``v`` (ints in [0, hist.size)) ascending in ids[:u], their counts in
     hist[ids[:u]]; returns u. ``hist`` must be all zero on entry (the caller re-zeroes those ids)."""

@@ -17,53 +17,94 @@ the paper's alpha. Defaults: the official search start point beta 0.15, gamma 0.
 When gamma + beta > 1: the official code (row scope) keeps fewer entries, mergekit (tensor scope)
 removes fewer outliers to keep floor(beta n). 0-D tensors are left unsparsified in row scope (official).
 
+Equal magnitudes at the band's edges: in row scope the ranks are stable (ascending |tau|, equal values by
+position, as DELLA's; the official code's torch.topk leaves the choice to the implementation), so the CPU
+kernels (one SIMD sort per row, ``_rank.row_order``, block by block) and the torch path agree bit for
+bit; in tensor scope the band is mergekit's slice of ``torch.sort(|tau|)`` (the same call, so the same
+tied entries as mergekit on the same torch).
+
 mergekit's ``breadcrumbs`` = ``scope: tensor, lambda: 1`` (its default gamma is 0.01);
 ``breadcrumbs_ties`` likewise.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
+from . import _fused
 from . import _gta as G
+from . import _rank as R
 from . import kernels as K
 from .base import register
 
 
-def band_mask(x: torch.Tensor, n_top: int, n_keep: int) -> torch.Tensor:
-    """Per row of ``x`` [R, n]: True at descending magnitude ranks n_top .. n_top + n_keep - 1."""
+def band_mask(x: torch.Tensor, n_bot: int, n_keep: int, stable: bool = True) -> torch.Tensor:
+    """Per row of ``x`` [R, n]: True at ascending magnitude ranks n_bot .. n_bot + n_keep - 1. ``stable``:
+    equal magnitudes ranked by position (row scope); else in ``torch.sort``'s order of the flattened
+    tensor, as mergekit's ``magnitude_outliers`` (tensor scope)."""
     mask = torch.zeros_like(x, dtype=torch.bool)
     if n_keep <= 0:
         return mask
-    a = x.abs()
-    if n_top == 0:
-        idx = torch.topk(a, n_keep, dim=-1, sorted=False).indices
+    if stable:
+        order = torch.argsort(K.float_bits(x.abs()), dim=-1, stable=True)
     else:
-        idx = torch.topk(a, n_top + n_keep, dim=-1, sorted=True).indices[..., n_top:]
-    return mask.scatter_(-1, idx, True)
+        order = torch.sort(x.abs().reshape(-1)).indices.reshape(x.shape)
+    return mask.scatter_(-1, order[..., n_bot:n_bot + n_keep], True)
+
+
+def band_rows_(x: np.ndarray, lo: int, hi: int) -> None:
+    """In place on C-contiguous float32 rows ``x``: every element whose stable in-row rank (ascending |x|)
+    is outside lo .. hi-1 is multiplied by 0 (the values of ``t * band_mask(t, lo, hi - lo)``)."""
+    order = R.row_order(x)
+    if _fused.enabled(x.size):
+        _fused.band_apply(x, order, lo, hi)
+        return
+    drop = np.concatenate([order[:, :lo], order[:, hi:]], axis=1)
+    np.put_along_axis(x, drop, np.take_along_axis(x, drop, 1) * np.float32(0.0), 1)
+
+
+def _band(p, i: int, n: int, scope: str) -> tuple[int, int]:
+    """(n_bot, n_keep): the band's first ascending rank and width in a row (tensor) of n entries."""
+    beta, gamma = p["density"][i], p["gamma"][i]
+    if scope == "tensor":  # mergekit: fewer outliers removed to keep floor(beta n)
+        n_keep = int(beta * n)
+        n_top = min(int(gamma * n), n - n_keep)
+    else:  # official: fewer kept
+        n_top = int(gamma * n)
+        n_keep = min(int(beta * n), n - n_top)
+    return n - n_top - n_keep, n_keep
 
 
 def breadcrumbs_sparsify(ctx, i: int, t: torch.Tensor, p) -> torch.Tensor:
-    beta, gamma = p["density"][i], p["gamma"][i]
     if t.numel() == 0:
         return t
-    if p["scope"] == "tensor":
-        if beta >= 1:  # mergekit: density 1 leaves the tensor as is
+    scope = p["scope"]
+    if scope == "tensor":
+        if p["density"][i] >= 1:  # mergekit: density 1 leaves the tensor as is
             return t
         flat = t.reshape(1, -1)
-        n = flat.shape[-1]
-        n_keep = int(beta * n)
-        n_top = min(int(gamma * n), n - n_keep)
     else:
         if t.dim() == 0:
             return t
         flat = t.reshape(-1, t.shape[-1])
-        n = flat.shape[-1]
-        n_top = int(gamma * n)
-        n_keep = min(int(beta * n), n - n_top)
-    if n_top == 0 and n_keep >= n:
+    n = flat.shape[-1]
+    n_bot, n_keep = _band(p, i, n, scope)
+    if n_bot == 0 and n_keep >= n:
         return t
-    kept = t * band_mask(flat, n_top, n_keep).reshape(t.shape)
+    kept = t * band_mask(flat, n_bot, n_keep, stable=scope != "tensor").reshape(t.shape)
     return K.rescale(t, kept, p["rescale"])
+
+
+def breadcrumbs_block(ctx, i: int, p, row: int):
+    """Block form of :func:`breadcrumbs_sparsify` for the GTA block path (blocks of whole rows of length
+    ``row``): ``fn(x, start)`` overwriting a float32 CPU block; None where only the whole-tensor form
+    applies (tensor scope, l1/l2 rescale)."""
+    if p["scope"] != "row" or p["rescale"] != "none":
+        return None
+    n_bot, n_keep = _band(p, i, row, "row")
+    if n_bot == 0 and n_keep >= row:
+        return lambda x, start: None
+    return lambda x, start: band_rows_(x.numpy().reshape(-1, row), n_bot, n_bot + n_keep)
 
 
 def _params(scope_default: str = "row"):
@@ -79,8 +120,9 @@ def _params(scope_default: str = "row"):
     )
 
 
-_LINEAR = G.Pipeline("breadcrumbs", sparsify=breadcrumbs_sparsify)
-_TIES = G.Pipeline("breadcrumbs_ties", sparsify=breadcrumbs_sparsify, consensus=True)
+_LINEAR = G.Pipeline("breadcrumbs", sparsify=breadcrumbs_sparsify, block_sparsify=breadcrumbs_block, row_blocks=True)
+_TIES = G.Pipeline("breadcrumbs_ties", sparsify=breadcrumbs_sparsify, consensus=True, block_sparsify=breadcrumbs_block,
+                   row_blocks=True)
 
 PAPER = "Davari & Belilovsky, Model Breadcrumbs, ECCV 2024 (arXiv 2312.06795)"
 
@@ -89,6 +131,7 @@ PAPER = "Davari & Belilovsky, Model Breadcrumbs, ECCV 2024 (arXiv 2312.06795)"
     "breadcrumbs",
     validate=_LINEAR.validate,
     chunkable=_LINEAR.chunkable,
+    raw_inputs=_LINEAR.raw_inputs,
     aliases=("model_breadcrumbs",),
     paper=PAPER,
     math="BC(tau_i) keeps |tau| ranks (gamma n, (gamma + beta) n] per row; theta = theta_0 + lambda * sum_i w_i BC(tau_i)",
@@ -106,6 +149,7 @@ def breadcrumbs(ctx, base, models, p):
     "breadcrumbs_ties",
     validate=_TIES.validate,
     chunkable=_TIES.chunkable,
+    raw_inputs=_TIES.raw_inputs,
     aliases=(),
     paper=PAPER + "; sign election from TIES (mergekit's combination)",
     math="BC(tau_i) as breadcrumbs; gamma = sgn(sum_i w_i BC(tau_i)) (0 -> +1); "

@@ -13,7 +13,7 @@ half-window eps:
 
 Bernoulli(q_j) = 1[u_j < q_j], u from the PCG64 stream of ctx.seed_of(i) (:mod:`._sampling`). On the
 CPU the exact stable ranks come from one SIMD sort per row of unique 32-bit keys (64-bit keys for the
-rows those cannot order; :func:`_order`), fused with the draw and the rescale block by block over threads.
+rows those cannot order; :func:`._rank.row_order`), fused with the draw and the rescale block by block over threads.
 
 della:        gamma = sgn(sum_i w_i tau~_i) (0 -> +1), theta = theta_0 + lambda * sum_i w_i tau~_i[agree] / sum_i w_i[agree]
 della_linear: theta = theta_0 + lambda * sum_i w_i tau~_i  [/ sum_i w_i if normalize]
@@ -27,13 +27,12 @@ default epsilon 0.15; ``della_linear`` is mergekit's (no election, normalize fal
 """
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import torch
 
 from . import _fused
 from . import _gta as G
+from . import _rank as R
 from . import _sampling as S
 from . import kernels as K
 from .base import MergeError, register
@@ -47,115 +46,13 @@ def _q_of_rank(n: int, d: float, eps: float) -> torch.Tensor:
     return (d - eps) + (2 * eps) * rho
 
 
-_ABS = 0x7FFFFFFF  # float32 bits & _ABS = bits of |x|: non-negative int32s ordered like |x| (NaN above inf)
-_LOCAL = threading.local()
-
-
-def _scratch(name: str, shape: tuple, dtype) -> np.ndarray:
-    """A per-thread buffer reused by the blocks of the kernels (kept warm in cache; large rows allocate)."""
-    size = shape[0] * shape[1]
-    if size > 4 * S.BLOCK:
-        return np.empty(shape, dtype)
-    bufs = _LOCAL.__dict__.setdefault("bufs", {})
-    buf = bufs.get(name)
-    if buf is None or buf.size < size:
-        buf = bufs[name] = np.empty(max(size, S.BLOCK), dtype)
-    return buf[:size].reshape(shape)
-
-
-def _order64(xi: np.ndarray, b: int) -> np.ndarray:
-    """Stable ascending order of |x| in each row of the int32 bit patterns ``xi``: in-row positions (int64),
-    from one SIMD sort of the unique keys (bits(|x_j|) << b) | j (IEEE-754 orders non-negative floats
-    like their bit patterns)."""
-    key = np.left_shift(xi, b, dtype=np.int64)
-    key &= _ABS << b
-    key |= np.arange(xi.shape[1], dtype=np.int64)
-    key.sort(axis=-1)
-    key &= (1 << b) - 1
-    return key
-
-
-def _shift(lo: int, hi: int, room: int) -> int:
-    """Least k >= 0 that fits the codes of :func:`_order` of magnitudes lo..hi into ``room`` bits."""
-    if hi - lo + 1 < 1 << room:
-        return 0  # the codes are w = a - lo + 1 themselves
-    k = max(1, (hi - lo).bit_length() + 1 - room)
-    while 2 * ((hi - (lo >> k << k) + (1 << k)) >> k) + 1 >= 1 << room:
-        k += 1
-    return k
-
-
-def _rounds_many(sample: np.ndarray, k: int) -> bool:
-    """Whether over 1/64 of the sampled values have some of their low k bits set (odd codes at shift k):
-    then rows with two equal odd codes, which the 64-bit keys redo, would be common."""
-    return k > 0 and np.count_nonzero(sample & ((1 << k) - 1)) * 64 > sample.size
-
-
-def _order(x: np.ndarray) -> np.ndarray:
-    """In-row positions (int64, shape of ``x``) of each float32 row in stable ascending order of |x|: the
-    order of :func:`_order64`, mostly from a sort of 32-bit keys (about twice as fast as 64-bit ones).
-
-    With a = bits(|x|) (31-bit), lo / hi the least nonzero / largest a of the block, k >= 0 and lk = lo
-    rounded down to a multiple of 2^k, the code of a is 0 for a = 0, else floor(w / 2^k) + ceil(w / 2^k),
-    w = a - lk + 2^k (>= 2^k). It is non-decreasing in a, and even exactly when w is a multiple of 2^k;
-    so equal even codes mean equal a, and only the magnitudes rounded to a shared odd code can lose their
-    order. The key (code << b) | j, b = bits of n - 1, with the least k that fits the codes into 32 - b
-    bits (k = 0: codes = w, all exact), sorts as (|x|, j) unless two elements of a row share an odd code;
-    such rows are redone by :func:`_order64`. That sorts the whole block when a sample shows many rounded
-    magnitudes (full float32 mantissas: low bits set), k is too large (inf/NaN) or rows are long (n > 2^16).
-    bf16-born task vectors have few significant bits: on the 0.5B benchmark no row needs the 64-bit keys."""
-    r, n = x.shape
-    b = max(1, (n - 1).bit_length())
-    room = 32 - b
-    xi = x.view(np.int32)
-    sample = xi.reshape(-1)[::251]
-    if b > 16 or _rounds_many(sample, min(4, b - 1)):  # long rows, or full float32 mantissas (rounded codes)
-        return _order64(xi, b)
-    e = np.bitwise_and(xi, _ABS, out=_scratch("e", (r, n), np.int32))
-    hi = int(e.max())
-    e -= 1  # zeros -> -1, as uint32 the largest value: the unsigned min is the least nonzero a, less 1
-    lo = min(int(e.view(np.uint32).min()) + 1, hi)
-    k = _shift(lo, hi, room)
-    if k >= b - 1 or _rounds_many(sample, k):
-        return _order64(xi, b)
-    lk = lo >> k << k
-    e -= lk - (1 << k) - 1  # w, in int32 (nonzero a: 2^k <= w < 2^31)
-    idx = _scratch("idx", (r, n), np.int64)
-    odd = None
-    if k:
-        t = np.right_shift(e, k, out=idx.reshape(-1).view(np.int32)[: r * n].reshape(r, n))  # idx unused yet
-        e += (1 << k) - 1
-        e >>= k
-        odd = np.flatnonzero(np.not_equal(e, t, out=_scratch("odd", (r, n), np.bool_)))  # ceil != floor
-        e += t
-    if lk > 1 << k:  # zeros: w < 0 -> code 0
-        np.maximum(e, np.zeros(n, np.int32), out=e)
-    redo = None
-    if odd is not None and odd.size > 1:  # rows where two elements share an odd code
-        rc = (odd // n) << 32
-        rc |= e.reshape(-1)[odd]
-        if odd.size > 64 or len(set(rc.tolist())) < odd.size:  # a set is cheaper for the usual few
-            rc.sort()
-            tied = rc[1:] == rc[:-1]
-            if tied.any():
-                redo = np.unique(rc[1:][tied] >> 32)
-    key = e.view(np.uint32)
-    key <<= b
-    key |= np.arange(n, dtype=np.uint32)
-    key.sort(axis=-1)
-    np.bitwise_and(key, (1 << b) - 1, out=idx)
-    if redo is not None:
-        idx[redo] = _order64(xi[redo], b)
-    return idx
-
-
 def _by_rank(x: np.ndarray, vals: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """out[r, j] = vals[rk(r, j)], rk = stable ascending rank of |x[r, j]| in row r (C-contiguous float32
     rows; ``vals``: float32, one value per rank)."""
     r, n = x.shape
     if out is None:
         out = np.empty((r, n), dtype=np.float32)
-    torch.from_numpy(out).scatter_(1, torch.from_numpy(_order(x)), torch.from_numpy(vals).expand(r, n))
+    torch.from_numpy(out).scatter_(1, torch.from_numpy(R.row_order(x)), torch.from_numpy(vals).expand(r, n))
     return out
 
 
@@ -208,9 +105,9 @@ def _magprune_rows_(x: np.ndarray, qr: np.ndarray, seed: int, start: int) -> Non
     x <- x * keep / q, q = ``qr`` by within-row rank, keep = u < q."""
     r, n = x.shape
     if _fused.enabled(x.size):  # rank -> q -> draw -> rescale in one pass: the same float32 operations
-        _fused.magprune_apply(x, _order(x), qr, _fused.words(seed, start, r * n))
+        _fused.magprune_apply(x, R.row_order(x), qr, _fused.words(seed, start, r * n))
         return
-    q = _by_rank(x, qr, out=_scratch("q", (r, n), np.float32))
+    q = _by_rank(x, qr, out=R.scratch("q", (r, n), np.float32))
     keep = np.less(S.uniform_np(seed, start, r * n).reshape(r, n), q)
     np.multiply(x, keep, out=x)
     np.divide(x, q, out=x)
