@@ -240,12 +240,26 @@ def _order_cases(rows, n, rng):
     }
 
 
+def _key_path(codes: str, monkeypatch) -> None:
+    """Force _rank.row_keys's codes from the numba pass ("fused") or from numpy ufuncs ("numpy")."""
+    from mergesmith.methods import _fused
+
+    if codes == "fused":
+        if not _fused.enabled():
+            pytest.skip("numba not installed")
+        monkeypatch.setattr(_fused, "MIN_ELEMENTS", 0)
+    else:
+        monkeypatch.setenv("MERGESMITH_FUSED", "0")
+
+
+@pytest.mark.parametrize("codes", ["fused", "numpy"])
 @pytest.mark.parametrize("n", [2, 3, 17, 2048, 5632])
 @pytest.mark.parametrize("rows", [1, 7, 64, 300])
-def test_order32_equals_int64_keys(n, rows):
+def test_order32_equals_int64_keys(n, rows, codes, monkeypatch):
     from mergesmith.methods import _rank as R
     from mergesmith.methods import della as D
 
+    _key_path(codes, monkeypatch)
     if n * rows > 1_000_000:
         pytest.skip("large")
     rng = np.random.default_rng(n * 1000 + rows)
@@ -261,12 +275,13 @@ def test_order32_equals_int64_keys(n, rows):
         assert _bits(torch.from_numpy(D._by_rank(x, vals))) == _bits(torch.from_numpy(out)), name
 
 
-def test_order32_paths(monkeypatch):
+@pytest.mark.parametrize("codes", ["fused", "numpy"])
+def test_order32_paths(monkeypatch, codes):
     """The 32-bit sort alone for bf16-born rows, the 64-bit one for float32 blocks, and for rows where two
     rounded magnitudes share a code."""
     from mergesmith.methods import _rank as R
-    from mergesmith.methods import della as D
 
+    _key_path(codes, monkeypatch)
     calls = []
     real = R.order64
     monkeypatch.setattr(R, "order64", lambda xi, b: calls.append(xi.shape[0]) or real(xi, b))

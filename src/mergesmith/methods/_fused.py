@@ -176,14 +176,27 @@ def drop_scale(x: np.ndarray, w: np.ndarray, thr: int, d: float) -> None:
     _kernels().drop_scale(x, w, np.uint64(thr), np.float32(d))
 
 
-def band_apply(x: np.ndarray, order: np.ndarray, lo: int, hi: int) -> None:
-    """In place on float32 rows ``x``: Breadcrumbs' band, zero outside in-row ranks lo .. hi-1 (see the kernel)."""
-    _kernels().band_apply(x, order, lo, hi)
+def band_apply(x: np.ndarray, order: np.ndarray, mask: int, lo: int, hi: int) -> None:
+    """In place on float32 rows ``x``: Breadcrumbs' band, zero outside in-row ranks lo .. hi-1 (``order``:
+    sorted keys whose bits ``mask`` are the positions, ``_rank.row_keys``; see the kernel)."""
+    _kernels().band_apply(x, order, order.dtype.type(mask), lo, hi)
 
 
-def magprune_apply(x: np.ndarray, order: np.ndarray, qr: np.ndarray, w: np.ndarray) -> None:
-    """In place on float32 rows ``x``: MagPrune's draw and rescale from the in-row order (see the kernel)."""
-    _kernels().magprune_apply(x, order, np.ascontiguousarray(qr, np.float32), w)
+def magprune_apply(x: np.ndarray, order: np.ndarray, mask: int, qr: np.ndarray, w: np.ndarray) -> None:
+    """In place on float32 rows ``x``: MagPrune's draw and rescale from the in-row order (``order``, ``mask``:
+    as :func:`band_apply`; see the kernel)."""
+    _kernels().magprune_apply(x, order, order.dtype.type(mask), np.ascontiguousarray(qr, np.float32), w)
+
+
+def abs_bits_range(xi: np.ndarray) -> tuple[int, int]:
+    """(least nonzero, largest) of bits(|x|) of int32 bit patterns ``xi`` (see the kernel)."""
+    lo, hi = _kernels().abs_bits_range(xi)
+    return int(lo), int(hi)
+
+
+def rank_keys32(xi: np.ndarray, key: np.ndarray, k: int, lk: int, b: int, clamp: bool, odd: np.ndarray) -> int:
+    """``_rank.row_keys``'s 32-bit keys and odd codes in one pass (see the kernel); the odd-code count."""
+    return int(_kernels().rank_keys32(xi, key, np.int64(k), np.int64(lk), np.int64(b), bool(clamp), odd))
 
 
 _PCG = threading.local()

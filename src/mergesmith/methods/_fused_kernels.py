@@ -196,32 +196,79 @@ def drop_scale(x, w, thr, d):
 
 
 @njit(**opts)
-def magprune_apply(x, order, qr, w):
-    """DELLA's MagPrune on rows x (r, n): the element of in-row rank k (``order[i, k]``) gets q = qr[k],
-    keep = u < q with u = (w >> 8) 2^-24 of its stream word, x <- x * keep / q (``della._magprune_rows_``)."""
+def magprune_apply(x, order, mask, qr, w):
+    """DELLA's MagPrune on rows x (r, n): the element of in-row rank k (position ``order[i, k] & mask``)
+    gets q = qr[k], keep = u < q with u = (w >> 8) 2^-24 of its stream word, x <- x * keep / q
+    (``della._magprune_rows_``)."""
     r, n = x.shape
     one = np.float32(1.0)
     zero = np.float32(0.0)
     scale = np.float32(2.0 ** -24)
     for i in range(r):
         for k in range(n):
-            j = order[i, k]
+            j = order[i, k] & mask
             q = qr[k]
             u = np.float32(w[i * n + j] >> np.uint32(8)) * scale
             x[i, j] = (x[i, j] * (one if u < q else zero)) / q
 
 
 @njit(**opts)
-def band_apply(x, order, lo, hi):
-    """Breadcrumbs' band on rows x (r, n): the elements of in-row rank k (``order[i, k]``) outside
-    lo <= k < hi are multiplied by 0 (``x * mask`` of the torch path), the others left as they are."""
+def band_apply(x, order, mask, lo, hi):
+    """Breadcrumbs' band on rows x (r, n): the elements of in-row rank k (position ``order[i, k] & mask``)
+    outside lo <= k < hi are multiplied by 0 (``x * mask`` of the torch path), the others left as they are."""
     r, n = x.shape
     zero = np.float32(0.0)
     for i in range(r):
         for k in range(n):
             if k < lo or k >= hi:
-                j = order[i, k]
+                j = order[i, k] & mask
                 x[i, j] = x[i, j] * zero
+
+
+@njit(**opts)
+def abs_bits_range(xi):
+    """(least nonzero, largest) of bits(|x|) = xi & 0x7FFFFFFF over a block (least = largest if all zero).
+    Branch-free reductions (vectorised): the unsigned min of a - 1 is the least nonzero a, less 1."""
+    flat = xi.reshape(-1)
+    hi = np.int32(0)
+    lom = np.uint32(0xFFFFFFFF)
+    for t in range(flat.size):
+        a = flat[t] & np.int32(0x7FFFFFFF)
+        hi = max(hi, a)
+        lom = min(lom, np.uint32(a) - np.uint32(1))
+    return min(np.int64(lom) + 1, np.int64(hi)), np.int64(hi)
+
+
+@njit(**opts)
+def rank_keys32(xi, key, k, lk, b, clamp, odd):
+    """``_rank.row_keys``'s 32-bit keys (code << b) | j of the int32 bit patterns ``xi`` (r, n), codes with
+    shift ``k`` and origin ``lk`` (clamped at 0 if ``clamp``); the (row << 32) | code of every odd code
+    (ceil != floor) in ``odd``. Returns the number of odd codes. The key loop is branch-free (vectorised);
+    a second loop collects the (rare) odd codes."""
+    r, n = xi.shape
+    step = np.int64(1) << k
+    low = step - 1
+    base = step - lk
+    floor_ = np.int64(0) if clamp else np.int64(-(1 << 62))
+    if k == 0:  # the codes are w themselves
+        for i in range(r):
+            for j in range(n):
+                code = max(np.int64(xi[i, j] & np.int32(0x7FFFFFFF)) + base, floor_)
+                key[i, j] = np.uint32(((code << b) | j) & 0xFFFFFFFF)
+        return 0
+    for i in range(r):
+        for j in range(n):
+            w = np.int64(xi[i, j] & np.int32(0x7FFFFFFF)) + base
+            code = max((w >> k) + ((w + low) >> k), floor_)
+            key[i, j] = np.uint32(((code << b) | j) & 0xFFFFFFFF)
+    nodd = 0
+    for i in range(r):
+        for j in range(n):
+            w = np.int64(xi[i, j] & np.int32(0x7FFFFFFF)) + base
+            if w & low:
+                odd[nodd] = (np.int64(i) << 32) | max((w >> k) + ((w + low) >> k), floor_)
+                nodd += 1
+    return nodd
 
 
 @njit(**opts)

@@ -11,6 +11,7 @@ import threading
 
 import numpy as np
 
+from . import _fused
 from . import _sampling as S
 
 _ABS = 0x7FFFFFFF  # float32 bits & _ABS = bits of |x|: non-negative int32s ordered like |x| (NaN above inf)
@@ -58,58 +59,89 @@ def _rounds_many(sample: np.ndarray, k: int) -> bool:
 
 
 def row_order(x: np.ndarray) -> np.ndarray:
-    """In-row positions (int64, shape of ``x``) of each float32 row in stable ascending order of |x|: the
-    order of :func:`order64`, mostly from a sort of 32-bit keys (about twice as fast as 64-bit ones).
+    """In-row positions (int64, shape of ``x``) of each float32 row in stable ascending order of |x| (the
+    order of :func:`order64`): :func:`row_keys` with the positions masked out."""
+    order, mask = row_keys(x)
+    if order.dtype == np.int64:
+        return order
+    idx = scratch("idx", x.shape, np.int64)
+    np.bitwise_and(order, mask, out=idx)
+    return idx
+
+
+def row_keys(x: np.ndarray) -> tuple[np.ndarray, int]:
+    """(keys, mask): each row of ``x`` (C-contiguous float32) sorted in stable ascending order of |x|, as
+    keys whose bits ``mask`` are the in-row positions (uint32 keys, or int64 positions for the rows that
+    needed :func:`order64`); the order of :func:`order64`, mostly from a sort of 32-bit keys (about twice
+    as fast as 64-bit ones).
 
     With a = bits(|x|) (31-bit), lo / hi the least nonzero / largest a of the block, k >= 0 and lk = lo
-    rounded down to a multiple of 2^k, the code of a is 0 for a = 0, else floor(w / 2^k) + ceil(w / 2^k),
-    w = a - lk + 2^k (>= 2^k). It is non-decreasing in a, and even exactly when w is a multiple of 2^k;
+    rounded down to a multiple of 2^k, the code of a is floor(w / 2^k) + ceil(w / 2^k) with
+    w = a - lk + 2^k (w itself when k = 0; zeros, for which w may be negative, clamped to 0). It is
+    non-decreasing in a, and even exactly when w is a multiple of 2^k;
     so equal even codes mean equal a, and only the magnitudes rounded to a shared odd code can lose their
     order. The key (code << b) | j, b = bits of n - 1, with the least k that fits the codes into 32 - b
     bits (k = 0: codes = w, all exact), sorts as (|x|, j) unless two elements of a row share an odd code;
     such rows are redone by :func:`order64`. That sorts the whole block when a sample shows many rounded
     magnitudes (full float32 mantissas: low bits set), k is too large (inf/NaN) or rows are long (n > 2^16).
-    bf16-born task vectors have few significant bits: on the 0.5B benchmark no row needs the 64-bit keys."""
+    bf16-born task vectors have few significant bits: on the 0.5B benchmark no row needs the 64-bit keys.
+    The codes come from one numba pass where the fused kernels are available, else from numpy ufuncs."""
     r, n = x.shape
     b = max(1, (n - 1).bit_length())
+    mask = (1 << b) - 1
     room = 32 - b
     xi = x.view(np.int32)
     sample = xi.reshape(-1)[::251]
     if b > 16 or _rounds_many(sample, min(4, b - 1)):  # long rows, or full float32 mantissas (rounded codes)
-        return order64(xi, b)
-    e = np.bitwise_and(xi, _ABS, out=scratch("e", (r, n), np.int32))
-    hi = int(e.max())
-    e -= 1  # zeros -> -1, as uint32 the largest value: the unsigned min is the least nonzero a, less 1
-    lo = min(int(e.view(np.uint32).min()) + 1, hi)
+        return order64(xi, b), mask
+    fused = _fused.enabled(x.size)
+    if fused:
+        lo, hi = _fused.abs_bits_range(xi)
+    else:
+        e = np.bitwise_and(xi, _ABS, out=scratch("e", (r, n), np.int32))
+        hi = int(e.max())
+        e -= 1  # zeros -> -1, as uint32 the largest value: the unsigned min is the least nonzero a, less 1
+        lo = min(int(e.view(np.uint32).min()) + 1, hi)
     k = _shift(lo, hi, room)
     if k >= b - 1 or _rounds_many(sample, k):
-        return order64(xi, b)
+        return order64(xi, b), mask
     lk = lo >> k << k
+    if fused:
+        key = scratch("key", (r, n), np.uint32)
+        buf = scratch("oddrc", (r * n, 1), np.int64).reshape(-1)
+        odd_rc = buf[: _fused.rank_keys32(xi, key, k, lk, b, lk > 1 << k, buf)]
+    else:
+        key, odd_rc = _keys_numpy(e, r, n, k, lk, b)
+    redo = None
+    if odd_rc is not None and odd_rc.size > 1:  # rows where two elements share an odd code
+        if odd_rc.size > 64 or len(set(odd_rc.tolist())) < odd_rc.size:  # a set is cheaper for the usual few
+            rc = np.sort(odd_rc)
+            tied = rc[1:] == rc[:-1]
+            if tied.any():
+                redo = np.unique(rc[1:][tied] >> 32)
+    key.sort(axis=-1)
+    if redo is not None:
+        key[redo] = order64(xi[redo], b)  # positions < 2^b: the mask reads them back
+    return key, mask
+
+
+def _keys_numpy(e: np.ndarray, r: int, n: int, k: int, lk: int, b: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """:func:`row_keys`'s keys and odd codes ((row << 32) | code) by numpy ufuncs; ``e`` = bits(|x|) - 1
+    (overwritten)."""
     e -= lk - (1 << k) - 1  # w, in int32 (nonzero a: 2^k <= w < 2^31)
-    idx = scratch("idx", (r, n), np.int64)
-    odd = None
+    odd_rc = None
     if k:
-        t = np.right_shift(e, k, out=idx.reshape(-1).view(np.int32)[: r * n].reshape(r, n))  # idx unused yet
+        t = np.right_shift(e, k, out=scratch("t", (r, n), np.int32))
         e += (1 << k) - 1
         e >>= k
         odd = np.flatnonzero(np.not_equal(e, t, out=scratch("odd", (r, n), np.bool_)))  # ceil != floor
         e += t
     if lk > 1 << k:  # zeros: w < 0 -> code 0
         np.maximum(e, np.zeros(n, np.int32), out=e)
-    redo = None
-    if odd is not None and odd.size > 1:  # rows where two elements share an odd code
-        rc = (odd // n) << 32
-        rc |= e.reshape(-1)[odd]
-        if odd.size > 64 or len(set(rc.tolist())) < odd.size:  # a set is cheaper for the usual few
-            rc.sort()
-            tied = rc[1:] == rc[:-1]
-            if tied.any():
-                redo = np.unique(rc[1:][tied] >> 32)
+    if k:
+        odd_rc = (odd // n) << 32
+        odd_rc |= e.reshape(-1)[odd]
     key = e.view(np.uint32)
     key <<= b
     key |= np.arange(n, dtype=np.uint32)
-    key.sort(axis=-1)
-    np.bitwise_and(key, (1 << b) - 1, out=idx)
-    if redo is not None:
-        idx[redo] = order64(xi[redo], b)
-    return idx
+    return key, odd_rc

@@ -19,7 +19,7 @@ removes fewer outliers to keep floor(beta n). 0-D tensors are left unsparsified 
 
 Equal magnitudes at the band's edges: in row scope the ranks are stable (ascending |tau|, equal values by
 position, as DELLA's; the official code's torch.topk leaves the choice to the implementation), so the CPU
-kernels (one SIMD sort per row, ``_rank.row_order``, block by block) and the torch path agree bit for
+kernels (one SIMD sort per row, ``_rank.row_keys``, block by block) and the torch path agree bit for
 bit; in tensor scope the band is mergekit's slice of ``torch.sort(|tau|)`` (the same call, so the same
 tied entries as mergekit on the same torch).
 
@@ -55,10 +55,11 @@ def band_mask(x: torch.Tensor, n_bot: int, n_keep: int, stable: bool = True) -> 
 def band_rows_(x: np.ndarray, lo: int, hi: int) -> None:
     """In place on C-contiguous float32 rows ``x``: every element whose stable in-row rank (ascending |x|)
     is outside lo .. hi-1 is multiplied by 0 (the values of ``t * band_mask(t, lo, hi - lo)``)."""
-    order = R.row_order(x)
     if _fused.enabled(x.size):
-        _fused.band_apply(x, order, lo, hi)
+        order, mask = R.row_keys(x)
+        _fused.band_apply(x, order, mask, lo, hi)
         return
+    order = R.row_order(x)
     drop = np.concatenate([order[:, :lo], order[:, hi:]], axis=1)
     np.put_along_axis(x, drop, np.take_along_axis(x, drop, 1) * np.float32(0.0), 1)
 

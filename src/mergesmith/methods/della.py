@@ -105,7 +105,8 @@ def _magprune_rows_(x: np.ndarray, qr: np.ndarray, seed: int, start: int) -> Non
     x <- x * keep / q, q = ``qr`` by within-row rank, keep = u < q."""
     r, n = x.shape
     if _fused.enabled(x.size):  # rank -> q -> draw -> rescale in one pass: the same float32 operations
-        _fused.magprune_apply(x, R.row_order(x), qr, _fused.words(seed, start, r * n))
+        order, mask = R.row_keys(x)
+        _fused.magprune_apply(x, order, mask, qr, _fused.words(seed, start, r * n))
         return
     q = _by_rank(x, qr, out=R.scratch("q", (r, n), np.float32))
     keep = np.less(S.uniform_np(seed, start, r * n).reshape(r, n), q)
