@@ -27,7 +27,8 @@ from pathlib import Path
 DEFAULT_METHODS = [
     "linear", "task_arithmetic", "slerp", "nuslerp", "multislerp", "karcher", "ties", "dare_linear", "dare_ties",
     "della", "della_linear", "breadcrumbs", "breadcrumbs_ties", "model_stock", "sce", "nearswap", "arcee_fusion",
-    "magmax", "emr", "consensus_ta", "pcb", "lines", "tsv_m", "iso_c", "iso_cts", "opcm",
+    "magmax", "emr", "consensus_ta", "consensus_ties", "pcb", "lines", "twin_merging", "passthrough", "tsv_m",
+    "iso_c", "iso_cts", "resm", "opcm",
 ]
 
 PARAMS = {  # sensible settings per method (others use the method's `example`)

@@ -425,6 +425,7 @@ def test_method_checks_run_at_planning(tiny_zoo, monkeypatch):
     ("ties", {"density": 0.3}),                      # global scope: thresholds from the statistics pass
     ("breadcrumbs", {"density": 0.5, "gamma": 0.1}),  # per-row ranking
     ("ties", {"density": 0.3, "scope": "tensor"}),   # not chunkable: must still agree (runs whole)
+    ("consensus_ties", {"density": 0.3, "k": 2}),    # global trim + majority pass, then per-element masks
 ])
 def test_chunked_statistics_and_apply_equal_whole(tiny_zoo, method, params):
     z = tiny_zoo("llama")

@@ -114,3 +114,36 @@ def test_consensus_errors():
         merge_tensors("consensus_ta", [BASE + 1, BASE - 1])  # needs the base
     with pytest.raises(MergeError):
         merge_tensors("consensus_ties", [BASE + 1, BASE - 1], BASE, density=1.5)
+
+
+@pytest.mark.parametrize("k", [0, 1])
+def test_consensus_ties_gets_the_global_majority_sign_where_signs_cancel(k, tmp_path):
+    """A coordinate whose task vectors cancel exactly (+a, -a) takes the whole model's majority sign
+    (negative here), with the consensus mask and the base applied, in memory and through a folder. A
+    regression test: the engine used to settle that sign after the last tensor by patching the output with
+    the TIES pipeline's own values, which skipped the base and the mask."""
+    from safetensors.torch import load_file, save_file
+
+    from mergesmith.run import run_recipe
+
+    base = {"w": torch.full((4, 8), 1.0)}
+    t1, t2 = torch.full((4, 8), -0.5), torch.full((4, 8), -0.25)
+    t1[0, 0], t2[0, 0] = 0.5, -0.5
+    models = [{"w": base["w"] + t1}, {"w": base["w"] + t2}]
+    kw = dict(density=1.0, k=k, mask_lambda=0.5, **{"lambda": 1.0})
+    got = merge_state_dicts("consensus_ties", models, base=base, **kw)["w"]
+    # reference: elected sign -1 at [0, 0] (global majority), disjoint sum there = -0.5 (t2 alone);
+    # elsewhere both agree (negative): sum -0.75. TALL masks against tau = that sum, lambda_t 0.5.
+    tau = torch.full((4, 8), -0.75)
+    tau[0, 0] = -0.5
+    d = torch.stack([t1, t2])
+    count = (d.abs() >= 0.5 * (tau - d).abs()).sum(0)
+    want = base["w"] + tau * (count >= k)
+    assert torch.equal(got, want)
+    assert got[0, 0].item() == (0.5 if k <= count[0, 0].item() else 1.0)
+    for name, sd in [("base", base), ("m0", models[0]), ("m1", models[1])]:
+        (tmp_path / name).mkdir()
+        save_file(sd, tmp_path / name / "model.safetensors")
+    run_recipe({"merge_method": "consensus_ties", "base_model": str(tmp_path / "base"), "parameters": kw,
+                "models": [{"model": str(tmp_path / "m0")}, {"model": str(tmp_path / "m1")}]}, tmp_path / "out")
+    assert torch.equal(load_file(tmp_path / "out" / "model.safetensors")["w"], want)

@@ -169,6 +169,10 @@ class Pipeline:
     # only); row = length of the last dim; row_blocks: blocks must hold whole rows (per-row statistics)
     block_sparsify: Callable | None = None
     row_blocks: bool = False
+    # the engine may settle the global majority sign after the last tensor (``deferred``: it patches the
+    # *output* with values this pipeline records): False for methods that transform the pipeline's result
+    # (consensus_ties masks it), which then get the ``major`` statistics pass instead
+    defer_sign: bool = True
 
     # -- statistics hook for register(stats=...) --------------------------------------------------
     def stats_for(self, p: Params):

@@ -63,8 +63,8 @@ class GTAStats(GlobalStats):
 
     def defer(self, state):
         """The executor patches outputs after the last tensor: settle the majority sign there
-        (``deferred``) instead of in a full ``major`` pass."""
-        if "major" not in state["steps"]:
+        (``deferred``) instead of in a full ``major`` pass (not for pipelines with ``defer_sign`` false)."""
+        if "major" not in state["steps"] or not self.pipe.defer_sign:
             return state
         return {**state, "steps": [s for s in state["steps"] if s != "major"], "major": DEFERRED}
 

@@ -67,8 +67,10 @@ def consensus_ta(ctx, base, models, p):
 
 
 # TIES (k = 20 %, elected sign, disjoint *sum* as in the official TALL code) through the shared GTA
-# pipeline, including its exact streaming whole-model trim thresholds for scope: global.
-_TIES = G.Pipeline("consensus_ties", trim="density", consensus=True)
+# pipeline, including its exact streaming whole-model trim thresholds for scope: global. The global
+# majority sign comes from the statistics pass (defer_sign=False): the engine's after-the-fact patch
+# would write TIES values where the consensus output belongs.
+_TIES = G.Pipeline("consensus_ties", trim="density", consensus=True, defer_sign=False)
 
 
 def ties_delta(ctx, base, models, p) -> torch.Tensor:
@@ -103,7 +105,7 @@ def consensus_ties_delta(ctx, base, models, p) -> torch.Tensor:
         *G.consensus_params(elect="mass", agg="sum", zero_sign="majority", weighted_elect=False),
     ),
     stats=_TIES.stats_for,
-    chunkable=False,
+    chunkable=_TIES.chunkable,  # masks and TIES are per element given the whole-model statistics
     mergekit="not in mergekit; k=0 gives `ties` with agg: sum (see `mergesmith methods ties` for mergekit's settings).",
     notes="scope: global runs the TIES statistics passes (exact streamed thresholds) first.",
     example={"k": 2, "lambda": 0.5, "density": 0.5},
