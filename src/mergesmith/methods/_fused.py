@@ -188,6 +188,13 @@ def magprune_apply(x: np.ndarray, order: np.ndarray, mask: int, qr: np.ndarray, 
     _kernels().magprune_apply(x, order, order.dtype.type(mask), np.ascontiguousarray(qr, np.float32), w)
 
 
+def consensus_ta(ts: list[torch.Tensor], base: torch.Tensor, lams, k: int, strict: bool, lam: float,
+                 out: torch.Tensor) -> None:
+    """out = Consensus TA of float32 flat blocks (task models ``ts``, ``base``; see the kernel)."""
+    _kernels().consensus_ta(tuple(t.numpy() for t in ts), base.numpy(), np.asarray(lams, np.float32), int(k),
+                            bool(strict), np.float32(lam), out.numpy())
+
+
 def abs_bits_range(xi: np.ndarray) -> tuple[int, int]:
     """(least nonzero, largest) of bits(|x|) of int32 bit patterns ``xi`` (see the kernel)."""
     lo, hi = _kernels().abs_bits_range(xi)

@@ -272,6 +272,30 @@ def rank_keys32(xi, key, k, lk, b, clamp, odd):
 
 
 @njit(**opts)
+def consensus_ta(ts, b, lams, k, strict, lam, out):
+    """Consensus TA on float32 blocks (``consensus.consensus_ta``'s torch ops, in their order): tau_i =
+    ts[i] - b, T = tau_0 + tau_1 + ..., count = sum_i [|tau_i| >= lams[i] |T - tau_i|] (``>`` if
+    ``strict``), out = b + (T * [count >= k]) * lam."""
+    nm = len(ts)
+    one = np.float32(1.0)
+    zero = np.float32(0.0)
+    for j in range(b.size):
+        bj = b[j]
+        s = ts[0][j] - bj
+        for i in range(1, nm):
+            s = s + (ts[i][j] - bj)
+        c = 0
+        for i in range(nm):
+            t = ts[i][j] - bj
+            o = abs(s - t) * lams[i]
+            if strict:
+                c += 1 if abs(t) > o else 0
+            else:
+                c += 1 if abs(t) >= o else 0
+        out[j] = bj + (s * (one if c >= k else zero)) * lam
+
+
+@njit(**opts)
 def sparse_counts(v, hist, ids):
     """Distinct values of ``v`` (ints in [0, hist.size)) ascending in ids[:u], their counts in
     hist[ids[:u]]; returns u. ``hist`` must be all zero on entry (the caller re-zeroes those ids)."""
