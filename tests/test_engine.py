@@ -426,6 +426,9 @@ def test_method_checks_run_at_planning(tiny_zoo, monkeypatch):
     ("breadcrumbs", {"density": 0.5, "gamma": 0.1}),  # per-row ranking
     ("ties", {"density": 0.3, "scope": "tensor"}),   # not chunkable: must still agree (runs whole)
     ("consensus_ties", {"density": 0.3, "k": 2}),    # global trim + majority pass, then per-element masks
+    ("pcb", {"ratio": 0.2}),                         # whole-model order statistics, then per element
+    ("lines", {"beta": 0.5}),                        # one factor per tensor (its layer)
+    ("lines", {"merge": "ties", "density": 0.3}),    # + the TIES statistics and alpha's L1 pass
 ])
 def test_chunked_statistics_and_apply_equal_whole(tiny_zoo, method, params):
     z = tiny_zoo("llama")

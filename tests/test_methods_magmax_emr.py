@@ -95,3 +95,21 @@ def test_emr_errors():
         merge_tensors("emr", [b + 1, b - 1])
     with pytest.raises(MergeError):
         merge_tensors("emr", [b + 1, b - 1], b, rescale="l2")
+
+
+def test_magmax_selection_equals_argmax_gather_bit_for_bit():
+    """The running comparison picks what argmax + gather of the stacked magnitudes picks: first model on
+    exact ties, NaN as the largest (first NaN wins), signed zeros kept."""
+    from mergesmith.methods.magmax import max_magnitude
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(100):
+        n = int(torch.randint(1, 5, (1,), generator=g))
+        taus = [torch.randint(-3, 4, (300,), generator=g).float() * 0.5 for _ in range(n)]
+        for t in taus:
+            u = torch.rand(300, generator=g)
+            t[u < 0.02] = float("nan")
+            t[(u > 0.02) & (u < 0.04)] = -0.0
+        d = torch.stack(taus)
+        want = d.gather(0, d.abs().argmax(0, keepdim=True)).squeeze(0)
+        assert torch.equal(max_magnitude(taus).view(torch.int32), want.view(torch.int32)), trial

@@ -54,6 +54,14 @@ def inner_params(p, n: int) -> Params:
     return out
 
 
+def _chunkable(p, name: str = "", shape: tuple = ()) -> bool:
+    """Row chunks give the whole tensor's result when they do for the base merge: the layer factor is one
+    number per tensor (and alpha's L1 norms add up over chunks)."""
+    n = next((len(v) for q in get_method(p["merge"]).params if q.scope == "model"
+              for v in [p.get(q.name)] if isinstance(v, (list, tuple))), 1)
+    return get_method(p["merge"]).can_chunk(inner_params(p, n), name, shape)
+
+
 def merged_delta(ctx, base, models, pin, merge: str) -> torch.Tensor:
     """The base merge's task vector; a merge that depends on tau_i only is run on (0, tau_i), which
     gives its delta exactly."""
@@ -175,6 +183,7 @@ def lines_factor(layer: int | None, num_layers: int | None, alpha: float, beta: 
         G.trim_params("global")[0],
     ) + tuple(q for q in CONSENSUS_PARAMS if q.name != "lambda"),
     stats=_stats,
+    chunkable=_chunkable,
     mergekit="not in mergekit; close to a task_arithmetic recipe with a per-layer weight gradient [alpha, alpha+beta].",
     example={"beta": 0.5},
 )

@@ -31,6 +31,18 @@ from .kernels import task_vectors
     example={"lambda": 0.5},
 )
 def magmax(ctx, base, models, p):
-    d = torch.stack(task_vectors(base, models))
-    idx = d.abs().argmax(dim=0, keepdim=True)
-    return base + p["lambda"] * d.gather(0, idx).squeeze(0)
+    return base + p["lambda"] * max_magnitude(task_vectors(base, models))
+
+
+def max_magnitude(taus: list[torch.Tensor]) -> torch.Tensor:
+    """Per coordinate the entry of largest |tau_i|, the first model winning exact ties and NaN counting as
+    the largest (``torch.argmax`` of the stacked magnitudes, then a gather; the same values), by one running
+    comparison per model: torch's argmax over a short leading dimension was ~15x slower."""
+    best = taus[0].clone()
+    top = best.abs()
+    for t in taus[1:]:
+        a = t.abs()
+        take = (a > top) | (a.isnan() & ~top.isnan())
+        best = torch.where(take, t, best)
+        top = torch.where(take, a, top)
+    return best

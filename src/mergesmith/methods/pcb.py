@@ -164,6 +164,9 @@ _STATS = PCBStats()
         Param("scope", str, "global", choices=("global", "tensor"), help="statistics over the whole model or per tensor"),
     ),
     stats=lambda p: _STATS if p.get("scope", "global") == "global" else None,
+    # global scope: per element given the whole-model statistics, so big tensors stream in row chunks
+    # (statistics and apply); tensor scope needs the whole tensor's order statistics
+    chunkable=lambda p, name="", shape=(): p.get("scope", "global") == "global",
     mergekit="not in mergekit; scope=tensor is the per-tensor port some toolkits use.",
     notes="Global scope reads the inputs 4 extra times (exact streamed quantiles); memory stays bounded.",
     example={"ratio": 0.2, "lambda": 1.0},
