@@ -58,30 +58,41 @@ def _col(v, like: torch.Tensor) -> torch.Tensor:
 
 
 def _scores(T: torch.Tensor, lo, hi, p) -> tuple[torch.Tensor, torch.Tensor]:
-    """(clipped deltas T^c, PCB balancing matrix B) for stacked deltas T [N, ...]."""
+    """(clipped deltas T^c, PCB balancing matrix B) for stacked deltas T [N, ...]. In place where the
+    values allow (the float32 operations of the plain formulas, in their order): a handful of [N, ...]
+    temporaries instead of a dozen."""
     n = T.shape[0]
     lo, hi = _col(lo, T), _col(hi, T)
-    a = torch.minimum(torch.maximum(T.abs(), lo), hi)
+    a = T.abs()
+    torch.maximum(a, lo, out=a)
+    torch.minimum(a, hi, out=a)  # a = clip(|T|, lo, hi)
     span = hi - lo
-    mm = torch.where(span > 0, (a - lo) / torch.where(span > 0, span, torch.ones_like(span)), torch.ones_like(a))
+    flat = span <= 0
+    mm = torch.sub(a, lo).div_(torch.where(flat, torch.ones_like(span), span))
+    if bool(flat.any()):
+        mm.masked_fill_(flat.expand_as(mm), 1.0)  # min-max of a constant: 1
     temp = p["intra_temperature"] if p["intra_temperature"] is not None else float(n)
-    intra = torch.exp(temp * mm * mm)
     if p["inter"] == "vision":
-        inter = torch.tanh(T * (torch.sign(T) * mm).sum(0))
+        inter = T * torch.sign(T).mul_(mm).sum(0)
     else:
-        inter = torch.tanh(T * T.sum(0))
-    return torch.sign(T) * a, intra * inter
+        inter = T * T.sum(0)
+    intra = torch.mul(mm, temp).mul_(mm).exp_()  # exp(temp * mm * mm)
+    del mm
+    return torch.sign(T).mul_(a), intra.mul_(inter.tanh_())
 
 
 def _combine(base, T, lo, hi, thr, bmax, p) -> torch.Tensor:
     Tc, B = _scores(T, lo, hi, p)
     thr, bmax = _col(thr, T), _col(bmax, T)
     span = bmax - thr
-    safe = torch.where(span > 0, span, torch.ones_like(span))
-    scale = torch.where(span > 0, (torch.maximum(B, thr) - thr) / safe, (B >= thr).to(B.dtype))
-    w = _col(p["weight"], T)
-    tau = (scale * w * Tc).sum(0) / scale.sum(0).clamp_min(1e-12)
-    return base + p["lambda"] * tau
+    flat = span <= 0
+    scale = torch.maximum(B, thr).sub_(thr).div_(torch.where(flat, torch.ones_like(span), span))
+    for i in torch.nonzero(flat.reshape(-1)).reshape(-1).tolist():  # no spread of scores: a 0/1 step
+        scale[i] = (B[i] >= thr[i]).to(B.dtype)
+    del B
+    tau = (scale * _col(p["weight"], T)).mul_(Tc).sum(0)
+    del Tc
+    return base + p["lambda"] * tau.div_(scale.sum(0).clamp_min_(1e-12))
 
 
 def _tensor_stats(T: torch.Tensor, p) -> tuple[list, list, list, list]:
