@@ -96,3 +96,12 @@ def load_state(folder) -> dict:
             out.update(load_file(folder / f))
         return out
     return load_file(folder / "model.safetensors")
+
+
+def method_inputs(spec, zoo: dict) -> tuple:
+    """(base path or None, model paths) to merge with ``spec`` in the end-to-end tests: up to 3 models
+    (the method's maximum, else at least 2), the base where the method takes one."""
+    n = spec.max_models if spec.max_models is not None else max(spec.min_models, 2)
+    models = [zoo[f"ft{i}"] for i in range(min(n, 3))]
+    base = zoo["base"] if spec.base in ("required", "optional") else None
+    return base, models

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import method_inputs
 
 from mergesmith import merge_state_dicts
 from mergesmith.methods.base import list_methods
@@ -12,12 +13,6 @@ from mergesmith.run import run_recipe
 METHODS = [m for m in list_methods() if not m.name.startswith("_")]
 
 
-def _setup(spec, zoo):
-    n = spec.max_models if spec.max_models is not None else max(spec.min_models, 2)
-    n = min(n, 3)
-    models = [zoo[f"ft{i}"] for i in range(n)]
-    base = zoo["base"] if spec.base in ("required", "optional") else None
-    return base, models
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -26,7 +21,7 @@ def test_method_end_to_end(spec, arch, tiny_zoo, tmp_path):
     from transformers import AutoModelForCausalLM
 
     zoo = tiny_zoo(arch)
-    base, models = _setup(spec, zoo)
+    base, models = method_inputs(spec, zoo)
     params = dict(spec.example)
     recipe = {"merge_method": spec.name, "models": [{"model": str(m)} for m in models], "parameters": params,
               "random_seed": 3}

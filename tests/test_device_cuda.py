@@ -18,7 +18,7 @@ from mergesmith import merge_state_dicts
 from mergesmith.methods.base import get_method, list_methods
 from mergesmith.run import run_recipe
 
-from conftest import load_state
+from conftest import load_state, method_inputs
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
 
@@ -32,11 +32,9 @@ REPORT = os.environ.get("MERGESMITH_CUDA_REPORT")  # a JSON lines file: per meth
 
 
 def _inputs(spec, zoo):
-    n = spec.max_models if spec.max_models is not None else max(spec.min_models, 2)
-    n = min(n, 3)
-    models = [str(zoo[f"ft{i}"]) for i in range(n)]
-    base = str(zoo["base"]) if spec.base in ("required", "optional") else None
-    return base, models
+    """The end-to-end test's inputs for ``spec`` (conftest.method_inputs), as path strings."""
+    base, models = method_inputs(spec, zoo)
+    return (str(base) if base is not None else None), [str(m) for m in models]
 
 
 @pytest.mark.parametrize("spec", METHODS, ids=[m.name for m in METHODS])

@@ -301,8 +301,7 @@ class Pipeline:
         """Whether the engine may hand this tensor's inputs in their stored dtype (MethodSpec.raw_inputs):
         when the fused kernels can take them (``_fused``; tensors of two blocks or more); :meth:`merge`
         converts them otherwise."""
-        n = math.prod(shape)
-        if n < 2 * _S.BLOCK or not _F.enabled(n):
+        if not fused_size(math.prod(shape)):
             return False
         if self.sparsify is not None and self.block_sparsify is None:
             return False
@@ -315,7 +314,7 @@ class Pipeline:
         if base.numel() == 0:
             return base.to(torch.float32, copy=True)
         if ctx.raw:  # stored dtypes (raw_inputs): the fused path reads them, everything else gets float32 copies
-            if not self._fused_inputs(base, models):
+            if not fused_inputs(base, models):
                 ctx, base, models = float32_inputs(ctx, base, models)
         thresholds, major = None, None
         steps = self.stat_steps(p)
@@ -391,10 +390,6 @@ class Pipeline:
 
     def _tensor_thresholds_needed(self, p: Params, thresholds) -> bool:
         return self.trim is not None and thresholds is None and any(needs_selection(float(d)) for d in p[self.trim])
-
-    def _fused_inputs(self, base: torch.Tensor, models: list[torch.Tensor]) -> bool:
-        """Whether these (raw) inputs can go to the fused block path as they are."""
-        return base.numel() >= 2 * _S.BLOCK and _F.enabled(base.numel()) and all(_F.raw_ok(t) for t in [base, *models])
 
     def fused_args(self, p: Params, thresholds, major) -> tuple | None:
         """The per-tensor arguments of ``_fused.combine`` (trim kinds, hardshrink bounds, weights, switches),
@@ -493,6 +488,16 @@ class Pipeline:
                 if alt is not None:
                     ctx.defer.alternative(idx + a, alt)
         return out
+
+
+def fused_size(n: int) -> bool:
+    """Whether a tensor of ``n`` elements goes to the fused kernels: two blocks or more, numba usable."""
+    return n >= 2 * _S.BLOCK and _F.enabled(n)
+
+
+def fused_inputs(base: torch.Tensor, models: list[torch.Tensor]) -> bool:
+    """Whether these inputs (raw: as stored) can go to the fused block kernels as they are."""
+    return fused_size(base.numel()) and all(_F.raw_ok(t) for t in [base, *models])
 
 
 def blocks_apply(base: torch.Tensor) -> bool:

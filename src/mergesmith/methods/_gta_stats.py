@@ -34,7 +34,8 @@ import torch
 
 from . import _fused as _F
 from . import _sampling as _S
-from ._gta import DEFERRED, block_tau, blocks_apply, float32_inputs, in_kernel, needs_selection, official_rank
+from ._gta import (DEFERRED, block_tau, blocks_apply, float32_inputs, fused_inputs, in_kernel, needs_selection,
+                   official_rank)
 from .kernels import bits_to_float
 from ._radix import (_OFFSET, abs_window_hist, dense, high_hist, key_value, keys, locate, low_hist, window_merge,
                      window_part)
@@ -74,7 +75,7 @@ class GTAStats(GlobalStats):
         if base.numel() == 0:
             return None
         dens = [float(d) for d in p[self.pipe.trim]]
-        fused_window = step == "window" and blocks_apply(base) and (not ctx.raw or self.pipe._fused_inputs(base, models))
+        fused_window = step == "window" and blocks_apply(base) and (not ctx.raw or fused_inputs(base, models))
         if step == "sample" and _F.enabled(base.numel()) and all(_F.raw_ok(t) for t in [base, *models]):
             fns = self.pipe.block_sparsifiers(ctx, p, base, len(models))
             if fns is not None and all(in_kernel(f) for f in fns):

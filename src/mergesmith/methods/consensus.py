@@ -51,13 +51,6 @@ def consensus_ta_delta(ctx, base, models, p) -> torch.Tensor:
     return consensus_delta(d, d.sum(0), p)
 
 
-def _blocks(base: torch.Tensor, models: list[torch.Tensor]) -> bool:
-    """Whether consensus_ta runs block by block in the fused kernel (CPU, numba, two blocks or more)."""
-    n = base.numel()
-    return (n >= 2 * _S.BLOCK and base.device.type == "cpu" and _F.enabled(n)
-            and all(_F.raw_ok(t) for t in [base, *models]))
-
-
 def _consensus_ta_blocks(base: torch.Tensor, models: list[torch.Tensor], p) -> torch.Tensor:
     """theta of consensus_ta block by block on the kernel threads (inputs as stored: float32 or bf16), the
     float32 operations of the torch path in its order (bit-identical, tested)."""
@@ -74,8 +67,7 @@ def _consensus_ta_blocks(base: torch.Tensor, models: list[torch.Tensor], p) -> t
 
 
 def _raw_ok(p, shape) -> bool:
-    n = math.prod(shape)
-    return n >= 2 * _S.BLOCK and _F.enabled(n)
+    return G.fused_size(math.prod(shape))
 
 
 @register(
@@ -95,7 +87,7 @@ def _raw_ok(p, shape) -> bool:
     example={"k": 2, "lambda": 0.5},
 )
 def consensus_ta(ctx, base, models, p):
-    if _blocks(base, models):
+    if G.fused_inputs(base, models):
         return _consensus_ta_blocks(base, models, p)
     if ctx.raw:  # handed as stored (raw_inputs) but not for the kernel: float32 copies
         ctx, base, models = G.float32_inputs(ctx, base, models)

@@ -56,10 +56,9 @@ def inner_params(p, n: int) -> Params:
 
 def _chunkable(p, name: str = "", shape: tuple = ()) -> bool:
     """Row chunks give the whole tensor's result when they do for the base merge: the layer factor is one
-    number per tensor (and alpha's L1 norms add up over chunks)."""
-    n = next((len(v) for q in get_method(p["merge"]).params if q.scope == "model"
-              for v in [p.get(q.name)] if isinstance(v, (list, tuple))), 1)
-    return get_method(p["merge"]).can_chunk(inner_params(p, n), name, shape)
+    number per tensor (and alpha's L1 norms add up over chunks). Per-model values given in ``p`` pass
+    through as they are; the model count only sizes the defaults, which are the same for every model."""
+    return get_method(p["merge"]).can_chunk(inner_params(p, 1), name, shape)
 
 
 def merged_delta(ctx, base, models, pin, merge: str) -> torch.Tensor:
