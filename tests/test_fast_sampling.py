@@ -1,4 +1,4 @@
-"""Fast DARE / DELLA kernels: exact MagPrune ranks, the seeded PCG64 stream, fused drop-and-rescale."""
+"""Fast DARE / DELLA kernels: exact MagPrune ranks, the seeded SplitMix64 stream, fused drop-and-rescale."""
 from __future__ import annotations
 
 import math
@@ -105,13 +105,34 @@ def test_drop_rescale_equals_mask_formula(kernels):
         assert _bits(S.drop_rescale_(t.clone(), d, 777)) == _bits(want), d
 
 
+def _splitmix64(seed: int, count: int) -> list[int]:
+    """Straight SplitMix64 on Python ints (Steele et al. 2014; Vigna's splitmix64.c): state += gamma, mix."""
+    m64 = (1 << 64) - 1
+    x, out = seed & m64, []
+    for _ in range(count):
+        x = (x + 0x9E3779B97F4A7C15) & m64
+        z = x
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & m64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & m64
+        out.append(z ^ (z >> 31))
+    return out
+
+
+def test_splitmix64_reference_matches_the_published_outputs():
+    # the first outputs of splitmix64.c seeded with 1234567 (the usual test vector)
+    assert _splitmix64(1234567, 5) == [6457827717110365317, 3203168211198807973, 9817491932198370423,
+                                        4593380528125082431, 16408922859458223821]
+
+
 def test_stream_blocks_are_slices_of_one_stream():
     full = S.words(99, 0, 5001)
     for a, c in [(0, 1), (1, 1), (1, 2), (2, 7), (3, 1000), (4000, 1001), (5000, 1)]:
         assert np.array_equal(S.words(99, a, c), full[a: a + c]), (a, c)
     # the word layout: raw 64-bit output j = w_2j (low) | w_2j+1 (high)
-    raw = np.random.PCG64(99).random_raw(3)
-    assert [int(v) for v in full[:6]] == [int(r) >> s & 0xFFFFFFFF for r in raw for s in (0, 32)]
+    for seed in (99, 0, 2 ** 63 - 1, -5):
+        raw = _splitmix64(seed, 4)
+        assert [int(v) for v in S.words(seed, 0, 8)] == [r >> s & 0xFFFFFFFF for r in raw for s in (0, 32)], seed
+        assert [int(v) for v in S.raw_np(seed, 1, 3)] == raw[1:], seed
     u = S.uniform_np(99, 0, 5001)
     assert np.array_equal(u, (full >> 8).astype(np.float64) / 2 ** 24) and u.dtype == np.float32
 
@@ -306,13 +327,41 @@ def test_order32_paths(monkeypatch, codes):
         assert list(got[3]).index(p2) < list(got[3]).index(p1)
 
 
-def test_kernel_pcg64_words_are_numpys_stream():
-    """The fused kernels generate PCG64 themselves: the words must be numpy's (``random_raw`` as uint32
-    halves), from any start, odd or even, for any seed."""
+def test_kernel_words_are_the_numpy_stream():
+    """The fused kernels generate the stream themselves (inside their loops too): the words must be the numpy
+    form's, from any start, odd or even, for any seed."""
     from mergesmith.methods import _fused
 
     if not _fused.enabled():
         pytest.skip("numba not installed")
-    for seed in (0, 1, 12345, 2 ** 62 + 7, 2 ** 63 - 1):
+    for seed in (0, 1, 12345, 2 ** 62 + 7, 2 ** 63 - 1, 2 ** 64 - 1):
         for start, count in ((0, 1), (0, 10), (1, 9), (2, 1), (5, 1000), (131072 * 7 + 3, 131072), (2 ** 40 + 1, 17)):
-            assert np.array_equal(_fused.words(seed, start, count), S.words(seed, start, count)), (seed, start, count)
+            odd = start & 1
+            want = S.raw_np(seed, start >> 1, (odd + count + 1) >> 1).view("<u4")[odd: odd + count]
+            assert np.array_equal(_fused.words(seed, start, count), want), (seed, start, count)
+
+
+@pytest.mark.parametrize("drop", [None, (0.5, 77), (1.0, 5)])
+def test_fused_sample_histogram_equals_the_unfused_steps(drop):
+    """The sample pass's one-kernel histogram (widen, subtract, DARE's draw, high bucket of |tau|; split over
+    the kernel threads) counts exactly what sub -> drop -> abs_high_hist counts."""
+    from mergesmith.methods import _fused
+
+    if not _fused.enabled():
+        pytest.skip("numba not installed")
+    g = torch.Generator().manual_seed(8)
+    base = (torch.randn(300_007, generator=g) * 0.02).to(torch.bfloat16)
+    m = (base.float() + torch.randn(300_007, generator=g) * 0.003).to(torch.bfloat16)
+    m[:50] = base[:50]  # zeros in tau
+    t = m.float() - base.float()
+    if drop is not None:
+        S.DropBlock(*drop)(t, 0)
+    want_idx, want_cnt = _fused.abs_high_hist(t)
+    old = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            idx, cnt = _fused.high_hist_bf16(m, base, drop)
+            assert torch.equal(idx, want_idx) and torch.equal(cnt, want_cnt), threads
+    finally:
+        torch.set_num_threads(old)

@@ -12,6 +12,7 @@ the tensor's shape, so output bytes do not depend on threads or device schedulin
 """
 from __future__ import annotations
 
+import math
 import os
 import threading
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -251,6 +252,11 @@ class Executor:
         return run_statistics(self.spec, merge_jobs[0].params, items, len(merge_jobs[0].models), self.deferral)
 
     def run(self) -> None:
+        if self.device.type == "cpu" and self.spec.raw_inputs is not None:
+            from .methods import _fused, _sampling
+
+            if any(j.method is not None and math.prod(j.shape) >= 2 * _sampling.BLOCK for j in self.plan.jobs):
+                _fused.warm_in_background()  # the block kernels will be needed: start numba now
         old_threads = torch.get_num_threads()
         if self.threads:
             torch.set_num_threads(self.threads)

@@ -8,7 +8,7 @@ buffers). Every kernel performs the float32 operations of the torch path in the 
 (``kernels.trim_below``, ``elect_sign_list``, ``disjoint_merge_list``, ``Pipeline.combine_deferred``),
 so the results are bit-identical to it (tested); nothing uses fast-math.
 
-Also here: DARE's and DELLA's draw-and-rescale (PCG64 words generated in the kernel: numpy's stream),
+Also here: DARE's and DELLA's draw-and-rescale (the counter-based stream of ``_sampling``, generated in the kernels),
 the histograms of the global-TIES statistics passes, and bf16 rounding of the output. The kernels live
 in ``_fused_kernels`` (module-level, so numba's disk cache finds them again); this module holds the
 wrappers on torch blocks and the per-thread scratch buffers.
@@ -63,6 +63,22 @@ def _kernels():
     return _KERNELS
 
 
+def warm_in_background() -> None:
+    """Import numba and load a first kernel in a daemon thread (~1 s: numba's import, then LLVM's start
+    when the first cached kernel loads), so that a merge overlaps it with its planning and first reads
+    instead of paying it when its first tensor needs a kernel. No-op when disabled or done."""
+    if _KERNELS is not None or _FAILED or os.environ.get("MERGESMITH_FUSED", "1").strip().lower() in (
+            "0", "false", "no", "off"):
+        return
+
+    def warm() -> None:
+        k = _kernels()
+        if k is not None:
+            k.widen_bf16(np.zeros(1, np.int16), np.zeros(1, np.float32))
+
+    threading.Thread(target=warm, name="mergesmith-numba-warm", daemon=True).start()
+
+
 # --------------------------------------------------------------------------------------------------
 # Wrappers on torch blocks
 
@@ -111,7 +127,7 @@ def sub(m: torch.Tensor, base32: torch.Tensor, slot: int | None = None) -> torch
     out = torch.empty(n, dtype=torch.float32) if slot is None else scratch(slot, n)
     if m.dtype == torch.bfloat16:
         _kernels().widen_sub_drop(m.view(torch.int16).numpy(), base32.numpy(), out.numpy(), _NO_WORDS, np.uint64(0),
-                                  np.float32(1.0), False)
+                                  np.int64(0), np.uint64(0), np.float32(1.0), False)
     elif m.dtype == torch.float32:
         np.subtract(m.numpy(), base32.numpy(), out=out.numpy())
     else:
@@ -130,29 +146,28 @@ _NO_WORDS = np.empty(0, np.uint32)
 def combine_bf16(models: list[torch.Tensor], base: torch.Tensor, drops: list | None, start: int, *args):
     """``combine_bf16`` kernel on flat bf16 blocks (the models and the base as stored) starting at element
     ``start``; ``drops``: per model (d, seed) of DARE's draw (``_sampling.DropBlock``), or None."""
-    words, thr, dd = _drop_args(drops, len(models), start, base.numel())
+    seeds, thr, dd = _drop_args(drops, len(models))
     return _kernels().combine_bf16(tuple(m.view(torch.int16).numpy() for m in models), base.view(torch.int16).numpy(),
-                                   words, thr, dd, drops is not None, *args)
+                                   seeds, np.int64(start), thr, dd, drops is not None, *args)
 
 
-def _drop_args(drops, n: int, start: int, count: int):
-    """(words per model, uint64 thresholds, float32 densities) for the kernels' DARE draw."""
-    from ._sampling import word_threshold
+def _drop_args(drops, n: int):
+    """(uint64 stream seeds, uint64 word thresholds, float32 densities) per model for the kernels' DARE draw."""
+    from ._sampling import seed64, word_threshold
 
     if drops is None:
-        return tuple(_NO_WORDS for _ in range(n)), np.zeros(n, np.uint64), np.ones(n, np.float32)
-    words_ = tuple(words(seed, start, count, slot=-10 - i) for i, (_, seed) in enumerate(drops))
-    return (words_, np.array([word_threshold(d) for d, _ in drops], np.uint64),
-            np.array([d for d, _ in drops], np.float32))
+        return np.zeros(n, np.uint64), np.zeros(n, np.uint64), np.ones(n, np.float32)
+    return (np.array([seed64(seed) for _, seed in drops], np.uint64),
+            np.array([word_threshold(d) for d, _ in drops], np.uint64), np.array([d for d, _ in drops], np.float32))
 
 
 def window_bf16(m: torch.Tensor, base32: torch.Tensor, lo: int, hi: int, drop=None, start: int = 0) -> tuple[int, np.ndarray]:
     """:func:`window` of tau = float32(m) - base for a flat bf16 block ``m`` starting at element ``start``
     (DARE-dropped when ``drop`` = (d, seed)); tau never stored."""
     buf = scratch(-1, m.numel(), torch.int32).numpy()
-    w, thr, dd = _drop_args(None if drop is None else [drop], 1, start, m.numel())
-    below, n = _kernels().window_bf16(m.view(torch.int16).numpy(), base32.numpy(), w[0], thr[0], dd[0], drop is not None,
-                                      np.int32(lo), np.int32(hi - lo), buf)
+    seeds, thr, dd = _drop_args(None if drop is None else [drop], 1)
+    below, n = _kernels().window_bf16(m.view(torch.int16).numpy(), base32.numpy(), seeds[0], np.int64(start), thr[0],
+                                      dd[0], drop is not None, np.int32(lo), np.int32(hi - lo), buf)
     return int(below), buf[:n].copy()
 
 
@@ -171,9 +186,34 @@ def abs_high_hist(tau: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(idx + (1 << 15)), torch.from_numpy(hist[idx])
 
 
-def drop_scale(x: np.ndarray, w: np.ndarray, thr: int, d: float) -> None:
-    """In place on float32 ``x``: x <- x * [w < thr] / d (DARE's drop and rescale; ``w``: uint32 stream words)."""
-    _kernels().drop_scale(x, w, np.uint64(thr), np.float32(d))
+def high_hist_bf16(m: torch.Tensor, base: torch.Tensor, drop=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`abs_high_hist` of tau = float32(m) - float32(base) for flat bf16 tensors, DARE-dropped when
+    ``drop`` = (d, seed) (stream from element 0), over the kernel threads; tau never stored."""
+    from ._sampling import run_blocks
+
+    seeds, thr, dd = _drop_args(None if drop is None else [drop], 1)
+    mi, bi = m.view(torch.int16).numpy(), base.view(torch.int16).numpy()
+    n = mi.size
+    parts = max(1, min(torch.get_num_threads(), -(-n // (1 << 16))))  # one histogram per thread
+    step = -(-n // parts)
+    hists = np.zeros((parts, 1 << 15), np.int64)
+
+    def work(a: int, b: int) -> None:
+        _kernels().high_hist_bf16(mi[a:b], bi[a:b], seeds[0], np.int64(a), thr[0], dd[0], drop is not None,
+                                  hists[a // step])
+
+    run_blocks(n, step, work)
+    hist = hists.sum(axis=0)
+    idx = np.flatnonzero(hist)
+    return torch.from_numpy(idx + (1 << 15)), torch.from_numpy(hist[idx])
+
+
+def drop_scale(x: np.ndarray, seed: int, start: int, thr: int, d: float) -> None:
+    """In place on float32 ``x``: x <- x * [w < thr] / d (DARE's drop and rescale; w: the words of the stream
+    of ``seed`` from element ``start``)."""
+    from ._sampling import seed64
+
+    _kernels().drop_scale(x, seed64(seed), np.int64(start), np.uint64(thr), np.float32(d))
 
 
 def band_apply(x: np.ndarray, order: np.ndarray, mask: int, lo: int, hi: int) -> None:
@@ -182,10 +222,13 @@ def band_apply(x: np.ndarray, order: np.ndarray, mask: int, lo: int, hi: int) ->
     _kernels().band_apply(x, order, order.dtype.type(mask), lo, hi)
 
 
-def magprune_apply(x: np.ndarray, order: np.ndarray, mask: int, qr: np.ndarray, w: np.ndarray) -> None:
-    """In place on float32 rows ``x``: MagPrune's draw and rescale from the in-row order (``order``, ``mask``:
-    as :func:`band_apply`; see the kernel)."""
-    _kernels().magprune_apply(x, order, order.dtype.type(mask), np.ascontiguousarray(qr, np.float32), w)
+def magprune_apply(x: np.ndarray, order: np.ndarray, mask: int, qr: np.ndarray, seed: int, start: int) -> None:
+    """In place on float32 rows ``x`` (element ``start`` of the stream of ``seed`` first): MagPrune's draw and
+    rescale from the in-row order (``order``, ``mask``: as :func:`band_apply`; see the kernel)."""
+    from ._sampling import seed64
+
+    _kernels().magprune_apply(x, order, order.dtype.type(mask), np.ascontiguousarray(qr, np.float32), seed64(seed),
+                              np.int64(start))
 
 
 def consensus_ta(ts: list[torch.Tensor], base: torch.Tensor, lams, k: int, strict: bool, lam: float,
@@ -206,68 +249,14 @@ def rank_keys32(xi: np.ndarray, key: np.ndarray, k: int, lk: int, b: int, clamp:
     return int(_kernels().rank_keys32(xi, key, np.int64(k), np.int64(lk), np.int64(b), bool(clamp), odd))
 
 
-_PCG = threading.local()
-
-
 def words(seed: int, start: int, count: int, slot: int = -4) -> np.ndarray:
-    """``_sampling.words(seed, start, count)`` (PCG64's 32-bit words start .. start+count-1) generated by the
-    kernel: numpy's ``random_raw`` costs ~4 ns per output through a function pointer. The generator is
-    jumped with numpy's ``advance`` (from a per-thread cached seeding), so the stream is numpy's."""
-    cache = getattr(_PCG, "gens", None)
-    if cache is None:
-        cache = _PCG.gens = {}
-    got = cache.get(seed)
-    if got is None:
-        if len(cache) > 64:
-            cache.clear()
-        bg = np.random.PCG64(int(seed))
-        got = cache[seed] = (bg, bg.state)
-    bg, st0 = got
-    bg.state = st0
-    if start >= 2:
-        bg.advance(start // 2)
-    st = bg.state["state"]
-    s, inc = int(st["state"]), int(st["inc"])
+    """``_sampling.words(seed, start, count)`` (the stream's 32-bit words start .. start+count-1) by the kernel,
+    in the per-thread scratch ``slot`` (valid until the thread asks for that slot again)."""
+    from ._sampling import seed64
+
     out = scratch(slot, count, torch.int32).numpy().view(np.uint32)
-    m = (1 << 64) - 1
-    odd = start & 1
-    raw = (odd + count + 1) // 2  # raw outputs spanned
-    if raw < 4096:
-        _kernels().pcg_words(out, np.uint64(s >> 64), np.uint64(s & m), np.uint64(inc >> 64), np.uint64(inc & m), odd)
-        return out
-    seg = -(-raw // 4)
-    a, c = _lcg_jump(seg, inc)
-    lanes = [s]
-    for _ in range(3):
-        lanes.append((a * lanes[-1] + c) & _MASK128)
-    st4 = np.array([x for v in lanes for x in (v >> 64, v & m)], dtype=np.uint64)
-    _kernels().pcg_words4(out, st4, np.uint64(inc >> 64), np.uint64(inc & m), odd, seg)
+    _kernels().stream_words(out, seed64(seed), np.int64(start))
     return out
-
-
-_MULT128 = (0x2360ED051FC65DA4 << 64) | 0x4385DF649FCCF645  # PCG64's multiplier
-_MASK128 = (1 << 128) - 1
-
-
-def _lcg_jump(d: int, inc: int) -> tuple[int, int]:
-    """(A, C) with state_{+d} = A state + C (mod 2^128) for PCG64's LCG with increment ``inc`` (Brown's
-    jump-ahead, as in pcg_advance_lcg_128); cached per thread for the last few (d, inc)."""
-    jumps = getattr(_PCG, "jumps", None)
-    if jumps is None or len(jumps) > 256:
-        jumps = _PCG.jumps = {}
-    key = (d, inc)
-    got = jumps.get(key)
-    if got is None:
-        acc_mult, acc_plus, cur_mult, cur_plus = 1, 0, _MULT128, inc
-        while d:
-            if d & 1:
-                acc_mult = (acc_mult * cur_mult) & _MASK128
-                acc_plus = (acc_plus * cur_mult + cur_plus) & _MASK128
-            cur_plus = ((cur_mult + 1) * cur_plus) & _MASK128
-            cur_mult = (cur_mult * cur_mult) & _MASK128
-            d >>= 1
-        got = jumps[key] = (acc_mult, acc_plus)
-    return got
 
 
 def sparse_counts(v: np.ndarray, size: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,6 +9,7 @@ import numpy as np
 from numba import njit
 
 SUB = 1024  # elements per sub-block inside a kernel (a few KB per model: L1-resident)
+ODD_RUN = 64  # rank_keys32: elements per run checked for odd codes at once
 opts = dict(nogil=True, cache=True, boundscheck=False, fastmath=False, error_model="numpy")
 
 
@@ -40,35 +41,55 @@ def window_sub(bits, lo32, uw, D, out, n):
 
 
 @njit(**opts)
-def widen_sub_drop(x, B, UF, w, thr, d, drop):
-    """UF[:x.size] = float32(x) - B for bf16 bits x (the task vector), then DARE's UF * [w < thr] / d if
-    ``drop`` (``_sampling.drop_rescale_block_``)."""
+def widen_sub_drop(x, B, UF, W, seed, start, thr, d, drop):
+    """UF[:x.size] = float32(x) - B for bf16 bits x (the task vector), then, if ``drop``, DARE's
+    UF * [w < thr] / d with the words w of the stream of ``seed`` from element ``start`` (drawn into ``W``;
+    ``_sampling.drop_rescale_block_``)."""
     widen_bf16(x, UF)
     for j in range(x.size):
         UF[j] = UF[j] - B[j]
     if drop:
+        stream_words(W[:x.size], seed, start)
         one = np.float32(1.0)
         zero = np.float32(0.0)
         for j in range(x.size):
-            UF[j] = (UF[j] * (one if np.uint64(w[j]) < thr else zero)) / d
+            UF[j] = (UF[j] * (one if np.uint64(W[j]) < thr else zero)) / d
 
 
 @njit(**opts)
-def window_bf16(src, base, w, thr, d, drop, lo, width, out):
-    """``window`` of tau = float32(src) - base (DARE-dropped with words ``w`` if ``drop``), ``src`` the stored
-    bf16 bits (int16): tau not kept."""
+def window_bf16(src, base, seed, start, thr, d, drop, lo, width, out):
+    """``window`` of tau = float32(src) - base (DARE-dropped if ``drop``: stream ``seed``, first element
+    ``start``), ``src`` the stored bf16 bits (int16): tau not kept."""
     U = np.empty(SUB, np.uint32)
     UF = U.view(np.float32)
     UI = U.view(np.int32)
+    W = np.empty(SUB, np.uint32)
     D = np.empty(SUB, np.int32)
     below = 0
     n = 0
     for a in range(0, src.size, SUB):
         m = min(SUB, src.size - a)
-        widen_sub_drop(src[a:a + m], base[a:a + m], UF, w[a:a + m] if drop else w, thr, d, drop)
+        widen_sub_drop(src[a:a + m], base[a:a + m], UF, W, seed, start + a, thr, d, drop)
         b, n = window_sub(UI[:m], np.int32(lo), np.uint32(width), D, out, n)
         below += b
     return below, n
+
+
+@njit(**opts)
+def high_hist_bf16(src, base, seed, start, thr, d, drop, hist):
+    """hist[bits(|tau|) >> 16] += 1 for tau = float32(src) - float32(base) (DARE-dropped if ``drop``: stream
+    ``seed`` from element ``start``), ``src`` and ``base`` stored bf16 bits (int16): :func:`abs_high_hist`
+    without tau in memory."""
+    B = np.empty(SUB, np.float32)
+    U = np.empty(SUB, np.uint32)
+    UF = U.view(np.float32)
+    W = np.empty(SUB, np.uint32)
+    for a in range(0, src.size, SUB):
+        m = min(SUB, src.size - a)
+        widen_bf16(base[a:a + m], B)
+        widen_sub_drop(src[a:a + m], B, UF, W, seed, start + a, thr, d, drop)
+        for j in range(m):
+            hist[(U[j] & np.uint32(0x7FFFFFFF)) >> np.uint32(16)] += 1
 
 
 @njit(**opts)
@@ -105,111 +126,80 @@ def abs_high_hist(tau, hist):
         hist[(ti[j] & np.int32(0x7FFFFFFF)) >> 16] += 1
 
 
-M_HI = np.uint64(0x2360ED051FC65DA4)  # PCG_DEFAULT_MULTIPLIER_128 (numpy's PCG64)
-M_LO = np.uint64(0x4385DF649FCCF645)
+GAMMA = np.uint64(0x9E3779B97F4A7C15)  # SplitMix64's increment (odd, 2^64 / golden ratio)
+MIX1 = np.uint64(0xBF58476D1CE4E5B9)  # SplitMix64's output function (Stafford's "Mix13")
+MIX2 = np.uint64(0x94D049BB133111EB)
 LOW32 = np.uint64(0xFFFFFFFF)
 S32 = np.uint64(32)
 
 
 @njit(**opts)
-def mulhi64(a, b):
-    """High 64 bits of the 128-bit product of uint64 a, b."""
-    a0, a1 = a & LOW32, a >> S32
-    b0, b1 = b & LOW32, b >> S32
-    p0, p1, p2, p3 = a0 * b0, a0 * b1, a1 * b0, a1 * b1
-    mid = (p0 >> S32) + (p1 & LOW32) + (p2 & LOW32)
-    return p3 + (p1 >> S32) + (p2 >> S32) + (mid >> S32)
+def mix64(z):
+    """SplitMix64's output function of a uint64 state."""
+    z = (z ^ (z >> np.uint64(30))) * MIX1
+    z = (z ^ (z >> np.uint64(27))) * MIX2
+    return z ^ (z >> np.uint64(31))
 
 
 @njit(**opts)
-def pcg_words(out, s_hi, s_lo, i_hi, i_lo, odd):
-    """out[k] = 32-bit word ``odd + k`` of PCG64 (XSL-RR 128/64) from state (s_hi, s_lo), increment
-    (i_hi, i_lo): raw output r gives words 2r (low half) and 2r + 1 (high half), as numpy's
-    ``random_raw`` viewed as little-endian uint32."""
+def stream_words(out, seed, start):
+    """out[k] = 32-bit word ``start + k`` of the stream of ``seed`` (uint64; ``_sampling``): raw output m is
+    mix64(seed + (m + 1) GAMMA), word 2m its low half, word 2m + 1 its high half. Counter-based: any range
+    is computed on its own, in a loop that vectorises (no serial state)."""
     n = out.size
+    if n == 0:
+        return
     k = 0
-    w = odd
-    while k < n:
-        hi = mulhi64(s_lo, M_LO) + s_lo * M_HI + s_hi * M_LO  # state = state * M + inc (mod 2^128)
-        lo = s_lo * M_LO
-        s_lo = lo + i_lo
-        s_hi = hi + i_hi + (np.uint64(1) if s_lo < lo else np.uint64(0))
-        x = s_hi ^ s_lo
-        rot = s_hi >> np.uint64(58)
-        r = (x >> rot) | (x << ((np.uint64(64) - rot) & np.uint64(63)))
-        if w == 0 and k < n:
-            out[k] = np.uint32(r & LOW32)
-            k += 1
-        if k < n:
-            out[k] = np.uint32(r >> S32)
-            k += 1
-        w = 0
+    m = start >> 1
+    if start & 1:
+        out[0] = np.uint32(mix64(seed + np.uint64(m + 1) * GAMMA) >> S32)
+        k = 1
+        m += 1
+    z = seed + np.uint64(m + 1) * GAMMA
+    pairs = (n - k) >> 1
+    for j in range(pairs):
+        r = mix64(z + np.uint64(j) * GAMMA)
+        out[k + 2 * j] = np.uint32(r & LOW32)
+        out[k + 2 * j + 1] = np.uint32(r >> S32)
+    if (n - k) & 1:
+        out[n - 1] = np.uint32(mix64(z + np.uint64(pairs) * GAMMA) & LOW32)
 
 
 @njit(**opts)
-def pcg_next(s_hi, s_lo, i_hi, i_lo):
-    """One PCG64 step: the new state (hi, lo) and its XSL-RR output."""
-    hi = mulhi64(s_lo, M_LO) + s_lo * M_HI + s_hi * M_LO
-    lo = s_lo * M_LO
-    s_lo = lo + i_lo
-    s_hi = hi + i_hi + (np.uint64(1) if s_lo < lo else np.uint64(0))
-    x = s_hi ^ s_lo
-    rot = s_hi >> np.uint64(58)
-    return s_hi, s_lo, (x >> rot) | (x << ((np.uint64(64) - rot) & np.uint64(63)))
-
-
-@njit(**opts)
-def put_raw(out, k, r):
-    """Words k (low half of raw output r) and k + 1 (high half) of ``out``, where inside it."""
-    n = out.size
-    if 0 <= k < n:
-        out[k] = np.uint32(r & LOW32)
-    if 0 <= k + 1 < n:
-        out[k + 1] = np.uint32(r >> S32)
-
-
-@njit(**opts)
-def pcg_words4(out, st, i_hi, i_lo, odd, seg):
-    """:func:`pcg_words` from four lanes at once: lane l starts at raw output l * seg of the range
-    (``st`` = the four lanes' states hi0, lo0, hi1, lo1, ...). The LCG is one serial chain per lane;
-    four independent chains keep the multiplier busy (~3x the single-lane rate)."""
-    ah, al, bh, bl = st[0], st[1], st[2], st[3]
-    ch, cl, dh, dl = st[4], st[5], st[6], st[7]
-    for r in range(seg):
-        ah, al, ra = pcg_next(ah, al, i_hi, i_lo)
-        bh, bl, rb = pcg_next(bh, bl, i_hi, i_lo)
-        ch, cl, rc = pcg_next(ch, cl, i_hi, i_lo)
-        dh, dl, rd = pcg_next(dh, dl, i_hi, i_lo)
-        put_raw(out, 2 * r - odd, ra)
-        put_raw(out, 2 * (seg + r) - odd, rb)
-        put_raw(out, 2 * (2 * seg + r) - odd, rc)
-        put_raw(out, 2 * (3 * seg + r) - odd, rd)
-
-
-@njit(**opts)
-def drop_scale(x, w, thr, d):
-    """DARE on one block: x <- x * [w < thr] / d (``_sampling.drop_rescale_block_``)."""
+def drop_scale(x, seed, start, thr, d):
+    """DARE on a block that starts at element ``start`` of the stream of ``seed``: x <- x * [w < thr] / d
+    (``_sampling.drop_rescale_block_``), the words drawn sub-block by sub-block."""
     one = np.float32(1.0)
     zero = np.float32(0.0)
-    for j in range(x.size):
-        x[j] = (x[j] * (one if np.uint64(w[j]) < thr else zero)) / d
+    W = np.empty(SUB, np.uint32)
+    for a in range(0, x.size, SUB):
+        m = min(SUB, x.size - a)
+        stream_words(W[:m], seed, start + a)
+        for j in range(m):
+            x[a + j] = (x[a + j] * (one if np.uint64(W[j]) < thr else zero)) / d
 
 
 @njit(**opts)
-def magprune_apply(x, order, mask, qr, w):
-    """DELLA's MagPrune on rows x (r, n): the element of in-row rank k (position ``order[i, k] & mask``)
-    gets q = qr[k], keep = u < q with u = (w >> 8) 2^-24 of its stream word, x <- x * keep / q
-    (``della._magprune_rows_``)."""
+def magprune_apply(x, order, mask, qr, seed, start):
+    """DELLA's MagPrune on rows x (r, n) that start at element ``start`` of the stream of ``seed``: the
+    element of in-row rank k (position ``order[i, k] & mask``) gets q = qr[k], keep = u < q with
+    u = (w >> 8) 2^-24 of its stream word, x <- x * keep / q (``della._magprune_rows_``). Per row: q
+    scattered to positions, then one loop in position order (vectorised, divisions included)."""
     r, n = x.shape
     one = np.float32(1.0)
     zero = np.float32(0.0)
     scale = np.float32(2.0 ** -24)
+    W = np.empty(n, np.uint32)
+    Q = np.empty(n, np.float32)
     for i in range(r):
+        stream_words(W, seed, start + i * n)
         for k in range(n):
-            j = order[i, k] & mask
-            q = qr[k]
-            u = np.float32(w[i * n + j] >> np.uint32(8)) * scale
-            x[i, j] = (x[i, j] * (one if u < q else zero)) / q
+            Q[order[i, k] & mask] = qr[k]
+        xi = x[i]
+        for j in range(n):
+            q = Q[j]
+            u = np.float32(W[j] >> np.uint32(8)) * scale
+            xi[j] = (xi[j] * (one if u < q else zero)) / q
 
 
 @njit(**opts)
@@ -243,8 +233,8 @@ def abs_bits_range(xi):
 def rank_keys32(xi, key, k, lk, b, clamp, odd):
     """``_rank.row_keys``'s 32-bit keys (code << b) | j of the int32 bit patterns ``xi`` (r, n), codes with
     shift ``k`` and origin ``lk`` (clamped at 0 if ``clamp``); the (row << 32) | code of every odd code
-    (ceil != floor) in ``odd``. Returns the number of odd codes. The key loop is branch-free (vectorised);
-    a second loop collects the (rare) odd codes."""
+    (ceil != floor) in ``odd``. Returns the number of odd codes. The key loop is branch-free (vectorised) and
+    flags runs of ``ODD_RUN`` elements with an odd code; a second loop collects the (rare) odd codes of those."""
     r, n = xi.shape
     step = np.int64(1) << k
     low = step - 1
@@ -256,18 +246,22 @@ def rank_keys32(xi, key, k, lk, b, clamp, odd):
                 code = max(np.int64(xi[i, j] & np.int32(0x7FFFFFFF)) + base, floor_)
                 key[i, j] = np.uint32(((code << b) | j) & 0xFFFFFFFF)
         return 0
-    for i in range(r):
-        for j in range(n):
-            w = np.int64(xi[i, j] & np.int32(0x7FFFFFFF)) + base
-            code = max((w >> k) + ((w + low) >> k), floor_)
-            key[i, j] = np.uint32(((code << b) | j) & 0xFFFFFFFF)
     nodd = 0
     for i in range(r):
-        for j in range(n):
-            w = np.int64(xi[i, j] & np.int32(0x7FFFFFFF)) + base
-            if w & low:
-                odd[nodd] = (np.int64(i) << 32) | max((w >> k) + ((w + low) >> k), floor_)
-                nodd += 1
+        for c in range(0, n, ODD_RUN):
+            e = min(n, c + ODD_RUN)
+            anyodd = np.int64(0)
+            for j in range(c, e):
+                w = np.int64(xi[i, j] & np.int32(0x7FFFFFFF)) + base
+                code = max((w >> k) + ((w + low) >> k), floor_)
+                key[i, j] = np.uint32(((code << b) | j) & 0xFFFFFFFF)
+                anyodd |= w & low
+            if anyodd:  # rare: collect this run's odd codes
+                for j in range(c, e):
+                    w = np.int64(xi[i, j] & np.int32(0x7FFFFFFF)) + base
+                    if w & low:
+                        odd[nodd] = (np.int64(i) << 32) | max((w >> k) + ((w + low) >> k), floor_)
+                        nodd += 1
     return nodd
 
 
@@ -501,22 +495,24 @@ def combine(taus, base, kind, below, w, unit_w, consensus, elect_count, weighted
 
 
 @njit(**opts)
-def combine_bf16(models, base, words, thr, dd, drop, kind, below, w, unit_w, consensus, elect_count,
+def combine_bf16(models, base, seeds, start, thr, dd, drop, kind, below, w, unit_w, consensus, elect_count,
                  weighted_elect, agg, fill, deferred, norm, lam, scale, out, alt_idx, alt_val):
     """``combine`` straight from the stored bf16 bits (int16) of the models and the base:
     tau_i = float32(theta_i) - float32(theta_0) per sub-block, no task vector written to memory; with
-    ``drop``, DARE's tau_i * [words_i < thr_i] / dd_i first (``_sampling.drop_rescale_block_``)."""
+    ``drop``, DARE's tau_i * [w < thr_i] / dd_i first, w the words of stream ``seeds[i]`` from element
+    ``start`` (the block's first element; ``_sampling.drop_rescale_block_``)."""
     n = base.size
     T, V, S, tot, div, cnt, R = work_buffers(len(models))
     B = np.empty(SUB, np.float32)  # the base's float32 values of the sub-block
     UF = np.empty(SUB, np.float32)  # one model's task vector
+    W = np.empty(SUB, np.uint32)  # its stream words
     votes = 0
     nalt = 0
     for a in range(0, n, SUB):
         m = min(SUB, n - a)
         widen_bf16(base[a:a + m], B)
         for i in range(len(models)):
-            widen_sub_drop(models[i][a:a + m], B, UF, words[i][a:a + m] if drop else words[i], thr[i], dd[i], drop)
+            widen_sub_drop(models[i][a:a + m], B, UF, W, seeds[i], start + a, thr[i], dd[i], drop)
             trim_into(T[i], UF[:m], kind[i], below[i])
         dv, nalt = merge_sub(T, m, B[:m], out[a:a + m], a, w, unit_w, consensus, elect_count,
                              weighted_elect, agg, fill, deferred, norm, lam, scale, alt_idx, alt_val, nalt,

@@ -116,8 +116,13 @@ class GTAStats(GlobalStats):
     def _fused_sample(self, base, models, dens, name, fns):
         """The ``sample`` step's high-key histograms of |tau_i| by the fused kernels (no sparsifier, or
         DARE's draw on the sample, which only estimates)."""
-        b = _F.as_float32(base.reshape(-1))
         hists = []
+        if all(t.dtype == torch.bfloat16 for t in [base, *models]):  # one fused pass over the kernel threads
+            for m, d, fn in zip(models, dens, fns):
+                hists.append(_F.high_hist_bf16(m.reshape(-1), base.reshape(-1), None if fn is None else fn.draw)
+                             if needs_selection(d) else None)
+            return {"numel": base.numel(), "density": dens, "hist": hists, "name": name}
+        b = _F.as_float32(base.reshape(-1))
         for m, d, fn in zip(models, dens, fns):
             if not needs_selection(d):
                 hists.append(None)

@@ -1,15 +1,21 @@
 """Seeded random streams and a block thread pool for the CPU kernels of DARE and DELLA.
 
-Stream of a seed s (a 63-bit ``seed_for`` value): the 32-bit words w_0, w_1, ... of PCG64(s)
-(O'Neill 2014; numpy's bit generator, whose raw output numpy keeps stable across versions), raw
-64-bit output j giving w_2j (low half) and w_2j+1 (high half). Element k of a draw uses w_k:
+Stream of a seed s (a 63-bit ``seed_for`` value, taken mod 2^64): SplitMix64 (Steele, Lea, Flood, "Fast
+Splittable Pseudorandom Number Generators", OOPSLA 2014; the generator of Java's SplittableRandom and the
+seeder of xoshiro) started at s, whose raw output m is
+
+    r_m = mix64(s + (m + 1) * GAMMA  mod 2^64),   GAMMA = 0x9E3779B97F4A7C15 (Stafford's Mix13 finaliser)
+
+cut into 32-bit words w_2m = low half of r_m, w_2m+1 = high half. Element k of a draw uses w_k:
 
     u_k = (w_k >> 8) * 2^-24          uniform on the float32 grid of [0, 1) (top 24 bits)
     keep_k = u_k < p_k                Bernoulli(p_k) up to the 2^-24 grid
 
-Any block of elements is drawn on its own by jumping the generator ahead (PCG64.advance), so blocks
-run on several threads and the bits depend on neither the thread count nor the device (the draw is
-made on the CPU). numpy releases the GIL in the generator, sorts and ufuncs.
+The stream is counter-based: any block of elements is drawn on its own from its first element's index
+(no serial state to jump), so blocks run on several threads, the kernels draw inside their own loops,
+and the bits depend on neither the thread count nor the device (the draw is made on the CPU). The
+numba kernels (``_fused_kernels.stream_words``) and the numpy form below give the same words (tested
+against the published SplitMix64 outputs). numpy releases the GIL in its ufuncs and sorts.
 """
 from __future__ import annotations
 
@@ -32,14 +38,38 @@ if hasattr(os, "register_at_fork"):  # a forked child has no pool threads: start
     os.register_at_fork(after_in_child=_POOLS.clear)
 
 
+GAMMA = 0x9E3779B97F4A7C15
+_MIX1, _MIX2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+_MASK64 = (1 << 64) - 1
+
+
+def seed64(seed: int) -> np.uint64:
+    """A stream seed as the kernels take it: the integer mod 2^64."""
+    return np.uint64(int(seed) & _MASK64)
+
+
+def raw_np(seed: int, first: int, count: int) -> np.ndarray:
+    """Raw outputs r_first .. r_{first+count-1} of the stream of ``seed`` (uint64), by numpy (wrapping uint64
+    arithmetic on arrays)."""
+    z = np.arange(first + 1, first + count + 1, dtype=np.uint64)
+    z *= np.uint64(GAMMA)
+    z += seed64(seed)
+    z ^= z >> np.uint64(30)
+    z *= np.uint64(_MIX1)
+    z ^= z >> np.uint64(27)
+    z *= np.uint64(_MIX2)
+    z ^= z >> np.uint64(31)
+    return z
+
+
 def words(seed: int, start: int, count: int) -> np.ndarray:
-    """w_start .. w_{start+count-1} of the stream of ``seed`` (uint32)."""
-    bg = np.random.PCG64(int(seed))
-    if start >= 2:
-        bg.advance(start // 2)
-    lo = start & 1
-    raw = bg.random_raw((lo + count + 1) // 2)
-    return raw.astype("<u8", copy=False).view("<u4")[lo: lo + count]
+    """w_start .. w_{start+count-1} of the stream of ``seed`` (uint32): by the kernel where the fused kernels
+    are in use, else by numpy."""
+    if count > 0 and _fused.enabled(count):
+        return _fused.words(seed, start, count).copy()
+    odd = start & 1
+    raw = raw_np(seed, start >> 1, (odd + count + 1) >> 1)
+    return raw.astype("<u8", copy=False).view("<u4")[odd: odd + count]
 
 
 def uniform_np(seed: int, start: int, count: int) -> np.ndarray:
@@ -135,7 +165,7 @@ def drop_rescale_block_(x: np.ndarray, d: float, seed: int, start: int) -> None:
     keep_k = u_k < d (any block on its own: the words are drawn from ``start``)."""
     thr = word_threshold(d)
     if thr < 1 << 32 and _fused.enabled(x.size):  # one pass: the same float32 operations
-        _fused.drop_scale(x, _fused.words(seed, start, x.size), thr, d)
+        _fused.drop_scale(x, seed, start, thr, d)
         return
     if thr < 1 << 32:
         np.multiply(x, np.less(words(seed, start, x.size), np.uint32(thr)), out=x)

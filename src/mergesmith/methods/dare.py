@@ -3,7 +3,7 @@
 Yu, Yu, Yu, Huang, Li, "Language Models are Super Mario: Absorbing Abilities from Homologous Models
 as a Free Lunch", ICML 2024 (arXiv 2311.03099); official code yule-BUAA/MergeLM.
 
-    m_i ~ Bernoulli(d_i) element-wise (drop rate p_i = 1 - d_i): m = 1[u < d_i], u from the PCG64
+    m_i ~ Bernoulli(d_i) element-wise (drop rate p_i = 1 - d_i): m = 1[u < d_i], u from the SplitMix64
     stream of ctx.seed_of(i) (see _sampling)
     tau~_i = m_i * tau_i / d_i                     (unbiased: E[tau~_i] = tau_i)
     dare_linear: theta = theta_0 + lambda * sum_i w_i tau~_i   [/ sum_i w_i if normalize]

@@ -11,7 +11,7 @@ half-window eps:
     q_j   = (d - eps) + 2 eps rho_j        keep probability: d - eps (smallest) ... d + eps (largest)
     tau~_j = Bernoulli(q_j) * tau_j / q_j  (paper rescale, per element; unbiased)
 
-Bernoulli(q_j) = 1[u_j < q_j], u from the PCG64 stream of ctx.seed_of(i) (:mod:`._sampling`). On the
+Bernoulli(q_j) = 1[u_j < q_j], u from the SplitMix64 stream of ctx.seed_of(i) (:mod:`._sampling`). On the
 CPU the exact stable ranks come from one SIMD sort per row of unique 32-bit keys (64-bit keys for the
 rows those cannot order; :func:`._rank.row_order`), fused with the draw and the rescale block by block over threads.
 
@@ -106,7 +106,7 @@ def _magprune_rows_(x: np.ndarray, qr: np.ndarray, seed: int, start: int) -> Non
     r, n = x.shape
     if _fused.enabled(x.size):  # rank -> q -> draw -> rescale in one pass: the same float32 operations
         order, mask = R.row_keys(x)
-        _fused.magprune_apply(x, order, mask, qr, _fused.words(seed, start, r * n))
+        _fused.magprune_apply(x, order, mask, qr, seed, start)
         return
     q = _by_rank(x, qr, out=R.scratch("q", (r, n), np.float32))
     keep = np.less(S.uniform_np(seed, start, r * n).reshape(r, n), q)

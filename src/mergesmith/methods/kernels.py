@@ -67,7 +67,7 @@ def bernoulli_mask(shape, keep_prob: float | torch.Tensor, generator: torch.Gene
 
     Drawn as ``U < p`` with U uniform in [0, 1): Bernoulli(p) exactly, about 2x faster than
     ``torch.bernoulli`` on CPU. ``generator``: a torch.Generator, or an int seed (``ctx.seed_of(i)``)
-    for the multi-threaded PCG64 stream of :mod:`._sampling` (U on the 2^-24 grid, same bits on
+    for the multi-threaded SplitMix64 stream of :mod:`._sampling` (U on the 2^-24 grid, same bits on
     every device and thread count; several times faster on CPU)."""
     if not isinstance(generator, torch.Generator):
         from . import _sampling
