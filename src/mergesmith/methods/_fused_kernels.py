@@ -44,16 +44,17 @@ def window_sub(bits, lo32, uw, D, out, n):
 def widen_sub_drop(x, B, UF, W, seed, start, thr, d, drop):
     """UF[:x.size] = float32(x) - B for bf16 bits x (the task vector), then, if ``drop``, DARE's
     UF * [w < thr] / d with the words w of the stream of ``seed`` from element ``start`` (drawn into ``W``;
-    ``_sampling.drop_rescale_block_``)."""
+    ``_sampling.drop_rescale_block_``): the widened bits, then one loop for the rest."""
     widen_bf16(x, UF)
-    for j in range(x.size):
-        UF[j] = UF[j] - B[j]
     if drop:
         stream_words(W[:x.size], seed, start)
         one = np.float32(1.0)
         zero = np.float32(0.0)
         for j in range(x.size):
-            UF[j] = (UF[j] * (one if np.uint64(W[j]) < thr else zero)) / d
+            UF[j] = ((UF[j] - B[j]) * (one if np.uint64(W[j]) < thr else zero)) / d
+    else:
+        for j in range(x.size):
+            UF[j] = UF[j] - B[j]
 
 
 @njit(**opts)
