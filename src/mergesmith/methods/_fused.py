@@ -63,20 +63,22 @@ def _kernels():
     return _KERNELS
 
 
-def warm_in_background() -> None:
+def warm_in_background() -> threading.Thread | None:
     """Import numba and load a first kernel in a daemon thread (~1 s: numba's import, then LLVM's start
-    when the first cached kernel loads), so that a merge overlaps it with its planning and first reads
-    instead of paying it when its first tensor needs a kernel. No-op when disabled or done."""
+    when the first cached kernel loads), so that a merge overlaps it with its first reads instead of
+    paying it when its first tensor needs a kernel. Returns the thread; None when disabled or done."""
     if _KERNELS is not None or _FAILED or os.environ.get("MERGESMITH_FUSED", "1").strip().lower() in (
             "0", "false", "no", "off"):
-        return
+        return None
 
     def warm() -> None:
         k = _kernels()
         if k is not None:
             k.widen_bf16(np.zeros(1, np.int16), np.zeros(1, np.float32))
 
-    threading.Thread(target=warm, name="mergesmith-numba-warm", daemon=True).start()
+    thread = threading.Thread(target=warm, name="mergesmith-numba-warm", daemon=True)
+    thread.start()
+    return thread
 
 
 # --------------------------------------------------------------------------------------------------
