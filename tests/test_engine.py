@@ -617,3 +617,36 @@ def test_numba_is_warmed_in_the_background_only_for_merges_that_need_the_kernels
     env = {**os.environ, "MERGESMITH_FUSED": "0"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     assert out.stdout.split("\n")[:3] == ["64 0 False", "600 1 False", "False"], out.stdout
+
+
+@pytest.mark.parametrize("method,params", [
+    ("dare_ties", {"density": 0.6}),  # global trim: sample, window and apply kernels draw in their loops
+    ("dare_ties", {"density": 0.5, "ties_density": 1.0, "zero_sign": "positive"}),
+    ("dare_linear", {"density": 0.7}),
+    ("della", {}),
+])
+def test_draws_inside_the_kernels_at_full_block_size_equal_the_torch_path(method, params, monkeypatch):
+    """At the real block size (128K elements: many 1K sub-blocks per block, several rows per DELLA block)
+    the kernels that draw DARE's/DELLA's words inside their own loops (``combine_bf16``, ``window_bf16``,
+    ``high_hist_bf16``, ``magprune_apply``) give the bytes of the torch path, which draws by numpy."""
+    import mergesmith.methods._fused as F
+
+    if not F.enabled():
+        pytest.skip("numba not installed")
+    seen = []
+    for name in ("combine_bf16", "window_bf16", "high_hist_bf16", "magprune_apply"):
+        real = getattr(F, name)
+        monkeypatch.setattr(F, name, lambda *a, _r=real, _n=name, **k: seen.append(_n) or _r(*a, **k))
+    g = torch.Generator().manual_seed(11)
+    shapes = {"w": (700, 512), "e": (301, 1000), "b": (512,)}
+    base = {k: (torch.randn(s, generator=g) * 0.02).to(torch.bfloat16) for k, s in shapes.items()}
+    models = [{k: (v.float() + torch.randn(v.shape, generator=g) * 0.004).to(torch.bfloat16) for k, v in base.items()}
+              for _ in range(3)]
+    got = merge_state_dicts(method, models, base=base, seed=7, **params)
+    want_kernels = {"della": {"magprune_apply"}, "dare_linear": {"combine_bf16"}}.get(
+        method, {"combine_bf16", "window_bf16", "high_hist_bf16"} if params.get("ties_density", 0.2) < 1 else {"combine_bf16"})
+    assert want_kernels <= set(seen), seen
+    monkeypatch.setenv("MERGESMITH_FUSED", "0")
+    want = merge_state_dicts(method, models, base=base, seed=7, **params)
+    for k in shapes:
+        assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k
