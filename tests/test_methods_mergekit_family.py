@@ -128,6 +128,37 @@ def test_nearswap_limits():
         merge_tensors("nearswap", [model, model], base)
 
 
+@pytest.mark.parametrize("stored", [torch.bfloat16, torch.float32])
+def test_nearswap_block_kernel_equals_the_torch_form(stored, monkeypatch):
+    """Tensors of two blocks or more go to the fused kernel on the stored bits (bf16 output written
+    directly): the same bytes as the torch form, with exact zeros, tiny and huge differences, inf and NaN."""
+    import mergesmith.methods._fused as F
+    from mergesmith import merge_state_dicts
+
+    if not F.enabled():
+        pytest.skip("numba not installed")
+    calls = []
+    real = F.nearswap
+    monkeypatch.setattr(F, "nearswap", lambda *a: calls.append(1) or real(*a))
+    g = torch.Generator().manual_seed(21)
+    base = torch.randn(700, 512, generator=g) * 0.02
+    model = base + torch.randn(700, 512, generator=g) * torch.logspace(-9, 0, 512)  # |diff| across scales
+    model[0, :40] = base[0, :40]  # diff 0: w = t / 1e-6
+    model[1, :3] = torch.tensor([float("inf"), float("-inf"), float("nan")])
+    base[2, :2] = torch.tensor([float("nan"), float("inf")])
+    base, model = {"w": base.to(stored)}, {"w": model.to(stored)}
+    for t in (1e-3, 1e-7, 0.0, 3.0):
+        got = merge_state_dicts("nearswap", [model], base=base, t=t)["w"]
+        monkeypatch.setenv("MERGESMITH_FUSED", "0")
+        want = merge_state_dicts("nearswap", [model], base=base, t=t)["w"]
+        monkeypatch.delenv("MERGESMITH_FUSED")
+        assert got.dtype == want.dtype == stored
+        assert torch.equal(got.isnan(), want.isnan()), t
+        ok = ~want.isnan()
+        assert torch.equal(got[ok], want[ok]) and torch.equal(got[ok].signbit(), want[ok].signbit()), t
+    assert calls, "the kernel did not run"
+
+
 # ------------------------------------------------------------------------------------ arcee_fusion
 
 

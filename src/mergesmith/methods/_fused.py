@@ -240,6 +240,11 @@ def consensus_ta(ts: list[torch.Tensor], base: torch.Tensor, lams, k: int, stric
                             bool(strict), np.float32(lam), out.numpy())
 
 
+def nearswap(m: torch.Tensor, b: torch.Tensor, t: float, out: torch.Tensor) -> None:
+    """out = NearSwap of float32 flat blocks ``m`` (the other model) and ``b`` (the base); see the kernel."""
+    _kernels().nearswap(m.numpy(), b.numpy(), np.float32(t), out.numpy())
+
+
 def abs_bits_range(xi: np.ndarray) -> tuple[int, int]:
     """(least nonzero, largest) of bits(|x|) of int32 bit patterns ``xi`` (see the kernel)."""
     lo, hi = _kernels().abs_bits_range(xi)

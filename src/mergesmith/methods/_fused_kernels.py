@@ -291,6 +291,23 @@ def consensus_ta(ts, b, lams, k, strict, lam, out):
 
 
 @njit(**opts)
+def nearswap(m, b, t, out):
+    """NearSwap on float32 blocks: out = b + w (m - b), w = clamp(t * (1 / max(|m - b|, 1e-6)), 0, 1), the
+    float32 operations of the torch path in its order (``t / x`` is ``x.reciprocal() * t`` in torch; NaN
+    propagates through both clamps as in torch)."""
+    eps = np.float32(1e-6)
+    zero = np.float32(0.0)
+    one = np.float32(1.0)
+    for j in range(b.size):
+        d = m[j] - b[j]
+        a = abs(d)
+        a = eps if a < eps else a
+        w = (one / a) * t
+        w = zero if w < zero else (one if w > one else w)
+        out[j] = b[j] + w * d
+
+
+@njit(**opts)
 def sparse_counts(v, hist, ids):
     """Distinct values of ``v`` (ints in [0, hist.size)) ascending in ids[:u], their counts in
     hist[ids[:u]]; returns u. ``hist`` must be all zero on entry (the caller re-zeroes those ids)."""
