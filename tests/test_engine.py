@@ -586,37 +586,40 @@ def test_a_small_merge_does_not_import_numba():
 
 
 def test_numba_is_warmed_in_the_background_only_for_merges_that_need_the_kernels():
-    """A merge with a tensor of two blocks or more starts numba in a background thread at once (its import
-    and LLVM's start cost ~1 s); small merges and MERGESMITH_FUSED=0 never import it."""
+    """A merge with a tensor of two blocks or more starts, in a background thread, what its method's kernels
+    need (numba's import and LLVM's start, ~1 s); small merges, methods without kernels (passthrough takes
+    its inputs as stored too) and MERGESMITH_FUSED=0 never import numba."""
+    import importlib.util
+    import os
     import subprocess
     import sys
 
-    code = (
-        "import sys, threading, torch\n"
-        "import mergesmith.methods._fused as F\n"
-        "calls = []\n"
-        "orig = F.warm_in_background\n"
-        "F.warm_in_background = lambda: calls.append(orig()) or calls[-1]\n"
-        "from mergesmith import merge_state_dicts\n"
-        "g = torch.Generator().manual_seed(0)\n"
-        "for rows in (64, 600):\n"
-        "    base = {'w': torch.randn(rows, 512, generator=g).bfloat16()}\n"
-        "    models = [{'w': base['w'] + 0.1} for _ in range(2)]\n"
-        "    merge_state_dicts('ties', models, base=base)\n"
-        "    print(rows, len(calls), 'numba' in sys.modules)\n"
-        "t = calls[0] if calls else None\n"
-        "print(t is not None and (t.join(60) or F._KERNELS is not None))\n"
-    )
-    import importlib.util
-    import os
-
     if importlib.util.find_spec("numba") is None:
         pytest.skip("numba not installed")
+    code = (
+        "import sys, torch\n"
+        "import mergesmith.methods._fused as F\n"
+        "threads = []\n"
+        "orig = F.warm_in_background\n"
+        "F.warm_in_background = lambda trig: threads.append(orig(trig)) or threads[-1]\n"
+        "from mergesmith import merge_state_dicts\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "for method, rows in (('passthrough', 600), ('ties', 64), ('ties', 600)):\n"
+        "    base = {'w': torch.randn(rows, 512, generator=g).bfloat16()}\n"
+        "    models = [{'w': base['w'] + 0.1} for _ in range(2)]\n"
+        "    if method == 'passthrough':\n"
+        "        merge_state_dicts(method, models[:1])\n"
+        "        [t.join(60) for t in threads if t is not None]\n"
+        "    else:\n"
+        "        merge_state_dicts(method, models, base=base)\n"
+        "    print(method, rows, len(threads), 'numba' in sys.modules)\n"
+        "print(F._KERNELS is not None)\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.split("\n")[:3] == ["64 0 False", "600 1 True", "True"], out.stdout
-    env = {**os.environ, "MERGESMITH_FUSED": "0"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
-    assert out.stdout.split("\n")[:3] == ["64 0 False", "600 1 False", "False"], out.stdout
+    assert out.stdout.split("\n")[:4] == ["passthrough 600 1 False", "ties 64 1 False", "ties 600 2 True", "True"], out.stdout
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "MERGESMITH_FUSED": "0"})
+    assert out.stdout.split("\n")[:4] == ["passthrough 600 1 False", "ties 64 1 False", "ties 600 2 False", "False"], out.stdout
 
 
 @pytest.mark.parametrize("method,params", [

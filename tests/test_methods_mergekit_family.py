@@ -355,6 +355,21 @@ def test_passthrough_copies_and_scales():
         merge_tensors("passthrough", [m, m])
 
 
+def test_passthrough_takes_inputs_as_stored_and_scales_in_float32():
+    """Inputs come as stored: a copy keeps the bytes (and never aliases the caller's tensor); a scale is
+    applied in float32 and cast once to the output dtype (float32 output keeps the float32 product)."""
+    from mergesmith import merge_state_dicts
+
+    g = torch.Generator().manual_seed(26)
+    m = {"w": torch.randn(300, 7, generator=g).to(torch.bfloat16)}
+    got = merge_state_dicts("passthrough", [m])["w"]
+    assert got.dtype == torch.bfloat16 and torch.equal(got, m["w"]) and got.data_ptr() != m["w"].data_ptr()
+    got = merge_state_dicts("passthrough", [m], scale=0.3)["w"]
+    assert torch.equal(got, (m["w"].float() * 0.3).to(torch.bfloat16))
+    got = merge_state_dicts("passthrough", [m], scale=0.3, dtype="float32")["w"]
+    assert got.dtype == torch.float32 and torch.equal(got, m["w"].float() * 0.3)
+
+
 # ------------------------------------------------------------------------------------------- smoke
 
 

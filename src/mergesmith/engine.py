@@ -255,8 +255,9 @@ class Executor:
         if self.device.type == "cpu" and self.spec.raw_inputs is not None:
             from .methods import _fused, _sampling
 
-            if any(j.method is not None and math.prod(j.shape) >= 2 * _sampling.BLOCK for j in self.plan.jobs):
-                _fused.warm_in_background()  # the block kernels will be needed: start numba now
+            big = next((j for j in self.plan.jobs if j.method is not None and math.prod(j.shape) >= 2 * _sampling.BLOCK), None)
+            if big is not None:  # a method with kernels loads them in its raw_inputs test: in the background now
+                _fused.warm_in_background(lambda: self.spec.raw_inputs(big.params, tuple(big.shape)))
         old_threads = torch.get_num_threads()
         if self.threads:
             torch.set_num_threads(self.threads)

@@ -63,18 +63,20 @@ def _kernels():
     return _KERNELS
 
 
-def warm_in_background() -> threading.Thread | None:
-    """Import numba and load a first kernel in a daemon thread (~1 s: numba's import, then LLVM's start
-    when the first cached kernel loads), so that a merge overlaps it with its first reads instead of
-    paying it when its first tensor needs a kernel. Returns the thread; None when disabled or done."""
+def warm_in_background(trigger) -> threading.Thread | None:
+    """Call ``trigger()`` in a daemon thread, then, if that loaded the kernels, run a first one. The engine
+    passes a method's ``raw_inputs`` test on its first big tensor: for the methods with kernels it imports
+    numba (~0.6 s), and the first kernel starts LLVM (~0.6 s); done in the background, a merge overlaps
+    both with its first reads. Methods without kernels import nothing. Returns the thread; None when the
+    kernels are disabled or loaded already."""
     if _KERNELS is not None or _FAILED or os.environ.get("MERGESMITH_FUSED", "1").strip().lower() in (
             "0", "false", "no", "off"):
         return None
 
     def warm() -> None:
-        k = _kernels()
-        if k is not None:
-            k.widen_bf16(np.zeros(1, np.int16), np.zeros(1, np.float32))
+        trigger()
+        if _KERNELS is not None:
+            _KERNELS.widen_bf16(np.zeros(1, np.int16), np.zeros(1, np.float32))
 
     thread = threading.Thread(target=warm, name="mergesmith-numba-warm", daemon=True)
     thread.start()

@@ -8,8 +8,12 @@ theta = scale * theta_1   (exactly one input model, no base; ``scale`` defaults 
 
 The engine uses it for every tensor of a slice-assembled model; ``scale`` may be filtered per tensor
 name, e.g. ``scale: [{filter: o_proj, value: 0.5}, {value: 1.0}]`` to damp repeated layers.
+Inputs come as stored (``raw_inputs``): a plain copy never goes through float32; a scale is applied in
+float32 (then cast to the output dtype, as before).
 """
 from __future__ import annotations
+
+import torch
 
 from .base import MergeError, Param, register
 
@@ -27,9 +31,10 @@ from .base import MergeError, Param, register
     mergekit="identical to mergekit `passthrough` (scale unset = 1).",
     notes="exactly one input per tensor; use `slices:` to stack layer ranges of several models.",
     example={},
+    raw_inputs=lambda p, shape: True,
 )
 def passthrough(ctx, base, models, p):
     if base is not None:
         raise MergeError("passthrough takes exactly one input model and no base model; remove base_model")
     scale = p["scale"][0]
-    return models[0].clone() if scale == 1.0 else models[0] * scale
+    return models[0].clone() if scale == 1.0 else models[0].to(torch.float32) * scale
