@@ -46,6 +46,41 @@ def test_merge_state_dicts_linear_golden():
     assert out["n"].dtype == torch.int64 and out["n"].item() == 7  # integer buffers copied
 
 
+@pytest.mark.parametrize("stored", [torch.bfloat16, torch.float32])
+def test_linear_block_kernel_equals_the_torch_form(stored, monkeypatch):
+    """Tensors of two blocks or more go to the fused kernel on the stored bits (bf16 output written
+    directly): the bytes of the torch form, one fused multiply-add per model (``add_(alpha=)``, as
+    mergekit's ``addcmul_``; reference: the product and sum in float64, exact, rounded once); unit weights,
+    mixed weights, normalize on and off, signed zeros."""
+    import mergesmith.methods._fused as F
+
+    if not F.enabled():
+        pytest.skip("numba not installed")
+    calls = []
+    real = F.linear
+    monkeypatch.setattr(F, "linear", lambda *a: calls.append(1) or real(*a))
+    g = torch.Generator().manual_seed(31)
+    models = [{"w": torch.randn(700, 512, generator=g).to(stored)} for _ in range(3)]
+    models[0]["w"][0, :8] = -0.0
+    models[1]["w"][0, :8] = -0.0
+    models[2]["w"][0, :8] = -0.0
+    for params in ({}, {"weight": [0.3, 1.0, 2.7]}, {"weight": [0.3, 1.7, -0.2], "normalize": False}):
+        got = merge_state_dicts("linear", models, **params)["w"]
+        monkeypatch.setenv("MERGESMITH_FUSED", "0")
+        want = merge_state_dicts("linear", models, **params)["w"]
+        monkeypatch.delenv("MERGESMITH_FUSED")
+        assert got.dtype == want.dtype == stored
+        assert torch.equal(got, want) and torch.equal(got.signbit(), want.signbit()), params
+        w = params.get("weight", [1.0] * 3)
+        ref = torch.zeros(700, 512)
+        for wi, m in zip(w, models):  # fma: the float64 product of two float32s is exact; one rounding
+            ref = (ref.double() + m["w"].double() * torch.tensor(wi, dtype=torch.float32).double()).float()
+        if params.get("normalize", True):
+            ref = ref / torch.tensor(sum(w), dtype=torch.float32)
+        assert torch.equal(want, ref.to(stored)), params
+    assert calls, "the kernel did not run"
+
+
 def test_one_model_in_is_that_model_out():
     a = {"w": torch.randn(5, 3)}
     assert torch.equal(merge_state_dicts("linear", [a])["w"], a["w"])

@@ -242,6 +242,13 @@ def consensus_ta(ts: list[torch.Tensor], base: torch.Tensor, lams, k: int, stric
                             bool(strict), np.float32(lam), out.numpy())
 
 
+def linear(ms: list[torch.Tensor], w, total: float | None, out: torch.Tensor) -> None:
+    """out = sum_i w_i m_i [/ total] of float32 flat blocks (``total`` None: no division); see the kernel."""
+    wf = np.asarray(w, np.float32)
+    _kernels().linear(tuple(m.numpy() for m in ms), wf, bool(np.all(wf == 1)), np.float32(total or 1.0),
+                      total is not None, out.numpy())
+
+
 def nearswap(m: torch.Tensor, b: torch.Tensor, t: float, out: torch.Tensor) -> None:
     """out = NearSwap of float32 flat blocks ``m`` (the other model) and ``b`` (the base); see the kernel."""
     _kernels().nearswap(m.numpy(), b.numpy(), np.float32(t), out.numpy())

@@ -6,7 +6,10 @@ Module-level functions so numba's on-disk cache (``cache=True``) finds them agai
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 SUB = 1024  # elements per sub-block inside a kernel (a few KB per model: L1-resident)
 ODD_RUN = 64  # rank_keys32: elements per run checked for odd codes at once
@@ -305,6 +308,41 @@ def nearswap(m, b, t, out):
         w = (one / a) * t
         w = zero if w < zero else (one if w > one else w)
         out[j] = b[j] + w * d
+
+
+@intrinsic
+def fma32(typingctx, a, b, c):
+    """a * b + c rounded once (LLVM's ``llvm.fma.f32``: the FMA instruction, or its exact software form)."""
+    sig = types.float32(types.float32, types.float32, types.float32)
+
+    def codegen(context, builder, signature, args):
+        f32 = ir.FloatType()
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(f32, [f32, f32, f32]), "llvm.fma.f32")
+        return builder.call(fn, args)
+
+    return sig, codegen
+
+
+@njit(**opts)
+def linear(ms, w, unit_w, total, normalize, out):
+    """out = (... fma(m_1, w_1, fma(m_0, w_0, 0)) ...) [/ total] on float32 blocks: the torch path's float32
+    operations in its order (``add_(m, alpha=w)`` is a fused multiply-add on the CPU, as is mergekit's
+    ``addcmul_``; with unit weights a plain sum)."""
+    zero = np.float32(0.0)
+    for j in range(out.size):
+        out[j] = zero
+    for i in range(len(ms)):
+        mi = ms[i]
+        wi = w[i]
+        if unit_w:
+            for j in range(out.size):
+                out[j] = out[j] + mi[j]
+        else:
+            for j in range(out.size):
+                out[j] = fma32(mi[j], wi, out[j])
+    if normalize:
+        for j in range(out.size):
+            out[j] = out[j] / total
 
 
 @njit(**opts)

@@ -8,12 +8,43 @@ theta = sum_i w_i theta_i               (normalize=False)
 
 A listed base model is treated as one more input (as mergekit does). Sum of weights 0 with
 normalize=True is an error (mergekit silently divides by zero).
+
+float32 arithmetic in a fixed order: acc = 0, then acc = fma(theta_i, w_i, acc) per model (one rounding per
+model: a fused multiply-add, as torch's ``add_(alpha=)`` and mergekit's ``addcmul_`` on the CPU, so the
+result equals mergekit 0.1.5's bit for bit), then the division. Tensors of two blocks or more run block by
+block on the kernel threads from the stored bits (``_fused.linear``, the same operations), writing bf16
+output directly.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
+from ..io import buffers
+from . import _fused as _F
+from . import _gta as G
+from . import _sampling as _S
 from .base import MergeError, Param, register
+
+
+def _blocks(models: list[torch.Tensor], w, total: float | None, out_dtype) -> torch.Tensor:
+    narrow = out_dtype == torch.bfloat16
+    out = buffers.empty(models[0].shape, torch.bfloat16 if narrow else torch.float32)
+    fo, fm = out.view(-1), [m.reshape(-1) for m in models]
+
+    def block(a: int, b: int) -> None:
+        o = _F.scratch(-5, b - a) if narrow else fo[a:b]
+        _F.linear([_F.as_float32(m[a:b], slot=1 + i) for i, m in enumerate(fm)], w, total, o)
+        if narrow:
+            _F.narrow_bf16(o, fo[a:b])
+
+    _S.run_blocks(fo.numel(), _S.BLOCK, block)
+    return out
+
+
+def _raw_ok(p, shape) -> bool:
+    return G.fused_size(math.prod(shape))
 
 
 @register(
@@ -28,15 +59,22 @@ from .base import MergeError, Param, register
         Param("normalize", bool, True, help="divide by the sum of weights"),
     ),
     mergekit="identical to mergekit `linear` (give every model a weight).",
+    raw_inputs=_raw_ok,
 )
 def linear(ctx, base, models, p):
     w = p["weight"]
-    out = torch.zeros_like(models[0])
-    for wi, m in zip(w, models):
-        out.add_(m, alpha=wi)
+    total = None
     if p["normalize"]:
         total = sum(w)
         if abs(total) < 1e-12:
             raise MergeError("linear: the weights sum to 0 with normalize=true; set normalize: false or change the weights")
+    if G.fused_inputs(models[0], models):
+        return _blocks(models, w, total, ctx.out_dtype)
+    if ctx.raw:  # handed as stored (raw_inputs) but not for the kernel: float32 copies
+        models = [m.to(torch.float32) for m in models]
+    out = torch.zeros_like(models[0])
+    for wi, m in zip(w, models):
+        out.add_(m, alpha=wi)  # a fused multiply-add on the CPU (mergekit's addcmul_ too)
+    if total is not None:
         out.div_(total)
     return out
