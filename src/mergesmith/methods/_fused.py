@@ -74,9 +74,12 @@ def warm_in_background(trigger) -> threading.Thread | None:
         return None
 
     def warm() -> None:
-        trigger()
-        if _KERNELS is not None:
-            _KERNELS.widen_bf16(np.zeros(1, np.int16), np.zeros(1, np.float32))
+        try:
+            trigger()
+            if _KERNELS is not None:
+                _KERNELS.widen_bf16(np.zeros(1, np.int16), np.zeros(1, np.float32))
+        except Exception:  # noqa: BLE001 - only a head start: the merge meets (and reports) any error itself
+            pass
 
     thread = threading.Thread(target=warm, name="mergesmith-numba-warm", daemon=True)
     thread.start()
