@@ -105,3 +105,23 @@ def method_inputs(spec, zoo: dict) -> tuple:
     models = [zoo[f"ft{i}"] for i in range(min(n, 3))]
     base = zoo["base"] if spec.base in ("required", "optional") else None
     return base, models
+
+
+def spy_kernels(monkeypatch, *names: str) -> list:
+    """Skip without numba; else record (in the returned list) the calls of the ``_fused`` wrappers ``names``."""
+    import mergesmith.methods._fused as F
+
+    if not F.enabled():
+        pytest.skip("numba not installed")
+    seen: list = []
+    for name in names:
+        real = getattr(F, name)
+        monkeypatch.setattr(F, name, lambda *a, _r=real, _n=name, **k: seen.append(_n) or _r(*a, **k))
+    return seen
+
+
+def on_torch_path(monkeypatch, fn):
+    """``fn()`` with the fused kernels off (MERGESMITH_FUSED=0): the torch form of the same merge."""
+    with monkeypatch.context() as m:
+        m.setenv("MERGESMITH_FUSED", "0")
+        return fn()

@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import load_state
+from conftest import load_state, on_torch_path, spy_kernels
 from mergesmith import merge_state_dicts
 from mergesmith.cli import main as cli_main
 from mergesmith.engine import DictSink, execute
@@ -52,13 +52,7 @@ def test_linear_block_kernel_equals_the_torch_form(stored, monkeypatch):
     directly): the bytes of the torch form, one fused multiply-add per model (``add_(alpha=)``, as
     mergekit's ``addcmul_``; reference: the product and sum in float64, exact, rounded once); unit weights,
     mixed weights, normalize on and off, signed zeros."""
-    import mergesmith.methods._fused as F
-
-    if not F.enabled():
-        pytest.skip("numba not installed")
-    calls = []
-    real = F.linear
-    monkeypatch.setattr(F, "linear", lambda *a: calls.append(1) or real(*a))
+    calls = spy_kernels(monkeypatch, "linear")
     g = torch.Generator().manual_seed(31)
     models = [{"w": torch.randn(700, 512, generator=g).to(stored)} for _ in range(3)]
     models[0]["w"][0, :8] = -0.0
@@ -66,9 +60,7 @@ def test_linear_block_kernel_equals_the_torch_form(stored, monkeypatch):
     models[2]["w"][0, :8] = -0.0
     for params in ({}, {"weight": [0.3, 1.0, 2.7]}, {"weight": [0.3, 1.7, -0.2], "normalize": False}):
         got = merge_state_dicts("linear", models, **params)["w"]
-        monkeypatch.setenv("MERGESMITH_FUSED", "0")
-        want = merge_state_dicts("linear", models, **params)["w"]
-        monkeypatch.delenv("MERGESMITH_FUSED")
+        want = on_torch_path(monkeypatch, lambda: merge_state_dicts("linear", models, **params)["w"])
         assert got.dtype == want.dtype == stored
         assert torch.equal(got, want) and torch.equal(got.signbit(), want.signbit()), params
         w = params.get("weight", [1.0] * 3)
@@ -667,14 +659,7 @@ def test_draws_inside_the_kernels_at_full_block_size_equal_the_torch_path(method
     """At the real block size (128K elements: many 1K sub-blocks per block, several rows per DELLA block)
     the kernels that draw DARE's/DELLA's words inside their own loops (``combine_bf16``, ``window_bf16``,
     ``high_hist_bf16``, ``magprune_apply``) give the bytes of the torch path, which draws by numpy."""
-    import mergesmith.methods._fused as F
-
-    if not F.enabled():
-        pytest.skip("numba not installed")
-    seen = []
-    for name in ("combine_bf16", "window_bf16", "high_hist_bf16", "magprune_apply"):
-        real = getattr(F, name)
-        monkeypatch.setattr(F, name, lambda *a, _r=real, _n=name, **k: seen.append(_n) or _r(*a, **k))
+    seen = spy_kernels(monkeypatch, "combine_bf16", "window_bf16", "high_hist_bf16", "magprune_apply")
     g = torch.Generator().manual_seed(11)
     shapes = {"w": (700, 512), "e": (301, 1000), "b": (512,)}
     base = {k: (torch.randn(s, generator=g) * 0.02).to(torch.bfloat16) for k, s in shapes.items()}
@@ -684,7 +669,6 @@ def test_draws_inside_the_kernels_at_full_block_size_equal_the_torch_path(method
     want_kernels = {"della": {"magprune_apply"}, "dare_linear": {"combine_bf16"}}.get(
         method, {"combine_bf16", "window_bf16", "high_hist_bf16"} if params.get("ties_density", 0.2) < 1 else {"combine_bf16"})
     assert want_kernels <= set(seen), seen
-    monkeypatch.setenv("MERGESMITH_FUSED", "0")
-    want = merge_state_dicts(method, models, base=base, seed=7, **params)
+    want = on_torch_path(monkeypatch, lambda: merge_state_dicts(method, models, base=base, seed=7, **params))
     for k in shapes:
         assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k

@@ -12,6 +12,7 @@ from mergesmith.api import merge_tensors
 from mergesmith.methods import arcee_fusion as af
 from mergesmith.methods.base import MergeError, TensorContext, get_method
 
+from conftest import on_torch_path, spy_kernels
 from methods_spherical_helpers import randn, run, run_streamed
 
 MINE = ["slerp", "nuslerp", "multislerp", "karcher", "model_stock", "nearswap", "arcee_fusion", "sce", "passthrough"]
@@ -132,14 +133,9 @@ def test_nearswap_limits():
 def test_nearswap_block_kernel_equals_the_torch_form(stored, monkeypatch):
     """Tensors of two blocks or more go to the fused kernel on the stored bits (bf16 output written
     directly): the same bytes as the torch form, with exact zeros, tiny and huge differences, inf and NaN."""
-    import mergesmith.methods._fused as F
     from mergesmith import merge_state_dicts
 
-    if not F.enabled():
-        pytest.skip("numba not installed")
-    calls = []
-    real = F.nearswap
-    monkeypatch.setattr(F, "nearswap", lambda *a: calls.append(1) or real(*a))
+    calls = spy_kernels(monkeypatch, "nearswap")
     g = torch.Generator().manual_seed(21)
     base = torch.randn(700, 512, generator=g) * 0.02
     model = base + torch.randn(700, 512, generator=g) * torch.logspace(-9, 0, 512)  # |diff| across scales
@@ -149,9 +145,7 @@ def test_nearswap_block_kernel_equals_the_torch_form(stored, monkeypatch):
     base, model = {"w": base.to(stored)}, {"w": model.to(stored)}
     for t in (1e-3, 1e-7, 0.0, 3.0):
         got = merge_state_dicts("nearswap", [model], base=base, t=t)["w"]
-        monkeypatch.setenv("MERGESMITH_FUSED", "0")
-        want = merge_state_dicts("nearswap", [model], base=base, t=t)["w"]
-        monkeypatch.delenv("MERGESMITH_FUSED")
+        want = on_torch_path(monkeypatch, lambda: merge_state_dicts("nearswap", [model], base=base, t=t)["w"])
         assert got.dtype == want.dtype == stored
         assert torch.equal(got.isnan(), want.isnan()), t
         ok = ~want.isnan()

@@ -495,6 +495,29 @@ def fused_size(n: int) -> bool:
     return n >= 2 * _S.BLOCK and _F.enabled(n)
 
 
+def fused_shape(p: Params, shape: tuple) -> bool:
+    """``raw_inputs`` of the element-wise methods with a block kernel: the tensors the kernels take."""
+    return fused_size(math.prod(shape))
+
+
+def kernel_blocks(inputs: list[torch.Tensor], out_dtype, kernel: Callable) -> torch.Tensor:
+    """``kernel(blocks, out)`` block by block over the kernel threads: ``blocks`` the float32 values of the
+    block of each input (as stored: float32 views, or bf16 widened into per-thread scratch), ``out`` the
+    float32 output block; bf16 output (``out_dtype``) is rounded straight into the result."""
+    narrow = out_dtype == torch.bfloat16
+    out = buffers.empty(inputs[0].shape, torch.bfloat16 if narrow else torch.float32)
+    fo, flat = out.view(-1), [t.reshape(-1) for t in inputs]
+
+    def block(a: int, b: int) -> None:
+        o = _F.scratch(-5, b - a) if narrow else fo[a:b]
+        kernel([_F.as_float32(t[a:b], slot=i) for i, t in enumerate(flat)], o)
+        if narrow:
+            _F.narrow_bf16(o, fo[a:b])
+
+    _S.run_blocks(fo.numel(), _S.BLOCK, block)
+    return out
+
+
 def fused_inputs(base: torch.Tensor, models: list[torch.Tensor]) -> bool:
     """Whether these inputs (raw: as stored) can go to the fused block kernels as they are."""
     return fused_size(base.numel()) and all(_F.raw_ok(t) for t in [base, *models])

@@ -22,13 +22,10 @@ we use one fixed value (``mask_lambda``, default 0.5; FusionBench uses 0.6), per
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from . import _fused as _F
 from . import _gta as G
-from . import _sampling as _S
 from .base import Param, Params, register
 from .kernels import tall_masks, task_vectors
 
@@ -51,25 +48,6 @@ def consensus_ta_delta(ctx, base, models, p) -> torch.Tensor:
     return consensus_delta(d, d.sum(0), p)
 
 
-def _consensus_ta_blocks(base: torch.Tensor, models: list[torch.Tensor], p) -> torch.Tensor:
-    """theta of consensus_ta block by block on the kernel threads (inputs as stored: float32 or bf16), the
-    float32 operations of the torch path in its order (bit-identical, tested)."""
-    out = torch.empty(base.shape, dtype=torch.float32)
-    fo, fb, fm = out.view(-1), base.reshape(-1), [m.reshape(-1) for m in models]
-    lams = [float(x) for x in p["mask_lambda"]]
-
-    def block(a: int, b: int) -> None:
-        ts = [_F.as_float32(m[a:b], slot=1 + i) for i, m in enumerate(fm)]
-        _F.consensus_ta(ts, _F.as_float32(fb[a:b], slot=0), lams, p["k"], p["strict"], p["lambda"], fo[a:b])
-
-    _S.run_blocks(fb.numel(), _S.BLOCK, block)
-    return out
-
-
-def _raw_ok(p, shape) -> bool:
-    return G.fused_size(math.prod(shape))
-
-
 @register(
     "consensus_ta",
     aliases=("consensus", "consensus_task_arithmetic", "consensus_merging"),
@@ -82,13 +60,15 @@ def _raw_ok(p, shape) -> bool:
     granularity="element",
     min_models=2,
     params=CONSENSUS_PARAMS,
-    raw_inputs=_raw_ok,
+    raw_inputs=G.fused_shape,
     mergekit="not in mergekit; k=0 gives mergekit's task_arithmetic (weights 1).",
     example={"k": 2, "lambda": 0.5},
 )
 def consensus_ta(ctx, base, models, p):
-    if G.fused_inputs(base, models):
-        return _consensus_ta_blocks(base, models, p)
+    if G.fused_inputs(base, models):  # the float32 operations of the torch path in its order (bit-identical, tested)
+        lams = [float(x) for x in p["mask_lambda"]]
+        return G.kernel_blocks([base, *models], ctx.out_dtype, lambda xs, out: _F.consensus_ta(
+            xs[1:], xs[0], lams, p["k"], p["strict"], p["lambda"], out))
     if ctx.raw:  # handed as stored (raw_inputs) but not for the kernel: float32 copies
         ctx, base, models = G.float32_inputs(ctx, base, models)
     return base + p["lambda"] * consensus_ta_delta(ctx, base, models, p)

@@ -17,34 +17,11 @@ output directly.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
-from ..io import buffers
 from . import _fused as _F
 from . import _gta as G
-from . import _sampling as _S
 from .base import MergeError, Param, register
-
-
-def _blocks(models: list[torch.Tensor], w, total: float | None, out_dtype) -> torch.Tensor:
-    narrow = out_dtype == torch.bfloat16
-    out = buffers.empty(models[0].shape, torch.bfloat16 if narrow else torch.float32)
-    fo, fm = out.view(-1), [m.reshape(-1) for m in models]
-
-    def block(a: int, b: int) -> None:
-        o = _F.scratch(-5, b - a) if narrow else fo[a:b]
-        _F.linear([_F.as_float32(m[a:b], slot=1 + i) for i, m in enumerate(fm)], w, total, o)
-        if narrow:
-            _F.narrow_bf16(o, fo[a:b])
-
-    _S.run_blocks(fo.numel(), _S.BLOCK, block)
-    return out
-
-
-def _raw_ok(p, shape) -> bool:
-    return G.fused_size(math.prod(shape))
 
 
 @register(
@@ -59,7 +36,7 @@ def _raw_ok(p, shape) -> bool:
         Param("normalize", bool, True, help="divide by the sum of weights"),
     ),
     mergekit="identical to mergekit `linear` (give every model a weight).",
-    raw_inputs=_raw_ok,
+    raw_inputs=G.fused_shape,
 )
 def linear(ctx, base, models, p):
     w = p["weight"]
@@ -69,7 +46,7 @@ def linear(ctx, base, models, p):
         if abs(total) < 1e-12:
             raise MergeError("linear: the weights sum to 0 with normalize=true; set normalize: false or change the weights")
     if G.fused_inputs(models[0], models):
-        return _blocks(models, w, total, ctx.out_dtype)
+        return G.kernel_blocks(models, ctx.out_dtype, lambda xs, out: _F.linear(xs, w, total, out))
     if ctx.raw:  # handed as stored (raw_inputs) but not for the kernel: float32 copies
         models = [m.to(torch.float32) for m in models]
     out = torch.zeros_like(models[0])

@@ -14,34 +14,9 @@ operations of the torch form below, bit for bit), writing bf16 output directly.
 """
 from __future__ import annotations
 
-import math
-
-import torch
-
-from ..io import buffers
 from . import _fused as _F
 from . import _gta as G
-from . import _sampling as _S
 from .base import Param, register
-
-
-def _blocks(base: torch.Tensor, model: torch.Tensor, t: float, out_dtype) -> torch.Tensor:
-    narrow = out_dtype == torch.bfloat16
-    out = buffers.empty(base.shape, torch.bfloat16 if narrow else torch.float32)
-    fo, fb, fm = out.view(-1), base.reshape(-1), model.reshape(-1)
-
-    def block(a: int, b: int) -> None:
-        o = _F.scratch(-5, b - a) if narrow else fo[a:b]
-        _F.nearswap(_F.as_float32(fm[a:b], slot=1), _F.as_float32(fb[a:b], slot=0), t, o)
-        if narrow:
-            _F.narrow_bf16(o, fo[a:b])
-
-    _S.run_blocks(fb.numel(), _S.BLOCK, block)
-    return out
-
-
-def _raw_ok(p, shape) -> bool:
-    return G.fused_size(math.prod(shape))
 
 
 @register(
@@ -58,11 +33,12 @@ def _raw_ok(p, shape) -> bool:
     max_models=1,
     mergekit="identical to mergekit `nearswap`.",
     example={"t": 1e-3},
-    raw_inputs=_raw_ok,
+    raw_inputs=G.fused_shape,
 )
 def nearswap(ctx, base, models, p):
     if G.fused_inputs(base, models):
-        return _blocks(base, models[0], p["t"], ctx.out_dtype)
+        t = p["t"]
+        return G.kernel_blocks([base, models[0]], ctx.out_dtype, lambda xs, out: _F.nearswap(xs[1], xs[0], t, out))
     if ctx.raw:  # handed as stored (raw_inputs) but not for the kernel: float32 copies
         ctx, base, models = G.float32_inputs(ctx, base, models)
     diff = models[0] - base
