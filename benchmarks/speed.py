@@ -115,6 +115,12 @@ print(json.dumps({"wall": wall, "cpu": time.process_time() - c0, "gpu_mb": gpu_m
 """
 
 
+def model_count(spec) -> int:
+    """Models (besides the base) a method is given here: 3, or fewer / more where it takes so."""
+    n = spec.max_models if spec.max_models is not None else 3
+    return max(spec.min_models, min(n, 3))
+
+
 def run_one(method: str, paths: dict, threads: int | None, device: str = "cpu") -> dict:
     from mergesmith.methods.base import get_method
 
@@ -127,8 +133,7 @@ def run_one(method: str, paths: dict, threads: int | None, device: str = "cpu") 
             n_in = 4
         else:
             spec = get_method(method)
-            n = spec.max_models if spec.max_models is not None else 3
-            n = max(spec.min_models, min(n, 3))
+            n = model_count(spec)
             models = [str(paths[f"ft{i}"]) for i in range(n)]
             recipe = {"merge_method": method, "models": [{"model": m} for m in models],
                       "parameters": {**spec.example, **PARAMS.get(method, {})}}
@@ -148,18 +153,14 @@ def run_one(method: str, paths: dict, threads: int | None, device: str = "cpu") 
 WARM = """
 import json, sys, torch
 from mergesmith import merge_state_dicts
-from mergesmith.methods.base import MergeError, get_method
+from mergesmith.methods.base import get_method
 g = torch.Generator().manual_seed(0)
 base = {"w": torch.randn(600, 512, generator=g).to(torch.bfloat16)}  # > 2 blocks: the fused block path
 models = [{"w": (base["w"].float() + 0.01 * torch.randn(600, 512, generator=g)).to(torch.bfloat16)} for _ in range(3)]
-for m, params in json.loads(sys.argv[1]):
-    try:
-        spec = get_method(m)
-    except MergeError:
-        continue
+for m, params, n in json.loads(sys.argv[1]):  # n: the models the timed run gives it
+    spec = get_method(m)
     if spec.raw_inputs is None:
         continue
-    n = max(spec.min_models, min(spec.max_models or 3, 3))  # the inputs the timed run gives it
     try:
         merge_state_dicts(m, models[:n], base=None if spec.base == "none" else base, **params)
     except Exception as e:  # one method failing to warm must not leave the others cold
@@ -178,7 +179,7 @@ def warm(methods: list[str]) -> None:
             spec = get_method(m)
         except MergeError:
             continue
-        todo.append((m, {**spec.example, **PARAMS.get(m, {})}))
+        todo.append((m, {**spec.example, **PARAMS.get(m, {})}, model_count(spec)))
     subprocess.run([sys.executable, "-c", WARM, json.dumps(todo)], check=False, capture_output=True)
 
 

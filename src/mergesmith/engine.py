@@ -257,7 +257,7 @@ class Executor:
 
             big = next((j for j in self.plan.jobs if j.method is not None and math.prod(j.shape) >= 2 * _sampling.BLOCK), None)
             if big is not None:  # a method with kernels loads them in its raw_inputs test: in the background now
-                _fused.warm_in_background(lambda: self.spec.raw_inputs(big.params, tuple(big.shape)))
+                _fused.warm_in_background(lambda: self._raw(big))
         old_threads = torch.get_num_threads()
         if self.threads:
             torch.set_num_threads(self.threads)

@@ -268,12 +268,12 @@ def rank_keys32(xi: np.ndarray, key: np.ndarray, k: int, lk: int, b: int, clamp:
     return int(_kernels().rank_keys32(xi, key, np.int64(k), np.int64(lk), np.int64(b), bool(clamp), odd))
 
 
-def words(seed: int, start: int, count: int, slot: int = -4) -> np.ndarray:
-    """``_sampling.words(seed, start, count)`` (the stream's 32-bit words start .. start+count-1) by the kernel,
-    in the per-thread scratch ``slot`` (valid until the thread asks for that slot again)."""
+def words(seed: int, start: int, count: int) -> np.ndarray:
+    """``_sampling.words(seed, start, count)`` (the stream's 32-bit words start .. start+count-1) by the kernel
+    (the kernels that draw make their words in their own loops; this serves the whole-tensor paths)."""
     from ._sampling import seed64
 
-    out = scratch(slot, count, torch.int32).numpy().view(np.uint32)
+    out = np.empty(count, np.uint32)
     _kernels().stream_words(out, seed64(seed), np.int64(start))
     return out
 

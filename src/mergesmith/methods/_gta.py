@@ -482,9 +482,9 @@ class Pipeline:
 
         _S.run_blocks(flat_out.numel(), self.block_step(base), work if args is None else fused)
         if deferred:  # one tally and one set of alternatives per tensor (a call per block cost ~0.1 ms of GIL each)
-            parts = [records[a] for a in sorted(records)]
-            ctx.defer.vote(sum(int(v) for v, _, _ in parts))
-            alts = [(idx + a, alt) for a, (_, idx, alt) in zip(sorted(records), parts) if alt is not None]
+            starts = sorted(records)
+            ctx.defer.vote(sum(int(records[a][0]) for a in starts))
+            alts = [(records[a][1] + a, records[a][2]) for a in starts if records[a][2] is not None]
             if alts:
                 ctx.defer.alternative(torch.cat([i for i, _ in alts]), torch.cat([v for _, v in alts]))
         return out

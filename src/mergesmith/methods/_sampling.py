@@ -66,7 +66,7 @@ def words(seed: int, start: int, count: int) -> np.ndarray:
     """w_start .. w_{start+count-1} of the stream of ``seed`` (uint32): by the kernel where the fused kernels
     are in use, else by numpy."""
     if count > 0 and _fused.enabled(count):
-        return _fused.words(seed, start, count).copy()
+        return _fused.words(seed, start, count)
     odd = start & 1
     raw = raw_np(seed, start >> 1, (odd + count + 1) >> 1)
     return raw.astype("<u8", copy=False).view("<u4")[odd: odd + count]
