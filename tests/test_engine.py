@@ -659,16 +659,21 @@ def test_draws_inside_the_kernels_at_full_block_size_equal_the_torch_path(method
     """At the real block size (128K elements: many 1K sub-blocks per block, several rows per DELLA block)
     the kernels that draw DARE's/DELLA's words inside their own loops (``combine_bf16``, ``window_bf16``,
     ``high_hist_bf16``, ``magprune_apply``) give the bytes of the torch path, which draws by numpy."""
-    seen = spy_kernels(monkeypatch, "combine_bf16", "window_bf16", "high_hist_bf16", "magprune_apply")
+    seen = spy_kernels(monkeypatch, "combine_bf16", "window_bf16", "high_hist_bf16", "magprune_apply", "row_keys32",
+                       "sub")
     g = torch.Generator().manual_seed(11)
     shapes = {"w": (700, 512), "e": (301, 1000), "b": (512,)}
     base = {k: (torch.randn(s, generator=g) * 0.02).to(torch.bfloat16) for k, s in shapes.items()}
     models = [{k: (v.float() + torch.randn(v.shape, generator=g) * 0.004).to(torch.bfloat16) for k, v in base.items()}
               for _ in range(3)]
+    models[0]["e"] = base["e"].clone()  # a tensor one model left unchanged (all-zero task vector) ...
+    models[1]["w"][::3] = base["w"][::3]  # ... and unchanged rows between changed ones
     got = merge_state_dicts(method, models, base=base, seed=7, **params)
-    want_kernels = {"della": {"magprune_apply"}, "dare_linear": {"combine_bf16"}}.get(
+    want_kernels = {"della": {"magprune_apply", "row_keys32"}, "dare_linear": {"combine_bf16"}}.get(
         method, {"combine_bf16", "window_bf16", "high_hist_bf16"} if params.get("ties_density", 0.2) < 1 else {"combine_bf16"})
     assert want_kernels <= set(seen), seen
+    if method == "della":  # the task vectors are formed in the ranking pass, not by a subtraction of their own
+        assert "sub" not in seen, seen
     want = on_torch_path(monkeypatch, lambda: merge_state_dicts(method, models, base=base, seed=7, **params))
     for k in shapes:
         assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k

@@ -247,7 +247,11 @@ def _order_cases(rows, n, rng):
     mixed[sel] = (rng.standard_normal(int(sel.sum())) * 0.002).astype(np.float32)
     near = d.copy()
     near.view(np.uint32)[...] ^= (rng.random(near.shape) < 0.3).astype(np.uint32)  # last-bit neighbours
+    zero_rows = d.copy()
+    zero_rows[::3] = 0.0  # rows a fine-tune left unchanged between changed ones (their sort is skipped)
+    zero_rows[1::5] = -0.0
     return {
+        "zero-rows": zero_rows,
         "bf16": d,
         "bf16-wide": _bf16_delta(rows, n, rng, scale=0.02),
         "f32": (rng.standard_normal((rows, n)) * 0.002).astype(np.float32),

@@ -257,15 +257,25 @@ def nearswap(m: torch.Tensor, b: torch.Tensor, t: float, out: torch.Tensor) -> N
     _kernels().nearswap(m.numpy(), b.numpy(), np.float32(t), out.numpy())
 
 
-def abs_bits_range(xi: np.ndarray) -> tuple[int, int]:
-    """(least nonzero, largest) of bits(|x|) of int32 bit patterns ``xi`` (see the kernel)."""
-    lo, hi = _kernels().abs_bits_range(xi)
-    return int(lo), int(hi)
+_NO_BITS = np.empty(0, np.int16)
+_NO_BASE = np.empty(0, np.float32)
 
 
-def rank_keys32(xi: np.ndarray, key: np.ndarray, k: int, lk: int, b: int, clamp: bool, odd: np.ndarray) -> int:
-    """``_rank.row_keys``'s 32-bit keys and odd codes in one pass (see the kernel); the odd-code count."""
-    return int(_kernels().rank_keys32(xi, key, np.int64(k), np.int64(lk), np.int64(b), bool(clamp), odd))
+def row_keys32(m: np.ndarray | None, base: np.ndarray | None, x: np.ndarray, xi: np.ndarray, key: np.ndarray, b: int,
+               wide: np.ndarray, done: np.ndarray) -> tuple[int, int]:
+    """``_rank.row_keys_sub``'s 32-bit keys of the rows ``x`` (formed as float32(m) - base first when ``m``, the
+    bf16 bits of the model block, is given); the rows that need 64-bit keys in ``wide``, the all-zero rows
+    (keys in order already) in ``done``; their counts (see the kernel)."""
+    sub = m is not None
+    nw, nd = _kernels().row_keys32(m if sub else _NO_BITS, base if sub else _NO_BASE, x, xi, key, np.int64(b), sub,
+                                   wide, done)
+    return int(nw), int(nd)
+
+
+def sub_rows(m: np.ndarray, base: np.ndarray, x: np.ndarray) -> None:
+    """x (float32 rows) = float32(m) - base for the flat bf16 bits ``m`` (int16) and float32 ``base``."""
+    _kernels().widen_sub_drop(m, base, x.reshape(-1), _NO_WORDS, np.uint64(0), np.int64(0), np.uint64(0),
+                              np.float32(1.0), False)
 
 
 def words(seed: int, start: int, count: int) -> np.ndarray:

@@ -12,7 +12,6 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 SUB = 1024  # elements per sub-block inside a kernel (a few KB per model: L1-resident)
-ODD_RUN = 64  # rank_keys32: elements per run checked for odd codes at once
 opts = dict(nogil=True, cache=True, boundscheck=False, fastmath=False, error_model="numpy")
 
 
@@ -220,53 +219,107 @@ def band_apply(x, order, mask, lo, hi):
 
 
 @njit(**opts)
-def abs_bits_range(xi):
-    """(least nonzero, largest) of bits(|x|) = xi & 0x7FFFFFFF over a block (least = largest if all zero).
-    Branch-free reductions (vectorised): the unsigned min of a - 1 is the least nonzero a, less 1."""
-    flat = xi.reshape(-1)
-    hi = np.int32(0)
-    lom = np.uint32(0xFFFFFFFF)
-    for t in range(flat.size):
-        a = flat[t] & np.int32(0x7FFFFFFF)
-        hi = max(hi, a)
-        lom = min(lom, np.uint32(a) - np.uint32(1))
-    return min(np.int64(lom) + 1, np.int64(hi)), np.int64(hi)
+def code_shift(lo, hi, room):
+    """``_rank._shift``: the least k >= 0 that fits the codes of magnitudes lo..hi into ``room`` bits."""
+    if hi - lo + 1 < (np.int64(1) << room):
+        return np.int64(0)
+    k = np.int64(1)
+    while ((hi - lo) >> (room - 1 + k)) != 0:  # k >= bit_length(hi - lo) + 1 - room
+        k += 1
+    while 2 * ((hi - ((lo >> k) << k) + (np.int64(1) << k)) >> k) + 1 >= (np.int64(1) << room):
+        k += 1
+    return k
 
 
 @njit(**opts)
-def rank_keys32(xi, key, k, lk, b, clamp, odd):
-    """``_rank.row_keys``'s 32-bit keys (code << b) | j of the int32 bit patterns ``xi`` (r, n), codes with
-    shift ``k`` and origin ``lk`` (clamped at 0 if ``clamp``); the (row << 32) | code of every odd code
-    (ceil != floor) in ``odd``. Returns the number of odd codes. The key loop is branch-free (vectorised) and
-    flags runs of ``ODD_RUN`` elements with an odd code; a second loop collects the (rare) odd codes of those."""
-    r, n = xi.shape
-    step = np.int64(1) << k
-    low = step - 1
-    base = step - lk
-    floor_ = np.int64(0) if clamp else np.int64(-(1 << 62))
-    if k == 0:  # the codes are w themselves
-        for i in range(r):
-            for j in range(n):
-                code = max(np.int64(xi[i, j] & np.int32(0x7FFFFFFF)) + base, floor_)
-                key[i, j] = np.uint32(((code << b) | j) & 0xFFFFFFFF)
-        return 0
-    nodd = 0
+def row_keys32(src, B, x, xi, key, b, sub, wide, done):
+    """``_rank.row_keys``'s 32-bit keys (code << b) | j of float32 rows x (r, n) (``xi``: their int32 view),
+    row by row while the row is in L1; with ``sub``, x = float32(src) - B first (``src`` the bf16 bits of the
+    model block, ``B`` the float32 base block, both flat), so tau is formed, ranked and keyed in one pass.
+
+    Per row: a = bits(|x|), lo / hi its least nonzero / largest, k = ``code_shift(lo, hi, 32 - b)``,
+    lk = lo rounded down to a multiple of 2^k, w = a - lk + 2^k, code = floor(w / 2^k) + ceil(w / 2^k)
+    (w itself for k = 0), zeros 0. Even codes are exact (equal even codes mean equal a), odd codes are
+    rounded. The rows whose keys cannot give the stable order are listed in ``wide`` (their keys are left
+    unset; the caller uses 64-bit keys there): k >= b - 1, over n / 64 odd codes, or two equal odd codes.
+    All-zero rows get the keys j, already sorted, and are listed in ``done``.
+    uint32 arithmetic (8 lanes): w + low < 2^32 since k < b - 1 <= 15. Returns (wide rows, done rows)."""
+    r, n = x.shape
+    room = 32 - b
+    ub = np.uint32(b)
+    mask31 = np.int32(0x7FFFFFFF)
+    zero = np.uint32(0)
+    O = np.empty(n, np.uint32)  # one row's odd codes
+    nw = 0
+    nd = 0
     for i in range(r):
-        for c in range(0, n, ODD_RUN):
-            e = min(n, c + ODD_RUN)
-            anyodd = np.int64(0)
-            for j in range(c, e):
-                w = np.int64(xi[i, j] & np.int32(0x7FFFFFFF)) + base
-                code = max((w >> k) + ((w + low) >> k), floor_)
-                key[i, j] = np.uint32(((code << b) | j) & 0xFFFFFFFF)
-                anyodd |= w & low
-            if anyodd:  # rare: collect this run's odd codes
-                for j in range(c, e):
-                    w = np.int64(xi[i, j] & np.int32(0x7FFFFFFF)) + base
-                    if w & low:
-                        odd[nodd] = (np.int64(i) << 32) | max((w >> k) + ((w + low) >> k), floor_)
-                        nodd += 1
-    return nodd
+        xr = x[i]
+        row = xi[i]
+        if sub:
+            s = src[i * n:(i + 1) * n]
+            bs = B[i * n:(i + 1) * n]
+            for j in range(n):
+                row[j] = np.int32((np.uint32(s[j]) & np.uint32(0xFFFF)) << np.uint32(16))
+            for j in range(n):
+                xr[j] = xr[j] - bs[j]
+        hi = np.int32(0)
+        lom = np.uint32(0xFFFFFFFF)
+        for j in range(n):
+            a = row[j] & mask31
+            hi = max(hi, a)
+            lom = min(lom, np.uint32(a) - np.uint32(1))
+        if hi == 0:  # all zero (a tensor the model left as the base had it): in order already
+            kr = key[i]
+            for j in range(n):
+                kr[j] = np.uint32(j)
+            done[nd] = i
+            nd += 1
+            continue
+        lo = min(np.int64(lom) + 1, np.int64(hi))
+        k = code_shift(lo, np.int64(hi), room)
+        if k >= b - 1:
+            wide[nw] = i
+            nw += 1
+            continue
+        lk = (lo >> k) << k
+        base = np.uint32(((np.int64(1) << k) - lk) & 0xFFFFFFFF)  # w = a + base (mod 2^32)
+        kr = key[i]
+        if k == 0:
+            for j in range(n):
+                a = np.uint32(row[j] & mask31)
+                code = np.uint32(a + base) if a != zero else zero
+                kr[j] = np.uint32(code << ub) | np.uint32(j)
+            continue
+        uk = np.uint32(k)
+        low = np.uint32((1 << k) - 1)
+        anyodd = zero
+        for j in range(n):
+            a = np.uint32(row[j] & mask31)
+            w = np.uint32(a + base)
+            code = np.uint32((w >> uk) + (np.uint32(w + low) >> uk))
+            nz = a != zero
+            kr[j] = np.uint32((code if nz else zero) << ub) | np.uint32(j)
+            anyodd |= (w & low) if nz else zero
+        if anyodd == zero:
+            continue
+        no = 0
+        for j in range(n):
+            a = np.uint32(row[j] & mask31)
+            w = np.uint32(a + base)
+            if a != zero and (w & low) != zero:
+                O[no] = np.uint32((w >> uk) + (np.uint32(w + low) >> uk))
+                no += 1
+        bad = no * 64 > n  # many rounded magnitudes: the 64-bit keys
+        if not bad and no > 1:
+            O[:no].sort()
+            for t in range(1, no):
+                if O[t] == O[t - 1]:
+                    bad = True
+                    break
+        if bad:
+            wide[nw] = i
+            nw += 1
+    return nw, nd
 
 
 @njit(**opts)
@@ -360,6 +413,28 @@ def sparse_counts(v, hist, ids):
 
 
 @njit(**opts)
+def finish(tot, m, same, S, agg, div, norm, scale, lam, bs, os_):
+    """os_ = ((tot [* S]) / divisor) [* lam] + base in one pass, the operations of the separate passes in
+    their order: agg 0 (mean) divides by max(div, 1) as ``div > 1``, agg 2 (weighted mean) by div unless 0,
+    agg 3 by ``norm``, agg 4 (and 1, sum) not at all."""
+    one = np.float32(1.0)
+    zero = np.float32(0.0)
+    for j in range(m):
+        t = tot[j]
+        if same:
+            t = t * S[j]
+        if agg == 0:
+            t = t / (div[j] if div[j] > one else one)
+        elif agg == 2:
+            t = t / (div[j] if div[j] != zero else one)
+        elif agg == 3:
+            t = t / norm
+        if scale:
+            t = t * lam
+        os_[j] = t + bs[j]
+
+
+@njit(**opts)
 def merge_sub(T, m, bs, os_, a, w, unit_w, consensus, elect_count, weighted_elect, agg, fill, deferred,
               norm, lam, scale, alt_idx, alt_val, nalt, V, S, tot, div, cnt, R):
     """Election, disjoint merge, scale and + base of one sub-block of trimmed task vectors T[:, :m]
@@ -383,19 +458,20 @@ def merge_sub(T, m, bs, os_, a, w, unit_w, consensus, elect_count, weighted_elec
             else:
                 for j in range(m):
                     tot[j] = tot[j] + Ti[j]
-        if norm != zero:
-            for j in range(m):
-                tot[j] = tot[j] / norm
-        if scale:
-            for j in range(m):
-                tot[j] = tot[j] * lam
-        for j in range(m):
-            os_[j] = tot[j] + bs[j]
+        finish(tot, m, False, S, 3 if norm != zero else 4, div, norm, scale, lam, bs, os_)
         return dv, nalt
     # election: votes v_i = w_i tau_i (weighted_elect) or tau_i; mass = sgn(sum v), count = sgn(sum sgn v)
     for i in range(nm):
         wi = w[i]
         Ti = T[i]
+        if not (elect_count or (weighted_elect and weigh)):  # the votes are the task vectors themselves
+            if i == 0:
+                for j in range(m):
+                    S[j] = Ti[j]
+            else:
+                for j in range(m):
+                    S[j] = S[j] + Ti[j]
+            continue
         if weighted_elect and weigh:
             for j in range(m):
                 V[j] = Ti[j] * wi
@@ -412,8 +488,14 @@ def merge_sub(T, m, bs, os_, a, w, unit_w, consensus, elect_count, weighted_elec
         else:
             for j in range(m):
                 S[j] = S[j] + V[j]
+    fz = one if deferred else fill  # tentative fill +1 (Pipeline.combine_deferred)
     nz = 0
-    for j in range(m):
+    if not deferred:  # the sign and the fill of zero signs in one pass
+        for j in range(m):
+            s = S[j]
+            s = one if s > 0 else (-one if s < 0 else (s if s != s else zero))
+            S[j] = fz if s == zero else s
+    for j in range(m if deferred else 0):
         s = S[j]
         s = one if s > 0 else (-one if s < 0 else (s if s != s else zero))
         nz += s == zero
@@ -423,7 +505,6 @@ def merge_sub(T, m, bs, os_, a, w, unit_w, consensus, elect_count, weighted_elec
         for j in range(m):  # an integer sum vectorizes (a float one is serial without fast-math)
             vi += np.int32(S[j])
         dv += vi
-    fz = one if deferred else fill  # tentative fill +1 (Pipeline.combine_deferred)
     if nz:
         if deferred:
             for j in range(m):
@@ -433,7 +514,9 @@ def merge_sub(T, m, bs, os_, a, w, unit_w, consensus, elect_count, weighted_elec
     for j in range(m):
         tot[j] = zero
         div[j] = zero
-        cnt[j] = zero
+    if deferred:  # the agreeing-model counts only serve the deferred alternatives
+        for j in range(m):
+            cnt[j] = zero
     # disjoint merge (kernels.disjoint_merge_list)
     for i in range(nm):
         wi = w[i]
@@ -445,29 +528,17 @@ def merge_sub(T, m, bs, os_, a, w, unit_w, consensus, elect_count, weighted_elec
                 kept = d * S[j]
                 kept = zero if kept <= zero else kept
                 tot[j] = tot[j] + kept
-                ag = one if kept > zero else zero
-                div[j] = div[j] + ag * dw
-                cnt[j] = cnt[j] + ag
+                div[j] = div[j] + (one if kept > zero else zero) * dw
         else:
             for j in range(m):
                 ag = one if Ti[j] * S[j] > zero else zero
                 tot[j] = tot[j] + (Ti[j] * wi) * ag
                 div[j] = div[j] + ag * dw
-                cnt[j] = cnt[j] + ag
-    if same:
-        for j in range(m):
-            tot[j] = tot[j] * S[j]
-    if agg == 0:
-        for j in range(m):
-            tot[j] = tot[j] / (div[j] if div[j] > one else one)
-    elif agg == 2:
-        for j in range(m):
-            tot[j] = tot[j] / (div[j] if div[j] != zero else one)
-    if scale:
-        for j in range(m):
-            tot[j] = tot[j] * lam
-    for j in range(m):
-        os_[j] = tot[j] + bs[j]
+        if deferred:
+            for j in range(m):
+                d = Ti[j] * wi if (same and weigh) else Ti[j]
+                cnt[j] = cnt[j] + (one if d * S[j] > zero else zero)
+    finish(tot, m, same, S, agg, div, norm, scale, lam, bs, os_)
     if not deferred or nz == 0:
         return dv, nalt
     nalt_sub = 0
@@ -568,8 +639,11 @@ def combine_bf16(models, base, seeds, start, thr, dd, drop, kind, below, w, unit
         m = min(SUB, n - a)
         widen_bf16(base[a:a + m], B)
         for i in range(len(models)):
-            widen_sub_drop(models[i][a:a + m], B, UF, W, seeds[i], start + a, thr[i], dd[i], drop)
-            trim_into(T[i], UF[:m], kind[i], below[i])
+            if kind[i] == 0:  # kept whole: straight into T
+                widen_sub_drop(models[i][a:a + m], B, T[i], W, seeds[i], start + a, thr[i], dd[i], drop)
+            else:
+                widen_sub_drop(models[i][a:a + m], B, UF, W, seeds[i], start + a, thr[i], dd[i], drop)
+                trim_into(T[i], UF[:m], kind[i], below[i])
         dv, nalt = merge_sub(T, m, B[:m], out[a:a + m], a, w, unit_w, consensus, elect_count,
                              weighted_elect, agg, fill, deferred, norm, lam, scale, alt_idx, alt_val, nalt,
                              V, S, tot, div, cnt, R)

@@ -545,7 +545,13 @@ def float32_inputs(ctx: TensorContext, base: torch.Tensor, models: list[torch.Te
 
 def block_tau(m: torch.Tensor, base: torch.Tensor, fn, start: int, slot: int | None = None) -> torch.Tensor:
     """tau = m - base on one block (``m`` float32 or a stored dtype, ``base`` float32), sparsified in place
-    by ``fn(tau, start)`` (None: not sparsified). ``slot``: write it into that ``_fused.scratch`` buffer."""
+    by ``fn(tau, start)`` (None: not sparsified), or by ``fn.from_model`` where the sparsifier has one (it forms
+    tau itself). ``slot``: write it into that ``_fused.scratch`` buffer."""
+    from_model = getattr(fn, "from_model", None)
+    if from_model is not None and _F.enabled():  # the sparsifier forms tau in its own pass
+        t = torch.empty(base.numel(), dtype=torch.float32) if slot is None else _F.scratch(slot, base.numel())
+        if from_model(m, base, t, start):
+            return t
     t = _F.sub(m, base, slot) if _F.enabled() else torch.sub(m, base)
     if fn is not None:
         fn(t, start)

@@ -72,17 +72,18 @@ def row_keys(x: np.ndarray) -> tuple[np.ndarray, int]:
     needed :func:`order64`); the order of :func:`order64`, mostly from a sort of 32-bit keys (about twice
     as fast as 64-bit ones).
 
-    With a = bits(|x|) (31-bit), lo / hi the least nonzero / largest a of the block, k >= 0 and lk = lo
-    rounded down to a multiple of 2^k, the code of a is floor(w / 2^k) + ceil(w / 2^k) with
-    w = a - lk + 2^k (w itself when k = 0; zeros, for which w may be negative, clamped to 0). It is
-    non-decreasing in a, and even exactly when w is a multiple of 2^k;
+    With a = bits(|x|) (31-bit), lo / hi the least nonzero / largest a (of the row in the numba kernel,
+    of the block in the numpy form), k >= 0 and lk = lo rounded down to a multiple of 2^k, the code of a
+    is floor(w / 2^k) + ceil(w / 2^k) with w = a - lk + 2^k (w itself when k = 0; zeros 0 or clamped to
+    0). It is non-decreasing in a, and even exactly when w is a multiple of 2^k;
     so equal even codes mean equal a, and only the magnitudes rounded to a shared odd code can lose their
     order. The key (code << b) | j, b = bits of n - 1, with the least k that fits the codes into 32 - b
     bits (k = 0: codes = w, all exact), sorts as (|x|, j) unless two elements of a row share an odd code;
-    such rows are redone by :func:`order64`. That sorts the whole block when a sample shows many rounded
-    magnitudes (full float32 mantissas: low bits set), k is too large (inf/NaN) or rows are long (n > 2^16).
-    bf16-born task vectors have few significant bits: on the 0.5B benchmark no row needs the 64-bit keys.
-    The codes come from one numba pass where the fused kernels are available, else from numpy ufuncs."""
+    such rows are redone by :func:`order64`, as are rows with many rounded magnitudes (full float32
+    mantissas: low bits set), too large a k (inf/NaN) or long rows (n > 2^16).
+    bf16-born task vectors have few significant bits: on the 0.5B benchmark no row needs the 64-bit keys."""
+    if _fused.enabled(x.size):
+        return row_keys_sub(x)
     r, n = x.shape
     b = max(1, (n - 1).bit_length())
     mask = (1 << b) - 1
@@ -91,24 +92,14 @@ def row_keys(x: np.ndarray) -> tuple[np.ndarray, int]:
     sample = xi.reshape(-1)[::251]
     if b > 16 or _rounds_many(sample, min(4, b - 1)):  # long rows, or full float32 mantissas (rounded codes)
         return order64(xi, b), mask
-    fused = _fused.enabled(x.size)
-    if fused:
-        lo, hi = _fused.abs_bits_range(xi)
-    else:
-        e = np.bitwise_and(xi, _ABS, out=scratch("e", (r, n), np.int32))
-        hi = int(e.max())
-        e -= 1  # zeros -> -1, as uint32 the largest value: the unsigned min is the least nonzero a, less 1
-        lo = min(int(e.view(np.uint32).min()) + 1, hi)
+    e = np.bitwise_and(xi, _ABS, out=scratch("e", (r, n), np.int32))
+    hi = int(e.max())
+    e -= 1  # zeros -> -1, as uint32 the largest value: the unsigned min is the least nonzero a, less 1
+    lo = min(int(e.view(np.uint32).min()) + 1, hi)
     k = _shift(lo, hi, room)
     if k >= b - 1 or _rounds_many(sample, k):
         return order64(xi, b), mask
-    lk = lo >> k << k
-    if fused:
-        key = scratch("key", (r, n), np.uint32)
-        buf = scratch("oddrc", (r * n, 1), np.int64).reshape(-1)
-        odd_rc = buf[: _fused.rank_keys32(xi, key, k, lk, b, lk > 1 << k, buf)]
-    else:
-        key, odd_rc = _keys_numpy(e, r, n, k, lk, b)
+    key, odd_rc = _keys_numpy(e, r, n, k, lo >> k << k, b)
     redo = None
     if odd_rc is not None and odd_rc.size > 1:  # rows where two elements share an odd code
         if odd_rc.size > 64 or len(set(odd_rc.tolist())) < odd_rc.size:  # a set is cheaper for the usual few
@@ -119,6 +110,37 @@ def row_keys(x: np.ndarray) -> tuple[np.ndarray, int]:
     key.sort(axis=-1)
     if redo is not None:
         key[redo] = order64(xi[redo], b)  # positions < 2^b: the mask reads them back
+    return key, mask
+
+
+def row_keys_sub(x: np.ndarray, m: np.ndarray | None = None, base: np.ndarray | None = None) -> tuple[np.ndarray, int]:
+    """:func:`row_keys` by the numba kernel ``row_keys32`` (codes per row, while the row is in cache); with
+    ``m`` (the bf16 bits, int16, of a flat model block) and ``base`` (its float32 base block), the rows
+    x = float32(m) - base are formed first, in the same pass (DELLA's task vectors never take a pass of
+    their own). All-zero rows (tensors a fine-tune left unchanged, e.g. outside a merged LoRA's targets)
+    skip the sort: their order is the positions."""
+    r, n = x.shape
+    b = max(1, (n - 1).bit_length())
+    mask = (1 << b) - 1
+    xi = x.view(np.int32)
+    sub = m is not None
+    if b > 16:  # long rows: 64-bit keys
+        if sub:
+            _fused.sub_rows(m, base, x)
+        return order64(xi, b), mask
+    key = scratch("key", (r, n), np.uint32)
+    wide = scratch("wide", (r, 1), np.int64).reshape(-1)
+    done = scratch("done", (r, 1), np.int64).reshape(-1)
+    nw, nd = _fused.row_keys32(m, base, x, xi, key, b, wide, done)
+    if nd == 0:
+        key.sort(axis=-1)
+    elif nd < r:  # sort only the rows not in order already
+        todo = np.setdiff1d(np.arange(r), done[:nd], assume_unique=True)
+        part = key[todo]
+        part.sort(axis=-1)
+        key[todo] = part
+    if nw:
+        key[wide[:nw]] = order64(xi[wide[:nw]], b)  # positions < 2^b: the mask reads them back
     return key, mask
 
 

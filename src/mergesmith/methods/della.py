@@ -100,18 +100,40 @@ def _magprune_fused_(t: torch.Tensor, d: float, eps: float, seed: int) -> torch.
     return t
 
 
-def _magprune_rows_(x: np.ndarray, qr: np.ndarray, seed: int, start: int) -> None:
+def _magprune_rows_(x: np.ndarray, qr: np.ndarray, seed: int, start: int, m: np.ndarray | None = None,
+                    base: np.ndarray | None = None) -> None:
     """In place on float32 rows ``x`` whose first element is element ``start`` of the stream:
-    x <- x * keep / q, q = ``qr`` by within-row rank, keep = u < q."""
+    x <- x * keep / q, q = ``qr`` by within-row rank, keep = u < q. With ``m`` and ``base`` (fused kernels
+    only): x = float32(m) - base is formed first, in the ranking pass (``m`` the bf16 bits of the model block)."""
     r, n = x.shape
-    if _fused.enabled(x.size):  # rank -> q -> draw -> rescale in one pass: the same float32 operations
-        order, mask = R.row_keys(x)
+    if m is not None or _fused.enabled(x.size):  # rank -> q -> draw -> rescale in one pass: the same float32 operations
+        order, mask = R.row_keys_sub(x, m, base)
         _fused.magprune_apply(x, order, mask, qr, seed, start)
         return
     q = _by_rank(x, qr, out=R.scratch("q", (r, n), np.float32))
     keep = np.less(S.uniform_np(seed, start, r * n).reshape(r, n), q)
     np.multiply(x, keep, out=x)
     np.divide(x, q, out=x)
+
+
+class MagPruneBlock:
+    """MagPrune on blocks of whole rows for the GTA block path: ``fn(x, start)`` overwrites a float32 CPU block
+    that starts at flat element ``start``; ``fn.from_model(m, base, out, start)`` forms the block's task vector
+    float32(m) - base (``m`` stored bf16) in ``out`` and prunes it, in the ranking pass."""
+
+    def __init__(self, row: int, qr: np.ndarray, seed: int):
+        self.row, self.qr, self.seed = row, qr, seed
+
+    def __call__(self, x: torch.Tensor, start: int) -> None:
+        _magprune_rows_(x.numpy().reshape(-1, self.row), self.qr, self.seed, start)
+
+    def from_model(self, m: torch.Tensor, base: torch.Tensor, out: torch.Tensor, start: int) -> bool:
+        """out = MagPrune(float32(m) - base); False (nothing done) where the fused kernels do not apply."""
+        if m.dtype != torch.bfloat16 or not _fused.enabled():
+            return False
+        _magprune_rows_(out.numpy().reshape(-1, self.row), self.qr, self.seed, start,
+                        m.view(torch.int16).numpy(), base.numpy())
+        return True
 
 
 def magprune(ctx, i: int, t: torch.Tensor, p) -> torch.Tensor:
@@ -138,9 +160,7 @@ def magprune_block(ctx, i: int, p, row: int):
         return lambda x, start: None
     if p["rescale"] != "inverse_keep_prob" or row < 2 or float(_q_of_rank(2, d, eps)[0]) < 1e-12:
         return None
-    seed = ctx.seed_of(i)
-    qr = _q_of_rank(row, d, eps).numpy()
-    return lambda x, start: _magprune_rows_(x.numpy().reshape(-1, row), qr, seed, start)
+    return MagPruneBlock(row, _q_of_rank(row, d, eps).numpy(), ctx.seed_of(i))
 
 
 def check_window(p) -> None:
