@@ -107,6 +107,43 @@ def scratch(slot: int, n: int, dtype=torch.float32) -> torch.Tensor:
     return buf[:n]
 
 
+def scratch_np(slot, n: int, dtype=np.float32) -> np.ndarray:
+    """:func:`scratch` as a numpy array (the block paths' hot loops: a numpy slice costs ~0.2 us, a torch
+    slice and ``.numpy()`` ~3 us, under the GIL)."""
+    bufs = getattr(_SCRATCH, "np", None)
+    if bufs is None:
+        bufs = _SCRATCH.np = {}
+    key = (slot, dtype)
+    buf = bufs.get(key)
+    if buf is None or buf.size < n:
+        buf = bufs[key] = np.empty(max(n, 1 << 17), dtype)
+    return buf[:n]
+
+
+def host_array(t: torch.Tensor) -> np.ndarray:
+    """A flat CPU tensor as the kernels read it: its bf16 bits (int16) or its float32 values (a view)."""
+    return t.view(torch.int16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
+
+
+def float32_block(a: np.ndarray, slot: int = 0) -> np.ndarray:
+    """The float32 values of a flat block of :func:`host_array`: the block itself, or bf16 bits widened into
+    scratch ``slot``."""
+    if a.dtype != np.int16:
+        return a
+    out = scratch_np(slot, a.size)
+    _kernels().widen_bf16(a, out)
+    return out
+
+
+def sub_into(m: np.ndarray, base32: np.ndarray, out: np.ndarray) -> None:
+    """out = float32(m) - base32 for a flat block ``m`` of :func:`host_array`."""
+    if m.dtype == np.int16:
+        _kernels().widen_sub_drop(m, base32, out, _NO_WORDS, np.uint64(0), np.int64(0), np.uint64(0), np.float32(1.0),
+                                  False)
+    else:
+        np.subtract(m, base32, out=out)
+
+
 def raw_ok(t: torch.Tensor) -> bool:
     """Stored dtypes the kernels read directly (others are converted to float32 per block by torch)."""
     return t.dtype in (torch.bfloat16, torch.float32) and t.device.type == "cpu" and t.is_contiguous()
@@ -115,6 +152,11 @@ def raw_ok(t: torch.Tensor) -> bool:
 def narrow_bf16(src: torch.Tensor, out: torch.Tensor) -> None:
     """out (bf16, flat) = src (float32, flat) rounded as ``src.to(torch.bfloat16)`` (NaN: 0x7FC0)."""
     _kernels().narrow_bf16(src.numpy(), out.view(torch.int16).numpy())
+
+
+def narrow_into(src: np.ndarray, out_bits: np.ndarray) -> None:
+    """:func:`narrow_bf16` on numpy blocks: ``out_bits`` the int16 bits of the bf16 output."""
+    _kernels().narrow_bf16(src, out_bits)
 
 
 def as_float32(block: torch.Tensor, slot: int = 0) -> torch.Tensor:
@@ -150,12 +192,18 @@ def combine(*args):
 _NO_WORDS = np.empty(0, np.uint32)
 
 
-def combine_bf16(models: list[torch.Tensor], base: torch.Tensor, drops: list | None, start: int, *args):
-    """``combine_bf16`` kernel on flat bf16 blocks (the models and the base as stored) starting at element
-    ``start``; ``drops``: per model (d, seed) of DARE's draw (``_sampling.DropBlock``), or None."""
-    seeds, thr, dd = _drop_args(drops, len(models))
-    return _kernels().combine_bf16(tuple(m.view(torch.int16).numpy() for m in models), base.view(torch.int16).numpy(),
-                                   seeds, np.int64(start), thr, dd, drops is not None, *args)
+def combine_bf16(models: list[np.ndarray], base: np.ndarray, drops: tuple, start: int, *args):
+    """``combine_bf16`` kernel on flat blocks of stored bf16 bits (int16: the models and the base) starting at
+    element ``start``; ``drops``: :func:`drop_args` (DARE's draw per model, or none)."""
+    seeds, thr, dd, drop = drops
+    return _kernels().combine_bf16(tuple(models), base, seeds, np.int64(start), thr, dd, drop, *args)
+
+
+def drop_args(drops: list | None, n: int) -> tuple:
+    """The draw arguments of ``combine_bf16`` for ``n`` models: ``drops`` per model (d, seed) of DARE's draw
+    (``_sampling.DropBlock.draw``), or None (no draw)."""
+    seeds, thr, dd = _drop_args(drops, n)
+    return seeds, thr, dd, drops is not None
 
 
 def _drop_args(drops, n: int):

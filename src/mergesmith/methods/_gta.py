@@ -444,27 +444,30 @@ class Pipeline:
             # tau never materialised: bf16 inputs, no sparsifier or DARE's draw (done inside the kernel)
             direct = fns is not None and all(in_kernel(f) for f in fns) and \
                 all(t.dtype == torch.bfloat16 for t in [flat_base, *flat])
-            drops = [f.draw if f is not None else (1.0, 0) for f in fns] \
-                if direct and any(f is not None for f in fns) else None
+            drops = _F.drop_args([f.draw if f is not None else (1.0, 0) for f in fns]
+                                 if any(f is not None for f in fns) else None, len(flat)) if direct else None
+            # numpy views made once per tensor: per block, torch slicing and .numpy() cost microseconds
+            # each, under the GIL that the other kernel thread then waits for
+            arrs = [_F.host_array(t) for t in flat]
+            base_arr, out_arr = _F.host_array(flat_base), _F.host_array(flat_out)
 
             def fused(a: int, b: int) -> None:
-                ai = _F.scratch(-2, b - a if deferred else 0, torch.int64).numpy()
-                av = _F.scratch(-3, b - a if deferred else 0).numpy()
-                o = _F.scratch(-5, b - a) if narrow else flat_out[a:b]
+                ai = _F.scratch_np(-2, b - a if deferred else 0, np.int64)
+                av = _F.scratch_np(-3, b - a if deferred else 0)
+                o = _F.scratch_np(-5, b - a) if narrow else out_arr[a:b]
                 if direct:
-                    votes, nalt = _F.combine_bf16([m[a:b] for m in flat], flat_base[a:b], drops, a, *args, o.numpy(),
-                                                  ai, av)
+                    votes, nalt = _F.combine_bf16([m[a:b] for m in arrs], base_arr[a:b], drops, a, *args, o, ai, av)
                 else:
                     votes, nalt = blocks_combine(a, b, o, ai, av)
                 if narrow:
-                    _F.narrow_bf16(o, flat_out[a:b])
+                    _F.narrow_into(o, out_arr[a:b])
                 records[a] = (votes, torch.from_numpy(ai[:nalt].copy()), torch.from_numpy(av[:nalt].copy()) if nalt else None)
 
             def blocks_combine(a: int, b: int, o, ai, av):
-                bb = _F.as_float32(flat_base[a:b])  # scratch slot 0; task vectors in slots 1..n
-                block = [t[a:b] for t in flat] if fns is None else \
-                    [block_tau(m[a:b], bb, fn, a, slot=i + 1) for i, (m, fn) in enumerate(zip(flat, fns))]
-                return _F.combine(tuple(t.numpy() for t in block), bb.numpy(), *args, o.numpy(), ai, av)
+                bb = _F.float32_block(base_arr[a:b])  # scratch slot 0; task vectors in slots 1..n
+                block = tuple(t[a:b] for t in arrs) if fns is None else \
+                    tuple(tau_block(m[a:b], bb, fn, a, slot=i + 1) for i, (m, fn) in enumerate(zip(arrs, fns)))
+                return _F.combine(block, bb, *args, o, ai, av)
 
         def work(a: int, b: int) -> None:
             bb = flat_base[a:b]
@@ -545,16 +548,25 @@ def float32_inputs(ctx: TensorContext, base: torch.Tensor, models: list[torch.Te
 
 def block_tau(m: torch.Tensor, base: torch.Tensor, fn, start: int, slot: int | None = None) -> torch.Tensor:
     """tau = m - base on one block (``m`` float32 or a stored dtype, ``base`` float32), sparsified in place
-    by ``fn(tau, start)`` (None: not sparsified), or by ``fn.from_model`` where the sparsifier has one (it forms
-    tau itself). ``slot``: write it into that ``_fused.scratch`` buffer."""
-    from_model = getattr(fn, "from_model", None)
-    if from_model is not None and _F.enabled():  # the sparsifier forms tau in its own pass
-        t = torch.empty(base.numel(), dtype=torch.float32) if slot is None else _F.scratch(slot, base.numel())
-        if from_model(m, base, t, start):
-            return t
+    by ``fn(tau, start)`` (None: not sparsified). ``slot``: write it into that ``_fused.scratch`` buffer."""
     t = _F.sub(m, base, slot) if _F.enabled() else torch.sub(m, base)
     if fn is not None:
         fn(t, start)
+    return t
+
+
+def tau_block(m: np.ndarray, base: np.ndarray, fn, start: int, slot: int) -> np.ndarray:
+    """:func:`block_tau` on numpy blocks for the fused kernels (``m``: ``_fused.host_array`` block, ``base``
+    float32), in scratch ``slot``. A sparsifier with ``from_bits`` (the row rankers of ``_rank``) forms tau
+    from the bf16 bits in its own first pass."""
+    t = _F.scratch_np(slot, base.size)
+    from_bits = getattr(fn, "from_bits", None)
+    if from_bits is not None and m.dtype == np.int16:
+        from_bits(m, base, t, start)
+        return t
+    _F.sub_into(m, base, t)
+    if fn is not None:
+        fn(torch.from_numpy(t), start)
     return t
 
 

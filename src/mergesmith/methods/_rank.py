@@ -172,3 +172,23 @@ def _keys_numpy(e: np.ndarray, r: int, n: int, k: int, lk: int, b: int) -> tuple
     key <<= b
     key |= np.arange(n, dtype=np.uint32)
     return key, odd_rc
+
+
+class RowSparsifier:
+    """Base of the block sparsifiers that rank whole rows (DELLA's MagPrune, Breadcrumbs' band) for the GTA
+    block path: subclasses define ``rows(x, start, m=None, base=None)`` in place on float32 rows ``x`` (r, row)
+    whose first element is flat element ``start``; given ``m`` (the bf16 bits of the model block) and
+    ``base`` (its float32 base block), x = float32(m) - base is formed first, in the ranking pass."""
+
+    row: int
+
+    def rows(self, x: np.ndarray, start: int, m: np.ndarray | None = None, base: np.ndarray | None = None) -> None:
+        raise NotImplementedError
+
+    def __call__(self, x, start: int) -> None:
+        """On a float32 torch block (``_gta.block_tau``)."""
+        self.rows(x.numpy().reshape(-1, self.row), start)
+
+    def from_bits(self, m: np.ndarray, base: np.ndarray, out: np.ndarray, start: int) -> None:
+        """out = the sparsified float32(m) - base (``_gta.tau_block``; fused kernels loaded)."""
+        self.rows(out.reshape(-1, self.row), start, m, base)

@@ -52,11 +52,12 @@ def band_mask(x: torch.Tensor, n_bot: int, n_keep: int, stable: bool = True) -> 
     return mask.scatter_(-1, order[..., n_bot:n_bot + n_keep], True)
 
 
-def band_rows_(x: np.ndarray, lo: int, hi: int) -> None:
+def band_rows_(x: np.ndarray, lo: int, hi: int, m: np.ndarray | None = None, base: np.ndarray | None = None) -> None:
     """In place on C-contiguous float32 rows ``x``: every element whose stable in-row rank (ascending |x|)
-    is outside lo .. hi-1 is multiplied by 0 (the values of ``t * band_mask(t, lo, hi - lo)``)."""
-    if _fused.enabled(x.size):
-        order, mask = R.row_keys(x)
+    is outside lo .. hi-1 is multiplied by 0 (the values of ``t * band_mask(t, lo, hi - lo)``). With ``m``
+    and ``base`` (fused kernels only): x = float32(m) - base is formed first, in the ranking pass."""
+    if m is not None or _fused.enabled(x.size):
+        order, mask = R.row_keys_sub(x, m, base)
         _fused.band_apply(x, order, mask, lo, hi)
         return
     order = R.row_order(x)
@@ -105,7 +106,17 @@ def breadcrumbs_block(ctx, i: int, p, row: int):
     n_bot, n_keep = _band(p, i, row, "row")
     if n_bot == 0 and n_keep >= row:
         return lambda x, start: None
-    return lambda x, start: band_rows_(x.numpy().reshape(-1, row), n_bot, n_bot + n_keep)
+    return BandBlock(row, n_bot, n_bot + n_keep)
+
+
+class BandBlock(R.RowSparsifier):
+    """The band on blocks of whole rows of length ``row`` (ranks lo .. hi-1 kept; ``_rank.RowSparsifier``)."""
+
+    def __init__(self, row: int, lo: int, hi: int):
+        self.row, self.lo, self.hi = row, lo, hi
+
+    def rows(self, x: np.ndarray, start: int, m: np.ndarray | None = None, base: np.ndarray | None = None) -> None:
+        band_rows_(x, self.lo, self.hi, m, base)
 
 
 def _params(scope_default: str = "row"):

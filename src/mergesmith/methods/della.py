@@ -27,6 +27,8 @@ default epsilon 0.15; ``della_linear`` is mergekit's (no election, normalize fal
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
@@ -44,6 +46,12 @@ def _q_of_rank(n: int, d: float, eps: float) -> torch.Tensor:
     """q for ranks 0..n-1 of a row (n >= 2): the same float32 operations as on a full row."""
     rho = torch.arange(n, dtype=torch.float32).div_(n - 1)
     return (d - eps) + (2 * eps) * rho
+
+
+@functools.lru_cache(maxsize=64)
+def _q_table(n: int, d: float, eps: float) -> np.ndarray:
+    """:func:`_q_of_rank` as a numpy array, made once per (row length, d, eps); shared: never written."""
+    return _q_of_rank(n, d, eps).numpy()
 
 
 def _by_rank(x: np.ndarray, vals: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -66,7 +74,7 @@ def _fast(t: torch.Tensor) -> bool:
 
 def _row_blocks(n: int, d: float, eps: float) -> tuple[int, np.ndarray]:
     """Rows per work item and q by rank."""
-    return max(1, S.BLOCK // n), _q_of_rank(n, d, eps).numpy()
+    return max(1, S.BLOCK // n), _q_table(n, d, eps)
 
 
 def magprune_probs(t: torch.Tensor, d: float, eps: float) -> torch.Tensor:
@@ -116,24 +124,14 @@ def _magprune_rows_(x: np.ndarray, qr: np.ndarray, seed: int, start: int, m: np.
     np.divide(x, q, out=x)
 
 
-class MagPruneBlock:
-    """MagPrune on blocks of whole rows for the GTA block path: ``fn(x, start)`` overwrites a float32 CPU block
-    that starts at flat element ``start``; ``fn.from_model(m, base, out, start)`` forms the block's task vector
-    float32(m) - base (``m`` stored bf16) in ``out`` and prunes it, in the ranking pass."""
+class MagPruneBlock(R.RowSparsifier):
+    """MagPrune on blocks of whole rows of length ``row`` for the GTA block path (``_rank.RowSparsifier``)."""
 
     def __init__(self, row: int, qr: np.ndarray, seed: int):
         self.row, self.qr, self.seed = row, qr, seed
 
-    def __call__(self, x: torch.Tensor, start: int) -> None:
-        _magprune_rows_(x.numpy().reshape(-1, self.row), self.qr, self.seed, start)
-
-    def from_model(self, m: torch.Tensor, base: torch.Tensor, out: torch.Tensor, start: int) -> bool:
-        """out = MagPrune(float32(m) - base); False (nothing done) where the fused kernels do not apply."""
-        if m.dtype != torch.bfloat16 or not _fused.enabled():
-            return False
-        _magprune_rows_(out.numpy().reshape(-1, self.row), self.qr, self.seed, start,
-                        m.view(torch.int16).numpy(), base.numpy())
-        return True
+    def rows(self, x: np.ndarray, start: int, m: np.ndarray | None = None, base: np.ndarray | None = None) -> None:
+        _magprune_rows_(x, self.qr, self.seed, start, m, base)
 
 
 def magprune(ctx, i: int, t: torch.Tensor, p) -> torch.Tensor:
@@ -160,7 +158,7 @@ def magprune_block(ctx, i: int, p, row: int):
         return lambda x, start: None
     if p["rescale"] != "inverse_keep_prob" or row < 2 or float(_q_of_rank(2, d, eps)[0]) < 1e-12:
         return None
-    return MagPruneBlock(row, _q_of_rank(row, d, eps).numpy(), ctx.seed_of(i))
+    return MagPruneBlock(row, _q_table(row, d, eps), ctx.seed_of(i))
 
 
 def check_window(p) -> None:
