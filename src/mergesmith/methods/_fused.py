@@ -216,20 +216,20 @@ def _drop_args(drops, n: int):
             np.array([word_threshold(d) for d, _ in drops], np.uint64), np.array([d for d, _ in drops], np.float32))
 
 
-def window_bf16(m: torch.Tensor, base32: torch.Tensor, lo: int, hi: int, drop=None, start: int = 0) -> tuple[int, np.ndarray]:
-    """:func:`window` of tau = float32(m) - base for a flat bf16 block ``m`` starting at element ``start``
-    (DARE-dropped when ``drop`` = (d, seed)); tau never stored."""
-    buf = scratch(-1, m.numel(), torch.int32).numpy()
-    seeds, thr, dd = _drop_args(None if drop is None else [drop], 1)
-    below, n = _kernels().window_bf16(m.view(torch.int16).numpy(), base32.numpy(), seeds[0], np.int64(start), thr[0],
-                                      dd[0], drop is not None, np.int32(lo), np.int32(hi - lo), buf)
+def window_bf16(m: np.ndarray, base32: np.ndarray, lo: int, hi: int, drop: tuple, start: int = 0) -> tuple[int, np.ndarray]:
+    """:func:`window` of tau = float32(m) - base for a flat block of bf16 bits ``m`` (int16) starting at element
+    ``start``, DARE-dropped per ``drop`` (:func:`drop_args` of one model); tau never stored."""
+    buf = scratch_np(-1, m.size, np.int32)
+    seeds, thr, dd, on = drop
+    below, n = _kernels().window_bf16(m, base32, seeds[0], np.int64(start), thr[0], dd[0], on, np.int32(lo),
+                                      np.int32(hi - lo), buf)
     return int(below), buf[:n].copy()
 
 
-def window(tau: torch.Tensor, lo: int, hi: int) -> tuple[int, np.ndarray]:
-    """``_radix.window_part`` of |tau| in one pass: (count of keys below ``lo``, keys in [lo, hi) - lo)."""
-    buf = scratch(-1, tau.numel(), torch.int32).numpy()
-    below, n = _kernels().window(tau.numpy(), np.int32(lo), np.int32(hi - lo), buf)
+def window(tau: np.ndarray, lo: int, hi: int) -> tuple[int, np.ndarray]:
+    """``_radix.window_part`` of |tau| (float32) in one pass: (count of keys below ``lo``, keys in [lo, hi) - lo)."""
+    buf = scratch_np(-1, tau.size, np.int32)
+    below, n = _kernels().window(tau, np.int32(lo), np.int32(hi - lo), buf)
     return int(below), buf[:n].copy()
 
 

@@ -30,12 +30,13 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from . import _fused as _F
 from . import _sampling as _S
 from ._gta import (DEFERRED, block_tau, blocks_apply, float32_inputs, fused_inputs, in_kernel, needs_selection,
-                   official_rank)
+                   official_rank, tau_block)
 from .kernels import bits_to_float
 from ._radix import (_OFFSET, abs_window_hist, dense, high_hist, key_value, keys, locate, low_hist, window_merge,
                      window_part)
@@ -233,17 +234,30 @@ def _window_blocks(base: torch.Tensor, models: list[torch.Tensor], fns: list, wi
 
     def work(a: int, b: int) -> None:
         out = []
-        bb = _F.as_float32(fb[a:b]) if fused else fb[a:b]
+        bb = fb[a:b]
         for m, fn, w in zip(flat, fns, windows):
             if w is None:
                 out.append(None)
                 continue
-            if fused and m.dtype == torch.bfloat16 and in_kernel(fn):  # from the bits
-                out.append(_F.window_bf16(m[a:b], bb, *w, drop=None if fn is None else fn.draw, start=a))
-                continue
-            t = block_tau(m[a:b], bb, fn, a, slot=1 if fused else None)
-            out.append(_F.window(t, *w) if fused else window_part(t.abs_().numpy(), *w))
+            t = block_tau(m[a:b], bb, fn, a)
+            out.append(window_part(t.abs_().numpy(), *w))
         parts[a] = out
+
+    if fused:  # numpy views made once per tensor, the kernels per block (torch slicing costs ~us under the GIL)
+        arrs, base_arr = [_F.host_array(m) for m in flat], _F.host_array(fb)
+        drops = [_F.drop_args(None if fn is None else [fn.draw], 1) if in_kernel(fn) else None for fn in fns]
+
+        def work(a: int, b: int) -> None:  # noqa: F811 - the fused form of the same pass
+            out = []
+            bb = _F.float32_block(base_arr[a:b])
+            for m, fn, w, drop in zip(arrs, fns, windows, drops):
+                if w is None:
+                    out.append(None)
+                elif m.dtype == np.int16 and drop is not None:  # from the bits, DARE's draw in the kernel
+                    out.append(_F.window_bf16(m[a:b], bb, *w, drop, start=a))
+                else:
+                    out.append(_F.window(tau_block(m[a:b], bb, fn, a, slot=1), *w))
+            parts[a] = out
 
     _S.run_blocks(fb.numel(), step, work)
     return [None if w is None else window_merge([parts[a][i] for a in sorted(parts)], *w)
