@@ -320,12 +320,6 @@ def row_keys32(m: np.ndarray | None, base: np.ndarray | None, x: np.ndarray, xi:
     return int(nw), int(nd)
 
 
-def sub_rows(m: np.ndarray, base: np.ndarray, x: np.ndarray) -> None:
-    """x (float32 rows) = float32(m) - base for the flat bf16 bits ``m`` (int16) and float32 ``base``."""
-    _kernels().widen_sub_drop(m, base, x.reshape(-1), _NO_WORDS, np.uint64(0), np.int64(0), np.uint64(0),
-                              np.float32(1.0), False)
-
-
 def words(seed: int, start: int, count: int) -> np.ndarray:
     """``_sampling.words(seed, start, count)`` (the stream's 32-bit words start .. start+count-1) by the kernel
     (the kernels that draw make their words in their own loops; this serves the whole-tensor paths)."""

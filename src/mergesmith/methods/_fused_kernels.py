@@ -309,6 +309,8 @@ def row_keys32(src, B, x, xi, key, b, sub, wide, done):
             if a != zero and (w & low) != zero:
                 O[no] = np.uint32((w >> uk) + (np.uint32(w + low) >> uk))
                 no += 1
+                if no * 64 > n:
+                    break
         bad = no * 64 > n  # many rounded magnitudes: the 64-bit keys
         if not bad and no > 1:
             O[:no].sort()

@@ -134,16 +134,16 @@ def row_keys_sub(x: np.ndarray, m: np.ndarray | None = None, base: np.ndarray | 
     sub = m is not None
     if b > 16:  # long rows: 64-bit keys
         if sub:
-            _fused.sub_rows(m, base, x)
+            _fused.sub_into(m, base, x.reshape(-1))
         return order64(xi, b), mask
     key = scratch("key", (r, n), np.uint32)
     wide = scratch("wide", (r, 1), np.int64).reshape(-1)
     done = scratch("done", (r, 1), np.int64).reshape(-1)
     nw, nd = _fused.row_keys32(m, base, x, xi, key, b, wide, done)
-    if nd == 0:
+    if nw + nd == 0:
         key.sort(axis=-1)
-    elif nd < r:  # sort only the rows not in order already
-        todo = np.setdiff1d(np.arange(r), done[:nd], assume_unique=True)
+    elif nw + nd < r:  # sort only the rows with 32-bit keys not in order already
+        todo = np.setdiff1d(np.arange(r), np.concatenate([done[:nd], wide[:nw]]), assume_unique=True)
         part = key[todo]
         part.sort(axis=-1)
         key[todo] = part
