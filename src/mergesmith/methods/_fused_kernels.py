@@ -463,33 +463,28 @@ def merge_sub(T, m, bs, os_, a, w, unit_w, consensus, elect_count, weighted_elec
         finish(tot, m, False, S, 3 if norm != zero else 4, div, norm, scale, lam, bs, os_)
         return dv, nalt
     # election: votes v_i = w_i tau_i (weighted_elect) or tau_i; mass = sgn(sum v), count = sgn(sum sgn v)
+    plain = not (elect_count or (weighted_elect and weigh))  # the votes are the task vectors themselves
     for i in range(nm):
         wi = w[i]
-        Ti = T[i]
-        if not (elect_count or (weighted_elect and weigh)):  # the votes are the task vectors themselves
-            if i == 0:
+        vote = T[i]
+        if not plain:
+            if weighted_elect and weigh:
                 for j in range(m):
-                    S[j] = Ti[j]
+                    V[j] = vote[j] * wi
             else:
                 for j in range(m):
-                    S[j] = S[j] + Ti[j]
-            continue
-        if weighted_elect and weigh:
-            for j in range(m):
-                V[j] = Ti[j] * wi
-        else:
-            for j in range(m):
-                V[j] = Ti[j]
-        if elect_count:
-            for j in range(m):
-                v = V[j]
-                V[j] = one if v > 0 else (-one if v < 0 else (v if v != v else zero))
+                    V[j] = vote[j]
+            if elect_count:
+                for j in range(m):
+                    v = V[j]
+                    V[j] = one if v > 0 else (-one if v < 0 else (v if v != v else zero))
+            vote = V
         if i == 0:
             for j in range(m):
-                S[j] = V[j]
+                S[j] = vote[j]
         else:
             for j in range(m):
-                S[j] = S[j] + V[j]
+                S[j] = S[j] + vote[j]
     fz = one if deferred else fill  # tentative fill +1 (Pipeline.combine_deferred)
     nz = 0
     if not deferred:  # the sign and the fill of zero signs in one pass
