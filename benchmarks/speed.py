@@ -183,6 +183,16 @@ def warm(methods: list[str]) -> None:
     subprocess.run([sys.executable, "-c", WARM, json.dumps(todo)], check=False, capture_output=True)
 
 
+def sweep_stale(cache: Path, age_s: float = 3600.0) -> None:
+    """Remove the output folders (``tmp*``) that killed runs left in the cache (a 1 GB merge output each),
+    once they are an hour old (a run in progress elsewhere keeps its own)."""
+    import shutil
+
+    for d in cache.glob("tmp*"):
+        if d.is_dir() and time.time() - d.stat().st_mtime > age_s:
+            shutil.rmtree(d, ignore_errors=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--methods", default=",".join(DEFAULT_METHODS))
@@ -197,6 +207,7 @@ def main() -> None:
     a = ap.parse_args()
     cache = Path(a.cache) / f"llama-h{a.hidden}-l{a.layers}-i{a.intermediate}-v{a.vocab}"
     paths = build(cache, a.hidden, a.layers, a.intermediate, a.vocab)
+    sweep_stale(cache)
     model_gb = sum(f.stat().st_size for f in paths["base"].glob("*.safetensors")) / 1e9
     # best of two: the first read after the files were idle can be several times slower (page cache),
     # which would flatter every ratio below
