@@ -688,6 +688,7 @@ def test_radix_select_equals_kthvalue():
     ("dare_ties", {"density": 0.6, "ties_density": 0.5}),
     ("dare_linear", {"density": 0.6, "normalize": True, "weight": [1.0, 0.5, 0.25]}),
     ("della", {"density": 0.6, "epsilon": 0.1}),
+    ("della", {"weight": [1.0, 0.5, 2.0], "lambda": 0.9, "elect": "count"}),
     ("della_linear", {"density": 0.5, "epsilon": 0.2, "weight": [1.0, 0.5, 2.0]}),
     ("breadcrumbs_ties", {}),
     ("breadcrumbs", {"density": 0.3, "gamma": 0.1, "weight": [1.0, 0.5, 2.0], "normalize": True}),
