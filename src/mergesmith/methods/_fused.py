@@ -174,11 +174,8 @@ def sub(m: torch.Tensor, base32: torch.Tensor, slot: int | None = None) -> torch
     """tau = float32(m) - base on one flat block: a new float32 tensor, or scratch ``slot``."""
     n = base32.numel()
     out = torch.empty(n, dtype=torch.float32) if slot is None else scratch(slot, n)
-    if m.dtype == torch.bfloat16:
-        _kernels().widen_sub_drop(m.view(torch.int16).numpy(), base32.numpy(), out.numpy(), _NO_WORDS, np.uint64(0),
-                                  np.int64(0), np.uint64(0), np.float32(1.0), False)
-    elif m.dtype == torch.float32:
-        np.subtract(m.numpy(), base32.numpy(), out=out.numpy())
+    if m.dtype in (torch.bfloat16, torch.float32):
+        sub_into(host_array(m), base32.numpy(), out.numpy())
     else:
         torch.sub(m.to(torch.float32), base32, out=out)
     return out
@@ -286,23 +283,21 @@ def magprune_apply(x: np.ndarray, order: np.ndarray, mask: int, qr: np.ndarray, 
                               np.int64(start))
 
 
-def consensus_ta(ts: list[torch.Tensor], base: torch.Tensor, lams, k: int, strict: bool, lam: float,
-                 out: torch.Tensor) -> None:
+def consensus_ta(ts: list[np.ndarray], base: np.ndarray, lams, k: int, strict: bool, lam: float,
+                 out: np.ndarray) -> None:
     """out = Consensus TA of float32 flat blocks (task models ``ts``, ``base``; see the kernel)."""
-    _kernels().consensus_ta(tuple(t.numpy() for t in ts), base.numpy(), np.asarray(lams, np.float32), int(k),
-                            bool(strict), np.float32(lam), out.numpy())
+    _kernels().consensus_ta(tuple(ts), base, np.asarray(lams, np.float32), int(k), bool(strict), np.float32(lam), out)
 
 
-def linear(ms: list[torch.Tensor], w, total: float | None, out: torch.Tensor) -> None:
+def linear(ms: list[np.ndarray], w, total: float | None, out: np.ndarray) -> None:
     """out = sum_i w_i m_i [/ total] of float32 flat blocks (``total`` None: no division); see the kernel."""
     wf = np.asarray(w, np.float32)
-    _kernels().linear(tuple(m.numpy() for m in ms), wf, bool(np.all(wf == 1)), np.float32(total or 1.0),
-                      total is not None, out.numpy())
+    _kernels().linear(tuple(ms), wf, bool(np.all(wf == 1)), np.float32(total or 1.0), total is not None, out)
 
 
-def nearswap(m: torch.Tensor, b: torch.Tensor, t: float, out: torch.Tensor) -> None:
+def nearswap(m: np.ndarray, b: np.ndarray, t: float, out: np.ndarray) -> None:
     """out = NearSwap of float32 flat blocks ``m`` (the other model) and ``b`` (the base); see the kernel."""
-    _kernels().nearswap(m.numpy(), b.numpy(), np.float32(t), out.numpy())
+    _kernels().nearswap(m, b, np.float32(t), out)
 
 
 _NO_BITS = np.empty(0, np.int16)

@@ -504,20 +504,21 @@ def fused_shape(p: Params, shape: tuple) -> bool:
 
 
 def kernel_blocks(inputs: list[torch.Tensor], out_dtype, kernel: Callable) -> torch.Tensor:
-    """``kernel(blocks, out)`` block by block over the kernel threads: ``blocks`` the float32 values of the
-    block of each input (as stored: float32 views, or bf16 widened into per-thread scratch), ``out`` the
+    """``kernel(blocks, out)`` block by block over the kernel threads: ``blocks`` the float32 values (numpy) of
+    the block of each input (as stored: float32 views, or bf16 widened into per-thread scratch), ``out`` the
     float32 output block; bf16 output (``out_dtype``) is rounded straight into the result."""
     narrow = out_dtype == torch.bfloat16
     out = buffers.empty(inputs[0].shape, torch.bfloat16 if narrow else torch.float32)
-    fo, flat = out.view(-1), [t.reshape(-1) for t in inputs]
+    # numpy views made once per tensor, as in Pipeline._merge_blocks (torch slicing costs ~us under the GIL)
+    fo, flat = _F.host_array(out.view(-1)), [_F.host_array(t.reshape(-1)) for t in inputs]
 
     def block(a: int, b: int) -> None:
-        o = _F.scratch(-5, b - a) if narrow else fo[a:b]
-        kernel([_F.as_float32(t[a:b], slot=i) for i, t in enumerate(flat)], o)
+        o = _F.scratch_np(-5, b - a) if narrow else fo[a:b]
+        kernel([_F.float32_block(t[a:b], slot=i) for i, t in enumerate(flat)], o)
         if narrow:
-            _F.narrow_bf16(o, fo[a:b])
+            _F.narrow_into(o, fo[a:b])
 
-    _S.run_blocks(fo.numel(), _S.BLOCK, block)
+    _S.run_blocks(out.numel(), _S.BLOCK, block)
     return out
 
 

@@ -7,8 +7,6 @@ else of 64-bit keys (:func:`order64`). Buffers are per thread (the block kernels
 """
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 
 from . import _fused
@@ -16,23 +14,13 @@ from . import _sampling as S
 
 _ABS = 0x7FFFFFFF  # float32 bits & _ABS = bits of |x|: non-negative int32s ordered like |x| (NaN above inf)
 
-_BUFS = threading.local()
-
-
 def scratch(name: str, shape: tuple, dtype) -> np.ndarray:
-    """A per-thread buffer reused by the blocks of the kernels (kept warm in cache; fresh 512 KB
-    allocations cost a page fault per 4 KB on every block); blocks of long rows (over 4 blocks) allocate
-    instead of growing the per-thread buffers."""
+    """A per-thread buffer reused by the blocks of the kernels (``_fused.scratch_np``, kept warm in cache);
+    blocks of long rows (over 4 blocks) allocate instead of growing the per-thread buffers."""
     size = shape[0] * shape[1]
     if size > 4 * S.BLOCK:
         return np.empty(shape, dtype)
-    bufs = getattr(_BUFS, "bufs", None)
-    if bufs is None:
-        bufs = _BUFS.bufs = {}
-    buf = bufs.get(name)
-    if buf is None or buf.size < size or buf.dtype != dtype:
-        buf = bufs[name] = np.empty(max(size, S.BLOCK), dtype)
-    return buf[:size].reshape(shape)
+    return _fused.scratch_np(name, size, np.dtype(dtype)).reshape(shape)
 
 
 def order64(xi: np.ndarray, b: int) -> np.ndarray:
