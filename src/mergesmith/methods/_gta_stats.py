@@ -230,24 +230,12 @@ def _window_blocks(base: torch.Tensor, models: list[torch.Tensor], fns: list, wi
     flat = [m.reshape(-1) for m in models]
     parts: dict[int, list] = {}
 
-    fused = _F.enabled(fb.numel())
-
-    def work(a: int, b: int) -> None:
-        out = []
-        bb = fb[a:b]
-        for m, fn, w in zip(flat, fns, windows):
-            if w is None:
-                out.append(None)
-                continue
-            t = block_tau(m[a:b], bb, fn, a)
-            out.append(window_part(t.abs_().numpy(), *w))
-        parts[a] = out
-
-    if fused:  # numpy views made once per tensor, the kernels per block (torch slicing costs ~us under the GIL)
+    # fused kernels: numpy views made once per tensor, sliced per block (torch slicing costs ~us under the GIL)
+    if _F.enabled(fb.numel()):
         arrs, base_arr = [_F.host_array(m) for m in flat], _F.host_array(fb)
         drops = [_F.drop_args(None if fn is None else [fn.draw], 1) if in_kernel(fn) else None for fn in fns]
 
-        def work(a: int, b: int) -> None:  # noqa: F811 - the fused form of the same pass
+        def work(a: int, b: int) -> None:
             out = []
             bb = _F.float32_block(base_arr[a:b])
             for m, fn, w, drop in zip(arrs, fns, windows, drops):
@@ -257,6 +245,17 @@ def _window_blocks(base: torch.Tensor, models: list[torch.Tensor], fns: list, wi
                     out.append(_F.window_bf16(m[a:b], bb, *w, drop, start=a))
                 else:
                     out.append(_F.window(tau_block(m[a:b], bb, fn, a, slot=1), *w))
+            parts[a] = out
+    else:
+        def work(a: int, b: int) -> None:
+            out = []
+            bb = fb[a:b]
+            for m, fn, w in zip(flat, fns, windows):
+                if w is None:
+                    out.append(None)
+                    continue
+                t = block_tau(m[a:b], bb, fn, a)
+                out.append(window_part(t.abs_().numpy(), *w))
             parts[a] = out
 
     _S.run_blocks(fb.numel(), step, work)
