@@ -184,14 +184,20 @@ class Executor:
 
     def _load(self, unit: Unit):
         job = unit.job
-        if unit.runs:  # a sample (statistics only): its runs of rows concatenated
-            def read(ref):
-                return torch.cat([self._read(ref, r) for r in unit.runs])
+        if job.align is not None:  # rows re-indexed to the output vocabulary (io.vocab)
+            refs = ([job.base] if job.base is not None else []) + list(job.models)
+            parts = [job.align.rows(self.plan.inputs, refs, r) for r in (unit.runs or (unit.rows,))]
+            got = [torch.cat(p) if len(p) > 1 else p[0] for p in zip(*parts)]
+            base, models = (got[0], got[1:]) if job.base is not None else (None, got)
         else:
-            def read(ref):
-                return self._read(ref, unit.rows)
-        base = read(job.base) if job.base is not None else None
-        models = [read(r) for r in job.models]
+            if unit.runs:  # a sample (statistics only): its runs of rows concatenated
+                def read(ref):
+                    return torch.cat([self._read(ref, r) for r in unit.runs])
+            else:
+                def read(ref):
+                    return self._read(ref, unit.rows)
+            base = read(job.base) if job.base is not None else None
+            models = [read(r) for r in job.models]
         if job.method is None or self._raw(job):
             return base, models
         dev = self.device

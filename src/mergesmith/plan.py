@@ -41,6 +41,7 @@ class TensorJob:
     params: Params
     layer: int | None
     num_layers: int | None
+    align: Any = None  # io.vocab.VocabAlign: rows re-indexed to the output vocabulary (tokenizer_source)
 
     def describe_params(self) -> str:
         if self.method is None:
@@ -69,6 +70,7 @@ class Plan:
     recipe: Recipe | None = None
     tokenizer_donor: Checkpoint | None = None
     warnings: list[str] = field(default_factory=list)
+    tokenizer: Any = None  # the union tokenizer to save (tokenizer_source: union) instead of copying files
 
     @property
     def output_bytes(self) -> int:
@@ -93,7 +95,8 @@ class Plan:
         for j in self.jobs:
             src = ", ".join(f"{r.model}:{r.name}" for r in ([j.base] if j.base else []) + j.models)
             dt = str(j.dtype).replace("torch.", "")
-            lines.append(f"  {j.out_name}  {list(j.shape)} {dt}  <- {j.method or 'copy'}({src})  {j.describe_params()}")
+            vocab = "  (rows re-indexed to the output vocabulary)" if j.align is not None else ""
+            lines.append(f"  {j.out_name}  {list(j.shape)} {dt}  <- {j.method or 'copy'}({src})  {j.describe_params()}{vocab}")
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
@@ -106,6 +109,7 @@ class Plan:
                     "name": j.out_name, "shape": list(j.shape), "dtype": str(j.dtype).replace("torch.", ""),
                     "method": j.method, "base": j.base.__dict__ if j.base else None,
                     "models": [r.__dict__ for r in j.models], "params": dict(j.params), "layer": j.layer,
+                    "vocab_aligned": j.align is not None,
                 }
                 for j in self.jobs
             ],
@@ -171,8 +175,11 @@ class Planner:
         spec = get_method(r.merge_method)
         self._validate_param_names(spec)
         out_dtype = getattr(torch, DTYPES[r.out_dtype or r.dtype]) if (r.out_dtype or r.dtype) else None
+        self._vocab = None
         if r.tokenizer_donor == "union":
-            raise MergeError("tokenizer_source: union (vocabulary merging) is not supported yet; use base or a model path")
+            if r.slices is not None:
+                raise MergeError("tokenizer_source: union works with `models:` recipes, not `slices:`; use base or a model path")
+            self._vocab = self._output_vocab()  # built before the jobs: every job's rows depend on it
         if r.slices is not None:
             jobs, ref, cfg = self._plan_slices(spec, out_dtype)
         else:
@@ -182,7 +189,9 @@ class Planner:
         self._validate_jobs(spec, jobs)
         donor = None
         tok = r.tokenizer_donor
-        if tok in (None, "base"):
+        if tok == "union":
+            donor = None
+        elif tok in (None, "base"):
             donor = ref
         else:
             donor = self.inputs[self._input(tok)] if tok not in self._open else self.inputs[self._open[tok]]
@@ -194,8 +203,40 @@ class Planner:
                 cfg["torch_dtype"] = name
                 if "dtype" in cfg or "transformers_version" in cfg:
                     cfg["dtype"] = name
+        if self._vocab is not None and cfg is not None:
+            cfg["vocab_size"] = len(self._vocab[0].get_vocab())
+        built = self._vocab[0] if self._vocab is not None and tok == "union" else None
         return Plan(method=spec, inputs=self.inputs, jobs=jobs, seed=self.seed, config=cfg, recipe=r,
-                    tokenizer_donor=donor, warnings=self.warnings)
+                    tokenizer_donor=donor, warnings=self.warnings, tokenizer=built)
+
+    def _output_vocab(self):
+        """(output tokenizer, rows of each input per output token, vocab sizes) of ``tokenizer_source`` (io.vocab)."""
+        from .io import vocab
+
+        r = self.recipe
+        refs = ([r.base_model] if r.base_model is not None else []) + [e.model for e in r.models or []]
+        order = list(dict.fromkeys(self._input(m) for m in refs))
+        tok = r.tokenizer_donor
+        source = None if tok == "union" else order[0] if tok == "base" else self._input(tok)
+        return vocab.aligned_vocab(self.inputs, order, order[0], source)
+
+    def _vocab_align(self, name: str, members: list[int], base: int | None):
+        """The vocabulary re-indexing (io.vocab) of tensor ``name`` read from inputs ``members``, or None when it
+        is not indexed by the vocabulary (dim 0 = each input's vocab_size, an embedding-like name) or needs none
+        (no union, and the same vocabulary size everywhere or no explicit tokenizer_source)."""
+        if not _is_embedding_like(name) or "position" in name.lower():
+            return None
+        if self._vocab is None:
+            shapes = {self.inputs[i].meta(name).shape for i in members}
+            if self.recipe.tokenizer_donor is None or len(shapes) == 1 or len({s[1:] for s in shapes}) > 1:
+                return None
+            self._vocab = self._output_vocab()  # tokenizer_source base / a model with other vocabularies
+        from .io import vocab
+
+        tok, src, sizes = self._vocab
+        if not all(len(self.inputs[i].meta(name).shape) >= 1 and self.inputs[i].meta(name).shape[0] == sizes[i] for i in members):
+            return None
+        return vocab.align_for(src, members, base, len(tok.get_vocab()))
 
     def _validate_jobs(self, spec: MethodSpec, jobs: list[TensorJob]) -> None:
         """Method-specific parameter checks for every tensor, and the statistics pass's own check."""
@@ -257,11 +298,19 @@ class Planner:
                 jobs.append(TensorJob(name, meta.shape, meta.dtype, None, None, [InputRef(ref_i, name)], Params(), layer, n_layers))
                 continue
             all_idx = ([base_idx] if base_idx is not None else []) + model_idx
-            shape, rows = self._common_shape(name, [(i, name) for i in all_idx])
+            for i in all_idx:
+                if name not in self.inputs[i]:
+                    raise MergeError(f"tensor '{name}' is missing from {self.inputs[i].label}")
+            align = self._vocab_align(name, all_idx, base_idx)
+            if align is not None:
+                shape, rows = (align.size,) + tuple(meta.shape[1:]), None
+            else:
+                shape, rows = self._common_shape(name, [(i, name) for i in all_idx])
             params = resolve_params(spec, name, _t_of(layer, n_layers), [r.parameters], model_params)
             base = InputRef(base_idx, name, rows) if base_idx is not None else None
             models = [InputRef(i, name, rows) for i in model_idx]
-            jobs.append(TensorJob(name, shape, out_dtype or meta.dtype, spec.name, base, models, params, layer, n_layers))
+            jobs.append(TensorJob(name, shape, out_dtype or meta.dtype, spec.name, base, models, params, layer, n_layers,
+                                  align))
         cfg = self._config_with_vocab(ref, jobs)
         return jobs, ref, cfg
 

@@ -105,7 +105,7 @@ class Recipe(_Strict):
         if self.tokenizer is not None:
             extra = set(self.tokenizer) - {"source"}
             if extra:
-                raise ValueError(f"tokenizer: only `source` is supported (got {sorted(extra)}); vocabulary union is not implemented")
+                raise ValueError(f"tokenizer: only `source` is supported (got {sorted(extra)}); pad_to_multiple_of and per-token `tokens` settings are not implemented")
         for s in self.slices or []:
             for src in s.sources:
                 a, b = src.layer_range
@@ -119,7 +119,7 @@ class Recipe(_Strict):
     @property
     def tokenizer_donor(self) -> Optional[str]:
         if self.tokenizer is not None:
-            return self.tokenizer.get("source")
+            return self.tokenizer.get("source", "union")  # mergekit's TokenizerConfig default
         return self.tokenizer_source
 
 

@@ -71,7 +71,9 @@ def write_extras(plan, folder: Path, seconds: float = 0.0) -> None:
         (folder / "config.json").write_text(json.dumps(plan.config, indent=2, sort_keys=True) + "\n")
     donor = plan.tokenizer_donor
     copied = []
-    if donor is not None and donor.folder is not None:
+    if plan.tokenizer is not None:  # built (tokenizer_source: union)
+        copied = sorted(Path(f).name for f in plan.tokenizer.save_pretrained(str(folder)))
+    elif donor is not None and donor.folder is not None:
         for name in TOKENIZER_FILES:
             src = donor.folder / name
             if src.exists():

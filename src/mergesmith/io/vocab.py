@@ -1,0 +1,165 @@
+"""Vocabulary alignment, as mergekit does it (``mergekit/tokenizer``): ``tokenizer_source: union`` builds one
+output tokenizer holding every input's tokens; ``base`` or a model path, given with inputs of different
+vocabulary sizes, takes that tokenizer. The embedding rows of each input are re-indexed to the output
+tokenizer by token string.
+
+Union vocabulary: the base tokenizer's tokens at their ids, then every other input's regular tokens it
+lacks (inputs in recipe order, each in its id order), then their added tokens (first settings win). Tokens at
+ids >= an input's ``vocab_size`` (config) are ignored for that input. mergekit walks the inputs in the order
+of a Python set of model references, which changes from run to run: the appended tokens then get the same
+rows but possibly other ids; here the order is the recipe's.
+
+Rows of a vocabulary-indexed tensor (embeddings, lm_head: dim 0 = the input's vocabulary size) for output
+token t: each input that has t gives its own row; an input that lacks t gets (mergekit's defaults) the row
+of the only input that has it, else the base's row if the base has it, else the mean of the rows of the
+inputs that have it (float32, then the stored dtype; mergekit averages in its working dtype), else zeros.
+Inputs are merged as usual afterwards. Tokenizers are read with ``transformers`` (imported here only).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..methods.base import MergeError
+
+AVERAGE, ZERO = -1, -2  # default-row kinds besides a donor input's index
+
+
+@dataclass(frozen=True)
+class VocabAlign:
+    """How to build output rows of a vocabulary tensor: ``src[i][t]`` = row of input i for token t (-1: lacks
+    it); ``fill[t]`` = input whose row the inputs lacking t get, or AVERAGE / ZERO."""
+
+    size: int
+    src: dict[int, np.ndarray]
+    fill: np.ndarray
+
+    def rows(self, inputs: list, refs: list, rows: tuple[int, int] | None) -> list[torch.Tensor]:
+        """The aligned rows ``rows`` (all if None) of each input tensor ``refs`` (InputRefs), stored dtype."""
+        a, b = rows if rows is not None else (0, self.size)
+        got = {}
+        for ref in refs:
+            if ref.model not in got:
+                got[ref.model] = _gather(inputs[ref.model], ref.name, self.src[ref.model][a:b])
+        fill = self.fill[a:b]
+        missing = {i: np.flatnonzero(self.src[i][a:b] < 0) for i in got}
+        for i, lack in missing.items():
+            for k in lack.tolist():
+                f = int(fill[k])
+                if f >= 0:
+                    row = got[f][k]
+                elif f == AVERAGE:
+                    have = [got[j][k].float() for j in got if self.src[j][a + k] >= 0]
+                    row = torch.stack(have).mean(0) if have else None
+                else:
+                    row = None
+                got[i][k] = 0 if row is None else row.to(got[i].dtype)
+        return [got[ref.model] for ref in refs]
+
+
+def _gather(ck, name: str, idx: np.ndarray) -> torch.Tensor:
+    """Rows ``idx`` of tensor ``name`` (-1: a zero row), read as runs of consecutive rows."""
+    meta = ck.meta(name)
+    out = torch.zeros((len(idx),) + tuple(meta.shape[1:]), dtype=meta.dtype)
+    k = 0
+    while k < len(idx):
+        if idx[k] < 0:
+            k += 1
+            continue
+        e = k + 1
+        while e < len(idx) and idx[e] == idx[e - 1] + 1:
+            e += 1
+        out[k:e] = ck.get(name, (int(idx[k]), int(idx[e - 1]) + 1))
+        k = e
+    return out
+
+
+def _tokenizer(folder: Path | None, label: str):
+    from transformers import AutoTokenizer
+
+    if folder is None:
+        raise MergeError(f"tokenizer_source: union needs the tokenizer files of every input; {label} is not a model folder")
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), use_fast=True, trust_remote_code=False)
+    except Exception as e:  # noqa: BLE001 - any loader failure is a user input problem here
+        raise MergeError(f"tokenizer_source: union: cannot load the tokenizer of {label}: {e}") from None
+
+
+def _vocab_size(ck, tok) -> int:
+    cfg = ck.config or {}
+    n = cfg.get("vocab_size") or (cfg.get("text_config") or {}).get("vocab_size")
+    return int(n) if n else len(tok.get_vocab())
+
+
+def aligned_vocab(inputs: list, order: list[int], base: int, source: int | None = None):
+    """(output tokenizer, {input index: id in that input of each output token, or -1}, vocab sizes) for the
+    inputs ``order`` (plan input indices, recipe order), ``base`` the base input. ``source`` None: the union
+    vocabulary (mergekit's ``build_union_tokenizer``); an input index: that input's tokenizer (mergekit's
+    ``tokenizer_source: base`` / a model, with models of other vocabularies)."""
+    load = order + ([source] if source is not None and source not in order else [])
+    toks = {i: _tokenizer(inputs[i].folder, inputs[i].label) for i in load}
+    sizes = {i: _vocab_size(inputs[i], toks[i]) for i in load}
+    top = base if source is None else source
+    if any(idx >= sizes[top] for idx in toks[top].get_vocab().values()):
+        raise MergeError(f"tokenizer alignment: the tokenizer of {inputs[top].label} has tokens past its "
+                         f"vocab_size {sizes[top]}; not supported")
+    out = toks[source] if source is not None else _union(toks, sizes, order, base)
+    vocab = out.get_vocab()
+    src = {}
+    for i in order:
+        mv = toks[i].get_vocab()
+        s = np.full(len(vocab), -1, np.int64)
+        for t, new_id in vocab.items():
+            old = mv.get(t)
+            if old is not None and old < sizes[i]:
+                s[new_id] = old
+        src[i] = s
+    return out, src, sizes
+
+
+def _union(toks: dict, sizes: dict, order: list[int], base: int):
+    regular: dict[str, None] = {}
+    added: dict[str, object] = {}
+    for i in [base] + [j for j in order if j != base]:
+        for t, idx in sorted(toks[i].get_vocab().items(), key=lambda kv: kv[1]):
+            if idx < sizes[i]:
+                regular.setdefault(t)
+        for idx, info in sorted(toks[i].added_tokens_decoder.items()):
+            if idx < sizes[i]:
+                added.setdefault(info.content, info)
+    out = _copy(toks[base])
+    have = set(toks[base].get_vocab())
+    new = [t for t in regular if t not in added and t not in have]
+    if new:
+        out.add_tokens(new)
+    for info in added.values():
+        if info.content not in have:
+            out.add_tokens([info])
+    return out
+
+
+def _copy(tok):
+    """A fresh tokenizer equal to ``tok`` (save and reload: adding tokens must not change the input's)."""
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    with tempfile.TemporaryDirectory() as d:
+        tok.save_pretrained(d)
+        return AutoTokenizer.from_pretrained(d, use_fast=True, trust_remote_code=False)
+
+
+def align_for(src: dict[int, np.ndarray], members: list[int], base: int | None, size: int) -> VocabAlign:
+    """The :class:`VocabAlign` of a tensor read from inputs ``members`` (mergekit's default embeddings)."""
+    present = np.stack([src[i] >= 0 for i in members])
+    count = present.sum(0)
+    fill = np.full(size, AVERAGE, np.int64)
+    fill[count == 0] = ZERO
+    if base is not None and base in members:
+        fill[(count > 1) & (src[base] >= 0)] = base
+    one = count == 1
+    fill[one] = np.asarray(members)[present.argmax(0)[one]]
+    return VocabAlign(size, {i: src[i] for i in members}, fill)

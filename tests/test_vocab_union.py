@@ -1,0 +1,160 @@
+"""`tokenizer_source: union`: one tokenizer with every input's tokens, embedding rows re-indexed to it with
+mergekit's defaults for the rows an input lacks (io/vocab.py)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import build_model, load_state
+from mergesmith.methods.base import MergeError
+from mergesmith.run import run_recipe
+
+EMB, HEAD = "model.embed_tokens.weight", "lm_head.weight"
+
+
+def _save_tokenizer(folder, regular_extra=(), added=()):
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for i in range(3, 64):
+        vocab[f"w{i}"] = i
+    for t in regular_extra:
+        vocab[t] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    if added:
+        fast.add_tokens([AddedToken(t, special=True) for t in added])
+    fast.save_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    """base: 64 tokens; ft0: + added <|im_start|>, <|im_end|> (66); ft1: + regular 'zz', added <|im_end|> (66)."""
+    root = tmp_path_factory.mktemp("union")
+    paths = {}
+    for k, (name, vocab, extra, added) in enumerate([
+        ("base", 64, (), ()),
+        ("ft0", 66, (), ("<|im_start|>", "<|im_end|>")),
+        ("ft1", 66, ("zz",), ("<|im_end|>",)),
+    ]):
+        m = build_model("llama", 10 + k, vocab_size=vocab)
+        paths[name] = root / name
+        m.save_pretrained(paths[name])
+        _save_tokenizer(paths[name], extra, added)
+    return paths
+
+
+def _merge(zoo, tmp_path, method="task_arithmetic", **extra):
+    recipe = {"merge_method": method, "base_model": str(zoo["base"]),
+              "models": [{"model": str(zoo["ft0"]), "parameters": {"weight": 0.3}},
+                         {"model": str(zoo["ft1"]), "parameters": {"weight": 0.5}}],
+              "tokenizer_source": "union", "dtype": "float32", **extra}
+    out = tmp_path / "out"
+    run_recipe(recipe, out)
+    return out
+
+
+def test_union_vocabulary_and_rows_follow_mergekit_defaults(zoo, tmp_path):
+    out = _merge(zoo, tmp_path)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(out)
+    vocab = tok.get_vocab()
+    # base ids kept, then the new regular token, then the added tokens (first input's settings)
+    assert len(vocab) == 67 and vocab["w63"] == 63
+    assert (vocab["zz"], vocab["<|im_start|>"], vocab["<|im_end|>"]) == (64, 65, 66)
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == 67
+    b, f0, f1 = (load_state(zoo[k]) for k in ("base", "ft0", "ft1"))
+    got = load_state(out)
+    for name in (EMB, HEAD):
+        def ta(rb, r0, r1):
+            return rb + 0.3 * (r0 - rb) + 0.5 * (r1 - rb)
+        B, F0, F1 = b[name], f0[name], f1[name]
+        assert got[name].shape == (67, B.shape[1])
+        torch.testing.assert_close(got[name][:64], ta(B, F0[:64], F1[:64]))
+        # 'zz' only in ft1: every input takes ft1's row -> the merge gives that row
+        torch.testing.assert_close(got[name][64], F1[64])
+        # <|im_start|> only in ft0
+        torch.testing.assert_close(got[name][65], F0[64])
+        # <|im_end|> in ft0 (65) and ft1 (65), not in the base: the base takes their mean
+        mean = (F0[65] + F1[65]) / 2
+        torch.testing.assert_close(got[name][66], ta(mean, F0[65], F1[65]))
+    model = AutoModelForCausalLM.from_pretrained(out)
+    ids = tok("w5 zz <|im_end|>", return_tensors="pt")["input_ids"]
+    assert ids.tolist() == [[5, 64, 66]]
+    assert model(ids).logits.shape == (1, 3, 67)
+
+
+def test_union_base_row_used_when_the_base_has_the_token(zoo, tmp_path):
+    """A token the base and some (not all) inputs have: the inputs lacking it take the base's row."""
+    recipe_models = [str(zoo["ft0"]), str(zoo["ft1"])]
+    out = tmp_path / "o"
+    run_recipe({"merge_method": "linear", "models": [{"model": m} for m in recipe_models],
+                "tokenizer": {"source": "union"}, "dtype": "float32"}, out)
+    f0, f1 = load_state(zoo["ft0"]), load_state(zoo["ft1"])
+    got = load_state(out)[EMB]
+    tok_vocab = json.loads((out / "config.json").read_text())["vocab_size"]
+    # base = ft0 (first model): ft0's ids, then zz; <|im_end|> shared; <|im_start|> only ft0
+    assert tok_vocab == 67
+    torch.testing.assert_close(got[:64], (f0[EMB][:64] + f1[EMB][:64]) / 2)
+    torch.testing.assert_close(got[64], f0[EMB][64])  # <|im_start|>: only ft0 has it
+    torch.testing.assert_close(got[65], (f0[EMB][65] + f1[EMB][65]) / 2)  # <|im_end|>: both
+    torch.testing.assert_close(got[66], f1[EMB][64])  # zz: only ft1
+
+
+def test_union_default_is_mergekit_tokenizer_block(zoo, tmp_path):
+    from mergesmith.recipe import Recipe
+
+    assert Recipe.model_validate({"merge_method": "linear", "models": [{"model": "a"}], "tokenizer": {}}).tokenizer_donor == "union"
+
+
+def test_union_with_chunked_rows_equals_whole(zoo):
+    """Element-wise methods stream embeddings in row chunks: the union rows must not depend on the chunking
+    (a chunk of 7 rows cuts through the appended tokens)."""
+    from mergesmith.engine import DictSink, execute
+    from mergesmith.run import plan_recipe
+
+    plan = plan_recipe({"merge_method": "task_arithmetic", "base_model": str(zoo["base"]),
+                        "models": [{"model": str(zoo["ft0"])}, {"model": str(zoo["ft1"])}],
+                        "tokenizer_source": "union", "dtype": "float32"})
+    whole, chunked = DictSink(plan), DictSink(plan)
+    execute(plan, whole)
+    execute(plan, chunked, chunk_elements=7 * 32)
+    assert whole.tensors[EMB].shape == (67, 32)
+    for k in whole.tensors:
+        assert torch.equal(whole.tensors[k], chunked.tensors[k]), k
+    assert "model.embed_tokens.weight  [67, 32] float32" in plan.describe()
+    assert plan.describe().count("re-indexed to the output vocabulary") == 2
+
+
+def test_explicit_base_tokenizer_aligns_other_vocabularies(zoo, tmp_path):
+    """tokenizer_source: base with inputs of other vocabulary sizes: rows re-indexed to the base tokenizer
+    (mergekit), not the vocabulary-size error that a recipe without tokenizer_source gets."""
+    rec = {"merge_method": "task_arithmetic", "base_model": str(zoo["base"]),
+           "models": [{"model": str(zoo["ft0"]), "parameters": {"weight": 0.3}},
+                      {"model": str(zoo["ft1"]), "parameters": {"weight": 0.5}}], "dtype": "float32"}
+    with pytest.raises(MergeError, match="vocabulary size mismatch"):
+        run_recipe(rec, tmp_path / "x")
+    out = tmp_path / "o"
+    run_recipe({**rec, "tokenizer_source": "base"}, out)
+    b, f0, f1, got = (load_state(p) for p in (zoo["base"], zoo["ft0"], zoo["ft1"], out))
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == 64
+    for name in (EMB, HEAD):
+        torch.testing.assert_close(got[name], b[name] + 0.3 * (f0[name][:64] - b[name]) + 0.5 * (f1[name][:64] - b[name]))
+    assert (out / "tokenizer.json").exists()
+
+
+def test_union_errors(zoo, tmp_path):
+    with pytest.raises(MergeError, match="slices"):
+        run_recipe({"merge_method": "passthrough", "tokenizer_source": "union",
+                    "slices": [{"sources": [{"model": str(zoo["base"]), "layer_range": [0, 2]}]}]}, tmp_path / "s")
+    bare = tmp_path / "bare"
+    build_model("llama", 3).save_pretrained(bare)  # no tokenizer files
+    with pytest.raises(MergeError, match="cannot load the tokenizer"):
+        run_recipe({"merge_method": "linear", "models": [{"model": str(zoo["base"])}, {"model": str(bare)}],
+                    "tokenizer_source": "union"}, tmp_path / "e")
+    assert not (tmp_path / "e").exists()
