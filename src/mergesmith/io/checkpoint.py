@@ -242,9 +242,12 @@ def _read_json(path: Path) -> dict:
 
 
 def open_folder_or_file(ref: str | os.PathLike) -> Checkpoint:
-    path = Path(ref).expanduser()
+    from .hub_cache import local_path
+
+    path = local_path(str(ref))  # a repo id (org/name[@rev]) opens from the local Hugging Face cache
     if not path.exists():
-        raise MergeError(f"model not found: {ref} (give a local folder or file; downloads are not done at merge time)")
+        raise MergeError(f"model not found: {ref} (give a local folder or file, or a repo id already in the "
+                         f"Hugging Face cache; downloads are not done at merge time)")
     if path.is_file():
         if path.suffix == ".safetensors":
             return SafetensorsCheckpoint(str(ref), [path])
@@ -293,15 +296,17 @@ def open_checkpoint(ref: Any, label: str | None = None, base: Any = None) -> Che
         return MemoryCheckpoint(label or type(ref).__name__, ref.state_dict(), cfg)
     if isinstance(ref, Mapping):
         return MemoryCheckpoint(label or "state_dict", ref)
+    from .hub_cache import local_path
+
     ref_s = str(ref)
-    if "+" in ref_s and not Path(ref_s).exists():
+    if "+" in ref_s and not Path(ref_s).expanduser().exists():
         model, adapter = ref_s.split("+", 1)
         try:
             from ..lora.apply import open_model_with_adapter
         except ImportError:
             raise MergeError(f"'{ref_s}': model+adapter inputs need mergesmith.lora") from None
         return open_model_with_adapter(model, adapter)
-    if base is not None and (Path(ref_s).expanduser() / "adapter_config.json").is_file():
+    if base is not None and (local_path(ref_s) / "adapter_config.json").is_file():
         from ..lora.apply import open_model_with_adapter
 
         return open_model_with_adapter(base, ref_s)

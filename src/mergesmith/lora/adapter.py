@@ -291,11 +291,13 @@ def open_adapter(ref) -> LoraAdapter:
     """Open a PEFT LoRA adapter folder (or its adapter_model.* file); raises MergeError with the fix."""
     if isinstance(ref, LoraAdapter):
         return ref
-    path = Path(str(ref)).expanduser()
+    from ..io.hub_cache import local_path
+
+    path = local_path(str(ref))  # a repo id opens from the local Hugging Face cache
     if path.is_file() and path.name.startswith("adapter_model"):
         path = path.parent
     if not path.exists():
-        raise MergeError(f"adapter not found: {ref} (give a local PEFT adapter folder)")
+        raise MergeError(f"adapter not found: {ref} (give a local PEFT adapter folder or a repo id already in the Hugging Face cache)")
     cfg_path = path / CONFIG_NAME
     if not cfg_path.exists():
         raise MergeError(f"{ref} is not a PEFT adapter folder: no {CONFIG_NAME}")
