@@ -301,6 +301,27 @@ def _bad(tmp_path, r, match):
     assert not (tmp_path / "never").exists()
 
 
+def test_parameters_of_other_methods_are_ignored_with_a_warning(tiny_zoo, tmp_path, capsys):
+    """Model-card recipes carry parameters the method does not take (`weight` under sce): mergekit ignores
+    them, so does a recipe here, with a warning; a name no method has stays an error."""
+    z = tiny_zoo("llama")
+    plain = run_recipe(recipe("sce", z["base"], [z["ft0"], z["ft1"]], parameters={"select_topk": 0.5}), tmp_path / "a")
+    r = recipe("sce", z["base"], [z["ft0"], z["ft1"]], parameters={"select_topk": 0.5, "density": 0.3})
+    r["models"][0]["parameters"] = {"weight": 0.2}
+    (tmp_path / "r.yml").write_text(yaml.safe_dump(r))
+    assert cli("merge", tmp_path / "r.yml", "-o", tmp_path / "b", "--quiet") == 0
+    err = capsys.readouterr().err
+    assert "parameter 'weight' for model" in err and "parameter 'density' in `parameters`" in err
+    assert "not used by 'sce'; ignored" in err
+    a, b = load_state(tmp_path / "a"), load_state(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not plain.warnings
+    with pytest.raises(MergeError, match="unknown parameter 'densty'"):
+        run_recipe(recipe("sce", z["base"], [z["ft0"]], parameters={"densty": 0.3}), tmp_path / "c")
+    with pytest.raises(MergeError, match="unknown parameter 'density'"):
+        merge_state_dicts("sce", [str(z["ft0"])], base=str(z["base"]), density=0.3)  # the Python API stays strict
+
+
 def test_bad_inputs(tiny_zoo, tmp_path):
     z = tiny_zoo("llama")
     _bad(tmp_path, recipe("dare-tiez", z["base"], [z["ft0"]]), "unknown merge method")

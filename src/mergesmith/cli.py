@@ -70,7 +70,10 @@ def merge(
         )
         if dry_run:
             typer.echo(result.describe())
-        elif not quiet:
+            return
+        for w in result.warnings:
+            typer.echo(f"warning: {w}", err=True)
+        if not quiet:
             typer.echo(f"wrote {out}")
 
     run_user_errors(go)

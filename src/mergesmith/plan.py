@@ -250,15 +250,16 @@ class Planner:
 
     def _validate_param_names(self, spec: MethodSpec) -> None:
         r = self.recipe
-        validate_param_names(spec, r.parameters, "in `parameters`")
+        validate_param_names(spec, r.parameters, "in `parameters`", self.warnings)
         entries = [(m.model, m.parameters) for m in (r.models or [])]
         for s in r.slices or []:
-            validate_param_names(spec, s.parameters, "in a slice's `parameters`")
+            validate_param_names(spec, s.parameters, "in a slice's `parameters`", self.warnings)
             entries += [(src.model, src.parameters) for src in s.sources]
+        known = {p.name for p in spec.params}
         for model, params in entries:
-            validate_param_names(spec, params, f"for model {model}")
+            validate_param_names(spec, params, f"for model {model}", self.warnings)
             for k in params:
-                if spec.param(k).scope == "global":
+                if k in known and spec.param(k).scope == "global":
                     raise MergeError(
                         f"parameter '{k}' of '{spec.name}' is global; set it under top-level `parameters`, not for model {model}"
                     )

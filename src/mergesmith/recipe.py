@@ -199,9 +199,15 @@ def _looks_float(s: str) -> bool:
         return False
 
 
-def validate_param_names(spec: MethodSpec, names, where: str) -> None:
+def validate_param_names(spec: MethodSpec, names, where: str, ignored: list[str] | None = None) -> None:
+    """Unknown parameter names are errors. With ``ignored`` (recipes), a name that is a parameter of other
+    methods but not of this one is left out with a note there instead: mergekit ignores such parameters
+    (``weight`` under ``sce``, ``density`` under ``task_arithmetic``), and model-card recipes carry them."""
     known = {p.name for p in spec.params}
     for n in names:
+        if n not in known and ignored is not None and n in _all_param_names():
+            ignored.append(f"parameter '{n}' {where} is not used by '{spec.name}'; ignored (as mergekit does)")
+            continue
         if n not in known:
             import difflib
 
@@ -209,6 +215,12 @@ def validate_param_names(spec: MethodSpec, names, where: str) -> None:
             hint = f" Did you mean '{close[0]}'?" if close else (
                 f" Known: {', '.join(sorted(known))}." if known else " It takes no parameters.")
             raise MergeError(f"unknown parameter '{n}' for method '{spec.name}' {where}.{hint}")
+
+
+def _all_param_names() -> set[str]:
+    from .methods.base import list_methods
+
+    return {p.name for spec in list_methods() for p in spec.params}
 
 
 def resolve_params(
