@@ -53,6 +53,7 @@ def _merge(zoo, tmp_path, method="task_arithmetic", **extra):
               "models": [{"model": str(zoo["ft0"]), "parameters": {"weight": 0.3}},
                          {"model": str(zoo["ft1"]), "parameters": {"weight": 0.5}}],
               "tokenizer_source": "union", "dtype": "float32", **extra}
+    recipe = {k: v for k, v in recipe.items() if v is not None}
     out = tmp_path / "out"
     run_recipe(recipe, out)
     return out
@@ -146,6 +147,43 @@ def test_explicit_base_tokenizer_aligns_other_vocabularies(zoo, tmp_path):
     for name in (EMB, HEAD):
         torch.testing.assert_close(got[name], b[name] + 0.3 * (f0[name][:64] - b[name]) + 0.5 * (f1[name][:64] - b[name]))
     assert (out / "tokenizer.json").exists()
+
+
+def test_pad_to_multiple_of_rows_are_each_inputs_mean_row(zoo, tmp_path):
+    """tokenizer.pad_to_multiple_of: rows up to a multiple; each input's padding row is the mean of its
+    aligned token rows (mergekit), then merged like any row. Chunking does not change it."""
+    from mergesmith.engine import DictSink, execute
+    from mergesmith.run import plan_recipe
+
+    out = _merge(zoo, tmp_path, tokenizer={"source": "union", "pad_to_multiple_of": 8}, tokenizer_source=None)
+    got = load_state(out)
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == 72
+    (tmp_path / "plain").mkdir()
+    plain = load_state(_merge(zoo, tmp_path / "plain"))
+    b, f0, f1 = (load_state(zoo[k]) for k in ("base", "ft0", "ft1"))
+    for name in (EMB, HEAD):
+        assert got[name].shape == (72, 32)
+        torch.testing.assert_close(got[name][:67], plain[name])
+        # the aligned inputs, rebuilt from the merged rows' definition: base lacks zz, im_start, im_end
+        B = torch.cat([b[name], f1[name][64:65], f0[name][64:65], ((f0[name][65] + f1[name][65]) / 2)[None]])
+        F0 = torch.cat([f0[name][:64], f1[name][64:65], f0[name][64:66]])
+        F1 = torch.cat([f1[name][:64], f1[name][64:65], f0[name][64:65], f1[name][65:66]])
+        mb, m0, m1 = B.double().mean(0).float(), F0.double().mean(0).float(), F1.double().mean(0).float()
+        want = mb + 0.3 * (m0 - mb) + 0.5 * (m1 - mb)
+        for k in range(67, 72):
+            torch.testing.assert_close(got[name][k], want)
+    plan = plan_recipe({"merge_method": "linear", "models": [{"model": str(zoo["ft0"])}, {"model": str(zoo["ft1"])}],
+                        "tokenizer": {"pad_to_multiple_of": 16}, "dtype": "float32"})
+    whole, chunked = DictSink(plan), DictSink(plan)
+    execute(plan, whole)
+    execute(plan, chunked, chunk_elements=5 * 32)
+    assert whole.tensors[EMB].shape == (80, 32)
+    for k in whole.tensors:
+        assert torch.equal(whole.tensors[k], chunked.tensors[k]), k
+    with pytest.raises(MergeError, match="pad_to_multiple_of must be a whole number"):
+        plan_recipe({"merge_method": "linear", "models": [{"model": str(zoo["ft0"])}], "tokenizer": {"pad_to_multiple_of": 0}})
+    with pytest.raises(MergeError, match="per-token `tokens`"):
+        plan_recipe({"merge_method": "linear", "models": [{"model": str(zoo["ft0"])}], "tokenizer": {"tokens": {}}})
 
 
 def test_union_errors(zoo, tmp_path):

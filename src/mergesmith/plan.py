@@ -176,9 +176,9 @@ class Planner:
         self._validate_param_names(spec)
         out_dtype = getattr(torch, DTYPES[r.out_dtype or r.dtype]) if (r.out_dtype or r.dtype) else None
         self._vocab = None
-        if r.tokenizer_donor == "union":
+        if r.tokenizer_donor == "union" or r.vocab_pad:
             if r.slices is not None:
-                raise MergeError("tokenizer_source: union works with `models:` recipes, not `slices:`; use base or a model path")
+                raise MergeError("tokenizer_source: union and pad_to_multiple_of work with `models:` recipes, not `slices:`")
             self._vocab = self._output_vocab()  # built before the jobs: every job's rows depend on it
         if r.slices is not None:
             jobs, ref, cfg = self._plan_slices(spec, out_dtype)
@@ -203,8 +203,9 @@ class Planner:
                 cfg["torch_dtype"] = name
                 if "dtype" in cfg or "transformers_version" in cfg:
                     cfg["dtype"] = name
-        if self._vocab is not None and cfg is not None:
-            cfg["vocab_size"] = len(self._vocab[0].get_vocab())
+        aligned = [j.align for j in jobs if j.align is not None]
+        if aligned and cfg is not None:
+            cfg["vocab_size"] = aligned[0].size
         built = self._vocab[0] if self._vocab is not None and tok == "union" else None
         return Plan(method=spec, inputs=self.inputs, jobs=jobs, seed=self.seed, config=cfg, recipe=r,
                     tokenizer_donor=donor, warnings=self.warnings, tokenizer=built)
@@ -236,7 +237,7 @@ class Planner:
         tok, src, sizes = self._vocab
         if not all(len(self.inputs[i].meta(name).shape) >= 1 and self.inputs[i].meta(name).shape[0] == sizes[i] for i in members):
             return None
-        return vocab.align_for(src, members, base, len(tok.get_vocab()))
+        return vocab.align_for(src, members, base, len(tok.get_vocab()), self.recipe.vocab_pad)
 
     def _validate_jobs(self, spec: MethodSpec, jobs: list[TensorJob]) -> None:
         """Method-specific parameter checks for every tensor, and the statistics pass's own check."""

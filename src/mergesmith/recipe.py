@@ -103,9 +103,13 @@ class Recipe(_Strict):
         if self.tokenizer is not None and self.tokenizer_source is not None:
             raise ValueError("give either `tokenizer:` or `tokenizer_source:`, not both")
         if self.tokenizer is not None:
-            extra = set(self.tokenizer) - {"source"}
+            extra = set(self.tokenizer) - {"source", "pad_to_multiple_of"}
             if extra:
-                raise ValueError(f"tokenizer: only `source` is supported (got {sorted(extra)}); pad_to_multiple_of and per-token `tokens` settings are not implemented")
+                raise ValueError(f"tokenizer: only `source` and `pad_to_multiple_of` are supported (got {sorted(extra)}); "
+                                 "per-token `tokens` settings are not implemented")
+            pad = self.tokenizer.get("pad_to_multiple_of")
+            if pad is not None and (not isinstance(pad, int) or isinstance(pad, bool) or pad < 1):
+                raise ValueError(f"tokenizer.pad_to_multiple_of must be a whole number >= 1, got {pad!r}")
         for s in self.slices or []:
             for src in s.sources:
                 a, b = src.layer_range
@@ -115,6 +119,11 @@ class Recipe(_Strict):
             if len(lens) > 1:
                 raise ValueError(f"all sources of a slice need the same number of layers, got {sorted(lens)}")
         return self
+
+    @property
+    def vocab_pad(self) -> Optional[int]:
+        """``tokenizer.pad_to_multiple_of``: vocabulary rows rounded up to a multiple of it (mergekit)."""
+        return (self.tokenizer or {}).get("pad_to_multiple_of")
 
     @property
     def tokenizer_donor(self) -> Optional[str]:

@@ -17,7 +17,9 @@ Inputs are merged as usual afterwards. Tokenizers are read with ``transformers``
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,20 +28,31 @@ import torch
 from ..methods.base import MergeError
 
 AVERAGE, ZERO = -1, -2  # default-row kinds besides a donor input's index
+_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
 class VocabAlign:
     """How to build output rows of a vocabulary tensor: ``src[i][t]`` = row of input i for token t (-1: lacks
-    it); ``fill[t]`` = input whose row the inputs lacking t get, or AVERAGE / ZERO."""
+    it); ``fill[t]`` = input whose row the inputs lacking t get, or AVERAGE / ZERO. ``size`` > the vocabulary
+    (``pad_to_multiple_of``): the rows past it are each input's mean aligned row (mergekit's padding)."""
 
     size: int
     src: dict[int, np.ndarray]
     fill: np.ndarray
+    means: dict = field(default_factory=dict, compare=False, repr=False)  # input -> mean row, made once
 
     def rows(self, inputs: list, refs: list, rows: tuple[int, int] | None) -> list[torch.Tensor]:
         """The aligned rows ``rows`` (all if None) of each input tensor ``refs`` (InputRefs), stored dtype."""
         a, b = rows if rows is not None else (0, self.size)
+        v = len(self.fill)
+        got = self._tokens(inputs, refs, min(a, v), min(b, v))
+        if b > v:
+            mean = self._means(inputs, refs)
+            got = [torch.cat([t, mean[ref.model].expand((b - max(a, v),) + tuple(t.shape[1:]))]) for ref, t in zip(refs, got)]
+        return got
+
+    def _tokens(self, inputs: list, refs: list, a: int, b: int) -> list[torch.Tensor]:
         got = {}
         for ref in refs:
             if ref.model not in got:
@@ -58,6 +71,22 @@ class VocabAlign:
                     row = None
                 got[i][k] = 0 if row is None else row.to(got[i].dtype)
         return [got[ref.model] for ref in refs]
+
+    def _means(self, inputs: list, refs: list) -> dict:
+        """Each input's mean aligned token row (float64 sums over row blocks, then its stored dtype)."""
+        with _LOCK:
+            if not self.means:
+                v = len(self.fill)
+                width = max(1, math.prod(inputs[refs[0].model].meta(refs[0].name).shape[1:]))
+                step = max(1, (1 << 22) // width)
+                sums: dict[int, torch.Tensor] = {}
+                for a in range(0, v, step):
+                    for ref, t in zip(refs, self._tokens(inputs, refs, a, min(v, a + step))):
+                        part = t.double().sum(0)
+                        sums[ref.model] = part if ref.model not in sums else sums[ref.model] + part
+                dtypes = {ref.model: inputs[ref.model].meta(ref.name).dtype for ref in refs}
+                self.means.update({i: (s / v).to(dtypes[i]) for i, s in sums.items()})
+            return self.means
 
 
 def _gather(ck, name: str, idx: np.ndarray) -> torch.Tensor:
@@ -152,8 +181,9 @@ def _copy(tok):
         return AutoTokenizer.from_pretrained(d, use_fast=True, trust_remote_code=False)
 
 
-def align_for(src: dict[int, np.ndarray], members: list[int], base: int | None, size: int) -> VocabAlign:
-    """The :class:`VocabAlign` of a tensor read from inputs ``members`` (mergekit's default embeddings)."""
+def align_for(src: dict[int, np.ndarray], members: list[int], base: int | None, size: int, pad: int | None = None) -> VocabAlign:
+    """The :class:`VocabAlign` of a tensor read from inputs ``members`` (mergekit's default embeddings), ``size``
+    tokens, rows padded to a multiple of ``pad``."""
     present = np.stack([src[i] >= 0 for i in members])
     count = present.sum(0)
     fill = np.full(size, AVERAGE, np.int64)
@@ -162,4 +192,5 @@ def align_for(src: dict[int, np.ndarray], members: list[int], base: int | None, 
         fill[(count > 1) & (src[base] >= 0)] = base
     one = count == 1
     fill[one] = np.asarray(members)[present.argmax(0)[one]]
-    return VocabAlign(size, {i: src[i] for i in members}, fill)
+    rows = -(-size // pad) * pad if pad else size
+    return VocabAlign(rows, {i: src[i] for i in members}, fill)
