@@ -182,8 +182,39 @@ def test_pad_to_multiple_of_rows_are_each_inputs_mean_row(zoo, tmp_path):
         assert torch.equal(whole.tensors[k], chunked.tensors[k]), k
     with pytest.raises(MergeError, match="pad_to_multiple_of must be a whole number"):
         plan_recipe({"merge_method": "linear", "models": [{"model": str(zoo["ft0"])}], "tokenizer": {"pad_to_multiple_of": 0}})
-    with pytest.raises(MergeError, match="per-token `tokens`"):
-        plan_recipe({"merge_method": "linear", "models": [{"model": str(zoo["ft0"])}], "tokenizer": {"tokens": {}}})
+    with pytest.raises(MergeError, match="unknown key"):
+        plan_recipe({"merge_method": "linear", "models": [{"model": str(zoo["ft0"])}], "tokenizer": {"pad": 8}})
+
+
+def test_per_token_sources(zoo, tmp_path):
+    """tokenizer.tokens (mergekit's TokenEmbeddingConfig): a model's row for the inputs lacking the token, a
+    fixed row of one model (model_token, forced on every input), zeros; a token no input has is added."""
+    tokens = {
+        "<|im_end|>": {"source": str(zoo["ft1"])},
+        "<|im_start|>": {"source": {"kind": "model_token", "model": str(zoo["ft0"]), "token": "</s>"}, "force": True},
+        "zz": {"source": {"kind": "zero"}},
+        "<extra>": {"source": {"kind": "model_token", "model": str(zoo["base"]), "token_id": 5}},
+    }
+    out = _merge(zoo, tmp_path, tokenizer={"source": "union", "tokens": tokens}, tokenizer_source=None)
+    from transformers import AutoTokenizer
+
+    vocab = AutoTokenizer.from_pretrained(out).get_vocab()
+    assert len(vocab) == 68 and vocab["<extra>"] == 67
+    b, f0, f1, got = (load_state(p) for p in (zoo["base"], zoo["ft0"], zoo["ft1"], out))
+    for name in (EMB, HEAD):
+        B, F0, F1, G = b[name], f0[name], f1[name], got[name]
+        torch.testing.assert_close(G[66], F1[65] + 0.3 * (F0[65] - F1[65]))  # base takes ft1's row
+        torch.testing.assert_close(G[65], F0[2])  # forced: every input takes ft0's </s> row
+        torch.testing.assert_close(G[64], 0.5 * F1[64])  # zz: zeros for base and ft0
+        torch.testing.assert_close(G[67], B[5])  # added token: base's row 5 everywhere
+    bad = [({"<|im_end|>": {"source": str(zoo["base"])}}, "has no token"),
+           ({"zz": {"source": {"kind": "model_token", "model": str(zoo["ft0"]), "token": "nope"}}}, "has no token 'nope'"),
+           ({"zz": {"source": {"kind": "model_token", "model": str(zoo["ft0"])}}}, "token_id: N instead of token"),
+           ({"zz": {"force": True}}, "give `source`")]
+    (tmp_path / "bad").mkdir()
+    for settings, match in bad:
+        with pytest.raises(MergeError, match=match):
+            _merge(zoo, tmp_path / "bad", tokenizer={"source": "union", "tokens": settings}, tokenizer_source=None)
 
 
 def test_union_errors(zoo, tmp_path):

@@ -176,9 +176,9 @@ class Planner:
         self._validate_param_names(spec)
         out_dtype = getattr(torch, DTYPES[r.out_dtype or r.dtype]) if (r.out_dtype or r.dtype) else None
         self._vocab = None
-        if r.tokenizer_donor == "union" or r.vocab_pad:
+        if r.tokenizer_donor == "union" or r.vocab_pad or r.vocab_tokens:
             if r.slices is not None:
-                raise MergeError("tokenizer_source: union and pad_to_multiple_of work with `models:` recipes, not `slices:`")
+                raise MergeError("tokenizer_source: union, pad_to_multiple_of and tokens work with `models:` recipes, not `slices:`")
             self._vocab = self._output_vocab()  # built before the jobs: every job's rows depend on it
         if r.slices is not None:
             jobs, ref, cfg = self._plan_slices(spec, out_dtype)
@@ -206,20 +206,50 @@ class Planner:
         aligned = [j.align for j in jobs if j.align is not None]
         if aligned and cfg is not None:
             cfg["vocab_size"] = aligned[0].size
-        built = self._vocab[0] if self._vocab is not None and tok == "union" else None
+        built = self._vocab.tokenizer if self._vocab is not None and self._vocab.built else None
         return Plan(method=spec, inputs=self.inputs, jobs=jobs, seed=self.seed, config=cfg, recipe=r,
                     tokenizer_donor=donor, warnings=self.warnings, tokenizer=built)
 
     def _output_vocab(self):
-        """(output tokenizer, rows of each input per output token, vocab sizes) of ``tokenizer_source`` (io.vocab)."""
+        """The output vocabulary of ``tokenizer_source`` / ``tokenizer:`` (io.vocab.OutputVocab)."""
         from .io import vocab
 
         r = self.recipe
         refs = ([r.base_model] if r.base_model is not None else []) + [e.model for e in r.models or []]
         order = list(dict.fromkeys(self._input(m) for m in refs))
         tok = r.tokenizer_donor
-        source = None if tok == "union" else order[0] if tok == "base" else self._input(tok)
-        return vocab.aligned_vocab(self.inputs, order, order[0], source)
+        source = None if tok == "union" else order[0] if tok in (None, "base") else self._input(tok)
+        return vocab.aligned_vocab(self.inputs, order, order[0], source, tuple(r.vocab_tokens or ()))
+
+    def _token_settings(self, members: list[int]) -> dict:
+        """The recipe's ``tokenizer.tokens`` as {output token id: (kind, input, row, force)} (io.vocab.align_for)."""
+        from .io import vocab
+
+        out = {}
+        ids = self._vocab.tokenizer.get_vocab()
+        for token, cfg in (self.recipe.vocab_tokens or {}).items():
+            t, src, force = ids[token], cfg["source"], bool(cfg.get("force", False))
+            if isinstance(src, dict) and src["kind"] == "zero":
+                out[t] = (vocab.ZERO, -1, -1, force)
+                continue
+            ref = src["model"] if isinstance(src, dict) else src
+            i = self._input(ref)
+            if i not in members:
+                raise MergeError(f"tokenizer.tokens['{token}']: source model {ref} is not an input of the merge")
+            if not isinstance(src, dict):
+                if self._vocab.src[i][t] < 0:
+                    raise MergeError(f"tokenizer.tokens['{token}']: {ref} has no token '{token}'")
+                out[t] = (i, i, -1, force)
+                continue
+            row = src.get("token_id")
+            if row is None:
+                row = self._vocab.vocabs[i].get(src["token"])
+                if row is None:
+                    raise MergeError(f"tokenizer.tokens['{token}']: {ref} has no token '{src['token']}'")
+            if not 0 <= row < self._vocab.sizes[i]:
+                raise MergeError(f"tokenizer.tokens['{token}']: token id {row} is out of range for {ref}")
+            out[t] = (vocab.FIXED, i, int(row), force)
+        return out
 
     def _vocab_align(self, name: str, members: list[int], base: int | None):
         """The vocabulary re-indexing (io.vocab) of tensor ``name`` read from inputs ``members``, or None when it
@@ -234,10 +264,10 @@ class Planner:
             self._vocab = self._output_vocab()  # tokenizer_source base / a model with other vocabularies
         from .io import vocab
 
-        tok, src, sizes = self._vocab
+        sizes = self._vocab.sizes
         if not all(len(self.inputs[i].meta(name).shape) >= 1 and self.inputs[i].meta(name).shape[0] == sizes[i] for i in members):
             return None
-        return vocab.align_for(src, members, base, len(tok.get_vocab()), self.recipe.vocab_pad)
+        return vocab.align_for(self._vocab, members, base, self.recipe.vocab_pad, self._token_settings(members))
 
     def _validate_jobs(self, spec: MethodSpec, jobs: list[TensorJob]) -> None:
         """Method-specific parameter checks for every tensor, and the statistics pass's own check."""

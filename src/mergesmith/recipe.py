@@ -103,10 +103,10 @@ class Recipe(_Strict):
         if self.tokenizer is not None and self.tokenizer_source is not None:
             raise ValueError("give either `tokenizer:` or `tokenizer_source:`, not both")
         if self.tokenizer is not None:
-            extra = set(self.tokenizer) - {"source", "pad_to_multiple_of"}
+            extra = set(self.tokenizer) - {"source", "pad_to_multiple_of", "tokens"}
             if extra:
-                raise ValueError(f"tokenizer: only `source` and `pad_to_multiple_of` are supported (got {sorted(extra)}); "
-                                 "per-token `tokens` settings are not implemented")
+                raise ValueError(f"tokenizer: unknown key(s) {sorted(extra)} (known: source, pad_to_multiple_of, tokens)")
+            _check_token_settings(self.tokenizer.get("tokens"))
             pad = self.tokenizer.get("pad_to_multiple_of")
             if pad is not None and (not isinstance(pad, int) or isinstance(pad, bool) or pad < 1):
                 raise ValueError(f"tokenizer.pad_to_multiple_of must be a whole number >= 1, got {pad!r}")
@@ -126,10 +126,39 @@ class Recipe(_Strict):
         return (self.tokenizer or {}).get("pad_to_multiple_of")
 
     @property
+    def vocab_tokens(self) -> Optional[dict]:
+        """``tokenizer.tokens``: per-token embedding sources (mergekit's ``TokenEmbeddingConfig``)."""
+        return (self.tokenizer or {}).get("tokens")
+
+    @property
     def tokenizer_donor(self) -> Optional[str]:
         if self.tokenizer is not None:
             return self.tokenizer.get("source", "union")  # mergekit's TokenizerConfig default
         return self.tokenizer_source
+
+
+def _check_token_settings(tokens) -> None:
+    """``tokenizer.tokens``: {token: {source: MODEL | {kind: zero} | {kind: model_token, model: M, token: T |
+    token_id: N}, force: bool}}."""
+    if tokens is None:
+        return
+    if not isinstance(tokens, dict):
+        raise ValueError("tokenizer.tokens must map tokens to settings ({source: ..., force: ...})")
+    for tok, cfg in tokens.items():
+        where = f"tokenizer.tokens['{tok}']"
+        if not isinstance(cfg, dict) or set(cfg) - {"source", "force"} or "source" not in cfg:
+            raise ValueError(f"{where}: give `source` (a model, {{kind: zero}} or {{kind: model_token, ...}}) and optionally `force`")
+        src = cfg["source"]
+        if isinstance(src, dict):
+            kind = src.get("kind")
+            if kind == "zero" and set(src) == {"kind"}:
+                continue
+            if kind != "model_token" or "model" not in src or ("token" in src) == ("token_id" in src) \
+                    or set(src) - {"kind", "model", "token", "token_id"}:
+                raise ValueError(f"{where}: source must be {{kind: zero}} or {{kind: model_token, model: M, token: T}} "
+                                 "(or token_id: N instead of token)")
+        elif not isinstance(src, str):
+            raise ValueError(f"{where}: source must be a model, {{kind: zero}} or {{kind: model_token, ...}}")
 
 
 def load_recipe(source: Union[str, Path, dict, Recipe]) -> Recipe:

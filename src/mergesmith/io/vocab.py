@@ -13,7 +13,11 @@ Rows of a vocabulary-indexed tensor (embeddings, lm_head: dim 0 = the input's vo
 token t: each input that has t gives its own row; an input that lacks t gets (mergekit's defaults) the row
 of the only input that has it, else the base's row if the base has it, else the mean of the rows of the
 inputs that have it (float32, then the stored dtype; mergekit averages in its working dtype), else zeros.
-Inputs are merged as usual afterwards. Tokenizers are read with ``transformers`` (imported here only).
+The ``tokenizer:`` block's ``tokens`` settings replace that default per token (a model's row of the token,
+a fixed row ``{kind: model_token, model, token | token_id}``, ``{kind: zero}``; ``force`` gives it to every
+input; tokens no input has are added), and ``pad_to_multiple_of`` appends rows equal to each input's mean
+aligned row. Inputs are merged as usual afterwards. Tokenizers are read with ``transformers`` (imported
+here only).
 """
 from __future__ import annotations
 
@@ -27,19 +31,21 @@ import torch
 
 from ..methods.base import MergeError
 
-AVERAGE, ZERO = -1, -2  # default-row kinds besides a donor input's index
+AVERAGE, ZERO, FIXED = -1, -2, -3  # default-row kinds besides a donor input's index
 _LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
 class VocabAlign:
     """How to build output rows of a vocabulary tensor: ``src[i][t]`` = row of input i for token t (-1: lacks
-    it); ``fill[t]`` = input whose row the inputs lacking t get, or AVERAGE / ZERO. ``size`` > the vocabulary
+    it); ``fill[t]`` = input whose row the inputs lacking t get, or AVERAGE / ZERO / FIXED. ``size`` > the vocabulary
     (``pad_to_multiple_of``): the rows past it are each input's mean aligned row (mergekit's padding)."""
 
     size: int
     src: dict[int, np.ndarray]
     fill: np.ndarray
+    force: np.ndarray | None = None  # tokens whose default row every input takes (``force: true``)
+    fixed: dict = field(default_factory=dict)  # token -> (input, row): a ``model_token`` source
     means: dict = field(default_factory=dict, compare=False, repr=False)  # input -> mean row, made once
 
     def rows(self, inputs: list, refs: list, rows: tuple[int, int] | None) -> list[torch.Tensor]:
@@ -58,17 +64,26 @@ class VocabAlign:
             if ref.model not in got:
                 got[ref.model] = _gather(inputs[ref.model], ref.name, self.src[ref.model][a:b])
         fill = self.fill[a:b]
-        missing = {i: np.flatnonzero(self.src[i][a:b] < 0) for i in got}
+        force = self.force[a:b] if self.force is not None else False
+        missing = {i: np.flatnonzero((self.src[i][a:b] < 0) | force) for i in got}
+        names = {ref.model: ref.name for ref in refs}
+        defaults: dict[int, torch.Tensor | None] = {}
+        for k in sorted({k for lack in missing.values() for k in lack.tolist()}):
+            f = int(fill[k])
+            if f >= 0:
+                row = got[f][k].clone()
+            elif f == AVERAGE:
+                have = [got[j][k].float() for j in got if self.src[j][a + k] >= 0]
+                row = torch.stack(have).mean(0) if have else None
+            elif f == FIXED:
+                j, r = self.fixed[a + k]
+                row = inputs[j].get(names.get(j, refs[0].name), (r, r + 1))[0]
+            else:
+                row = None
+            defaults[k] = row
         for i, lack in missing.items():
             for k in lack.tolist():
-                f = int(fill[k])
-                if f >= 0:
-                    row = got[f][k]
-                elif f == AVERAGE:
-                    have = [got[j][k].float() for j in got if self.src[j][a + k] >= 0]
-                    row = torch.stack(have).mean(0) if have else None
-                else:
-                    row = None
+                row = defaults[k]
                 got[i][k] = 0 if row is None else row.to(got[i].dtype)
         return [got[ref.model] for ref in refs]
 
@@ -123,11 +138,28 @@ def _vocab_size(ck, tok) -> int:
     return int(n) if n else len(tok.get_vocab())
 
 
-def aligned_vocab(inputs: list, order: list[int], base: int, source: int | None = None):
-    """(output tokenizer, {input index: id in that input of each output token, or -1}, vocab sizes) for the
-    inputs ``order`` (plan input indices, recipe order), ``base`` the base input. ``source`` None: the union
-    vocabulary (mergekit's ``build_union_tokenizer``); an input index: that input's tokenizer (mergekit's
-    ``tokenizer_source: base`` / a model, with models of other vocabularies)."""
+@dataclass
+class OutputVocab:
+    """The output tokenizer and, per input (plan index), the id in that input of each output token (-1: it
+    lacks it), its vocab_size and its own vocabulary (token -> id)."""
+
+    tokenizer: object
+    src: dict[int, np.ndarray]
+    sizes: dict[int, int]
+    vocabs: dict[int, dict]
+    built: bool  # the tokenizer differs from an input's (union, or tokens added): saved, not copied
+
+    @property
+    def size(self) -> int:
+        return len(self.src[next(iter(self.src))])
+
+
+def aligned_vocab(inputs: list, order: list[int], base: int, source: int | None = None,
+                  add_tokens: tuple[str, ...] = ()) -> OutputVocab:
+    """The :class:`OutputVocab` of the inputs ``order`` (plan input indices, recipe order), ``base`` the base
+    input. ``source`` None: the union vocabulary (mergekit's ``build_union_tokenizer``); an input index: that
+    input's tokenizer (``tokenizer_source: base`` / a model). ``add_tokens`` (the ``tokens:`` settings' keys)
+    are added where the output tokenizer lacks them, as mergekit does."""
     load = order + ([source] if source is not None and source not in order else [])
     toks = {i: _tokenizer(inputs[i].folder, inputs[i].label) for i in load}
     sizes = {i: _vocab_size(inputs[i], toks[i]) for i in load}
@@ -136,6 +168,10 @@ def aligned_vocab(inputs: list, order: list[int], base: int, source: int | None 
         raise MergeError(f"tokenizer alignment: the tokenizer of {inputs[top].label} has tokens past its "
                          f"vocab_size {sizes[top]}; not supported")
     out = toks[source] if source is not None else _union(toks, sizes, order, base)
+    new = [t for t in dict.fromkeys(add_tokens) if t not in out.get_vocab()]
+    if new:
+        out = _copy(out) if source is not None else out
+        out.add_tokens(new)
     vocab = out.get_vocab()
     src = {}
     for i in order:
@@ -146,7 +182,7 @@ def aligned_vocab(inputs: list, order: list[int], base: int, source: int | None 
             if old is not None and old < sizes[i]:
                 s[new_id] = old
         src[i] = s
-    return out, src, sizes
+    return OutputVocab(out, src, sizes, {i: toks[i].get_vocab() for i in load}, source is None or bool(new))
 
 
 def _union(toks: dict, sizes: dict, order: list[int], base: int):
@@ -181,9 +217,13 @@ def _copy(tok):
         return AutoTokenizer.from_pretrained(d, use_fast=True, trust_remote_code=False)
 
 
-def align_for(src: dict[int, np.ndarray], members: list[int], base: int | None, size: int, pad: int | None = None) -> VocabAlign:
-    """The :class:`VocabAlign` of a tensor read from inputs ``members`` (mergekit's default embeddings), ``size``
-    tokens, rows padded to a multiple of ``pad``."""
+def align_for(vocab: OutputVocab, members: list[int], base: int | None, pad: int | None = None,
+              tokens: dict | None = None) -> VocabAlign:
+    """The :class:`VocabAlign` of a tensor read from inputs ``members``: mergekit's default rows, rows padded
+    to a multiple of ``pad``; ``tokens`` = {output token id: (kind, input, row, force)} from the recipe's
+    per-token settings (kind ZERO, FIXED with that input's row, or an input index: its row of the token)."""
+    src = vocab.src
+    size = vocab.size
     present = np.stack([src[i] >= 0 for i in members])
     count = present.sum(0)
     fill = np.full(size, AVERAGE, np.int64)
@@ -192,5 +232,12 @@ def align_for(src: dict[int, np.ndarray], members: list[int], base: int | None, 
         fill[(count > 1) & (src[base] >= 0)] = base
     one = count == 1
     fill[one] = np.asarray(members)[present.argmax(0)[one]]
+    force = np.zeros(size, bool)
+    fixed = {}
+    for t, (kind, i, row, forced) in (tokens or {}).items():
+        fill[t] = kind
+        force[t] = forced
+        if kind == FIXED:
+            fixed[t] = (i, row)
     rows = -(-size // pad) * pad if pad else size
-    return VocabAlign(rows, {i: src[i] for i in members}, fill)
+    return VocabAlign(rows, {i: src[i] for i in members}, fill, force if force.any() else None, fixed)
