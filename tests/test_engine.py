@@ -698,3 +698,47 @@ def test_draws_inside_the_kernels_at_full_block_size_equal_the_torch_path(method
     want = on_torch_path(monkeypatch, lambda: merge_state_dicts(method, models, base=base, seed=7, **params))
     for k in shapes:
         assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k
+
+
+def test_reader_runs_ahead_within_its_bounds(tiny_zoo, monkeypatch):
+    """The reader prefetches up to PREFETCH_UNITS units and PREFETCH_BYTES in all, in order; a unit bigger
+    than PREFETCH_BYTES is read only when the consumer reaches it (never two big units held at once)."""
+    import threading
+    import time
+
+    import mergesmith.engine as E
+
+    z = tiny_zoo("llama")
+    plan = plan_recipe(recipe("linear", None, [z["ft0"], z["ft1"]]))
+    ex = E.Executor(plan, DictSink(plan))
+    sizes = [10, 10, 10, 10, 50, 10, 30, 30, 10]  # bytes per unit (PREFETCH_BYTES = 40 below); 50 is big
+    units = [E.Unit(plan.jobs[0], k, None) for k in range(len(sizes))]
+    monkeypatch.setattr(E, "PREFETCH_BYTES", 40)
+    monkeypatch.setattr(E, "_input_bytes", lambda u: sizes[u.chunk])
+    lock, loaded, ahead_max, log = threading.Lock(), set(), [0], []
+    consumed = [-1]
+
+    def load(unit):
+        with lock:
+            loaded.add(unit.chunk)
+            held = sorted(k for k in loaded if k > consumed[0])
+            ahead_max[0] = max(ahead_max[0], len(held) - 1)  # besides the unit being consumed
+            log.append((unit.chunk, consumed[0], threading.current_thread().name, sum(sizes[k] for k in held[1:])))
+        time.sleep(0.002)
+        return unit.chunk
+
+    monkeypatch.setattr(ex, "_load", load)
+    got = []
+    for unit, data in ex._stream(units):
+        assert data == unit.chunk
+        with lock:
+            consumed[0] = unit.chunk
+        got.append(data)
+        time.sleep(0.01)  # a slow consumer: the reader runs ahead as far as it may
+    assert got == list(range(len(sizes)))
+    assert ahead_max[0] <= E.PREFETCH_UNITS
+    big = next(e for e in log if e[0] == 4)
+    assert big[1] == 3 and not big[2].startswith("mergesmith-read")  # read when due, by the consumer
+    prefetched = [e for e in log if e[2].startswith("mergesmith-read")]
+    assert max(e[0] - e[1] for e in prefetched) > 1  # it did run more than one unit ahead
+    assert max(e[3] for e in prefetched) <= 40  # the units read ahead never held more than the byte budget

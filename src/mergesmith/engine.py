@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import os
 import threading
+from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any, Iterator, Protocol
@@ -31,7 +32,8 @@ from .plan import InputRef, Plan, TensorJob
 # from 1.28 to 1.65 GB.
 TENSOR_WORKERS = 2  # default of the environment variable MERGESMITH_TENSOR_WORKERS
 CHUNK_ELEMENTS = 1 << 22  # 4M elements (16 MB in float32) per input per chunk
-PREFETCH_BYTES = 1 << 28  # prefetch the next unit only when its float32 inputs fit in 256 MB
+PREFETCH_BYTES = 1 << 28  # units read ahead hold at most 256 MB of float32 inputs (a bigger unit is read when due)
+PREFETCH_UNITS = 3  # units read ahead at most
 TRIM_RSS_BYTES = 1280 << 20  # above this resident size, hand freed heap holes back to the OS (see _memory)
 
 
@@ -223,7 +225,7 @@ class Executor:
                 and bool(self.spec.raw_inputs(job.params, tuple(job.shape))))
 
     def _stream(self, units: list[Unit]) -> Iterator[tuple[Unit, Any]]:
-        """Yield (unit, loaded inputs) with the next unit prefetched in a reader thread.
+        """Yield (unit, loaded inputs) with the next units prefetched in a reader thread.
 
         A unit whose inputs exceed PREFETCH_BYTES (a whole embedding for a tensor-wise method) is
         loaded only after the previous unit is done, so two big units are never held at once."""
@@ -233,13 +235,22 @@ class Executor:
         # second intra-op team competing with the compute's for the same cores was 3-6x slower per op
         with ThreadPoolExecutor(1, thread_name_prefix="mergesmith-read", initializer=torch.set_num_threads,
                                 initargs=(1,)) as reader:
-            fut: Future | None = reader.submit(self._load, units[0])
+            ahead: deque[tuple[int, int, Future]] = deque([(0, 0, reader.submit(self._load, units[0]))])
+            nxt = 1  # the next unit to hand to the reader
             for k, unit in enumerate(units):
-                data = fut.result() if fut is not None else self._load(unit)
-                fut = None
-                nxt = units[k + 1] if k + 1 < len(units) else None
-                if nxt is not None and _input_bytes(nxt) <= PREFETCH_BYTES:
-                    fut = reader.submit(self._load, nxt)
+                if ahead and ahead[0][0] == k:
+                    data = ahead.popleft()[2].result()
+                else:  # a big unit: read now, after the previous one was let go
+                    data = self._load(unit)
+                    nxt = max(nxt, k + 1)
+                # read ahead (a reader that the kernel threads starve of CPU for a while still keeps them fed):
+                # up to PREFETCH_UNITS units and PREFETCH_BYTES in all, never a big unit
+                while nxt < len(units) and len(ahead) < PREFETCH_UNITS:
+                    size = _input_bytes(units[nxt])
+                    if size > PREFETCH_BYTES or sum(a[1] for a in ahead) + size > PREFETCH_BYTES:
+                        break
+                    ahead.append((nxt, size, reader.submit(self._load, units[nxt])))
+                    nxt += 1
                 yield unit, data
                 del data
                 trim_if_above(TRIM_RSS_BYTES)

@@ -142,7 +142,7 @@ def magprune(ctx, i: int, t: torch.Tensor, p) -> torch.Tensor:
     mode = p["rescale"]
     seed = ctx.seed_of(i)
     # q >= d - eps > 0 (check_window); the fused path skips rescale()'s clamp at 1e-12
-    if mode == "inverse_keep_prob" and _fast(t) and t.is_contiguous() and float(_q_of_rank(2, d, eps)[0]) >= 1e-12:
+    if mode == "inverse_keep_prob" and _fast(t) and t.is_contiguous() and float(_q_table(2, d, eps)[0]) >= 1e-12:
         return _magprune_fused_(t, d, eps, seed)
     q = magprune_probs(t, d, eps)
     mask = K.bernoulli_mask(t.shape, q, seed)
@@ -156,7 +156,7 @@ def magprune_block(ctx, i: int, p, row: int):
     d, eps = p["density"][i], p["epsilon"][i]
     if d >= 1:
         return lambda x, start: None
-    if p["rescale"] != "inverse_keep_prob" or row < 2 or float(_q_of_rank(2, d, eps)[0]) < 1e-12:
+    if p["rescale"] != "inverse_keep_prob" or row < 2 or float(_q_table(2, d, eps)[0]) < 1e-12:
         return None
     return MagPruneBlock(row, _q_table(row, d, eps), ctx.seed_of(i))
 
