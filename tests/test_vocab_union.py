@@ -48,6 +48,18 @@ def zoo(tmp_path_factory):
     return paths
 
 
+def _whole_equals_chunked(plan, rows: int) -> tuple:
+    """Run ``plan`` whole and in chunks of ``rows`` rows; assert equal outputs; the embedding's shape."""
+    from mergesmith.engine import DictSink, execute
+
+    whole, chunked = DictSink(plan), DictSink(plan)
+    execute(plan, whole)
+    execute(plan, chunked, chunk_elements=rows * 32)
+    for k in whole.tensors:
+        assert torch.equal(whole.tensors[k], chunked.tensors[k]), k
+    return tuple(whole.tensors[EMB].shape)
+
+
 def _merge(zoo, tmp_path, method="task_arithmetic", **extra):
     recipe = {"merge_method": method, "base_model": str(zoo["base"]),
               "models": [{"model": str(zoo["ft0"]), "parameters": {"weight": 0.3}},
@@ -116,18 +128,12 @@ def test_union_default_is_mergekit_tokenizer_block(zoo, tmp_path):
 def test_union_with_chunked_rows_equals_whole(zoo):
     """Element-wise methods stream embeddings in row chunks: the union rows must not depend on the chunking
     (a chunk of 7 rows cuts through the appended tokens)."""
-    from mergesmith.engine import DictSink, execute
     from mergesmith.run import plan_recipe
 
     plan = plan_recipe({"merge_method": "task_arithmetic", "base_model": str(zoo["base"]),
                         "models": [{"model": str(zoo["ft0"])}, {"model": str(zoo["ft1"])}],
                         "tokenizer_source": "union", "dtype": "float32"})
-    whole, chunked = DictSink(plan), DictSink(plan)
-    execute(plan, whole)
-    execute(plan, chunked, chunk_elements=7 * 32)
-    assert whole.tensors[EMB].shape == (67, 32)
-    for k in whole.tensors:
-        assert torch.equal(whole.tensors[k], chunked.tensors[k]), k
+    assert _whole_equals_chunked(plan, 7) == (67, 32)
     assert "model.embed_tokens.weight  [67, 32] float32" in plan.describe()
     assert plan.describe().count("re-indexed to the output vocabulary") == 2
 
@@ -152,7 +158,6 @@ def test_explicit_base_tokenizer_aligns_other_vocabularies(zoo, tmp_path):
 def test_pad_to_multiple_of_rows_are_each_inputs_mean_row(zoo, tmp_path):
     """tokenizer.pad_to_multiple_of: rows up to a multiple; each input's padding row is the mean of its
     aligned token rows (mergekit), then merged like any row. Chunking does not change it."""
-    from mergesmith.engine import DictSink, execute
     from mergesmith.run import plan_recipe
 
     out = _merge(zoo, tmp_path, tokenizer={"source": "union", "pad_to_multiple_of": 8}, tokenizer_source=None)
@@ -174,12 +179,7 @@ def test_pad_to_multiple_of_rows_are_each_inputs_mean_row(zoo, tmp_path):
             torch.testing.assert_close(got[name][k], want)
     plan = plan_recipe({"merge_method": "linear", "models": [{"model": str(zoo["ft0"])}, {"model": str(zoo["ft1"])}],
                         "tokenizer": {"pad_to_multiple_of": 16}, "dtype": "float32"})
-    whole, chunked = DictSink(plan), DictSink(plan)
-    execute(plan, whole)
-    execute(plan, chunked, chunk_elements=5 * 32)
-    assert whole.tensors[EMB].shape == (80, 32)
-    for k in whole.tensors:
-        assert torch.equal(whole.tensors[k], chunked.tensors[k]), k
+    assert _whole_equals_chunked(plan, 5) == (80, 32)
     with pytest.raises(MergeError, match="pad_to_multiple_of must be a whole number"):
         plan_recipe({"merge_method": "linear", "models": [{"model": str(zoo["ft0"])}], "tokenizer": {"pad_to_multiple_of": 0}})
     with pytest.raises(MergeError, match="unknown key"):
