@@ -33,7 +33,7 @@ def test_repo_ids_open_from_the_cache(tiny_zoo, tmp_path, monkeypatch):
     assert hub_cache.resolve("org/ft@nope") is None and hub_cache.resolve("org/missing") is None
     out = tmp_path / "out"
     run_recipe({"merge_method": "task_arithmetic", "base_model": "org/base",
-                "models": [{"model": "org/ft@v1", "parameters": {"weight": 0.5}}]}, out)
+                "models": [{"model": {"model": {"path": "org/ft", "revision": "v1"}}, "parameters": {"weight": 0.5}}]}, out)
     b, f, got = load_state(z["base"]), load_state(z["ft0"]), load_state(out)
     for k in b:
         torch.testing.assert_close(got[k], b[k] + 0.5 * (f[k] - b[k]))

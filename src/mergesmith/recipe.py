@@ -32,6 +32,14 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
+def _ref_of(m) -> str | None:
+    """``{path, revision}`` (or a plain string) as the string form ``path@revision``."""
+    if isinstance(m, dict):
+        path, rev = m.get("path"), m.get("revision")
+        return f"{path}@{rev}" if path and rev else (str(path) if path else None)
+    return str(m) if m else None
+
+
 class ModelEntry(_Strict):
     model: Any
     parameters: dict[str, Any] = Field(default_factory=dict)
@@ -39,14 +47,11 @@ class ModelEntry(_Strict):
     @field_validator("model", mode="before")
     @classmethod
     def _model_ref(cls, v):
-        if isinstance(v, dict):  # mergekit object form {model: {path: ...}, lora: {path: ...}}
-            m = v.get("model", v)
-            path = m.get("path") if isinstance(m, dict) else m
-            lora = v.get("lora")
-            lora = lora.get("path") if isinstance(lora, dict) else lora
+        if isinstance(v, dict):  # mergekit object form {model: {path, revision}, lora: {path, revision}}
+            path, lora = _ref_of(v.get("model", v)), _ref_of(v.get("lora"))
             if not path:
                 raise ValueError("model object needs a path")
-            return f"{path}+{lora}" if lora else str(path)
+            return f"{path}+{lora}" if lora else path
         return v
 
 
