@@ -742,3 +742,23 @@ def test_reader_runs_ahead_within_its_bounds(tiny_zoo, monkeypatch):
     prefetched = [e for e in log if e[2].startswith("mergesmith-read")]
     assert max(e[0] - e[1] for e in prefetched) > 1  # it did run more than one unit ahead
     assert max(e[3] for e in prefetched) <= 40  # the units read ahead never held more than the byte budget
+
+
+def test_a_tied_input_lends_its_embedding_as_the_missing_lm_head(tmp_path):
+    """An input with tied embeddings stores no lm_head.weight: where the output has one (an untied base), the
+    input's embedding stands in for it (mergekit's tied_names); with tie_word_embeddings false it is an error."""
+    import json as _json
+
+    from conftest import build_model
+
+    build_model("llama", 0).save_pretrained(tmp_path / "base")
+    build_model("llama", 1, tie_word_embeddings=True).save_pretrained(tmp_path / "tied")
+    out = tmp_path / "out"
+    run_recipe(recipe("task_arithmetic", tmp_path / "base", [tmp_path / "tied"], parameters={"lambda": 0.5}), out)
+    b, t, got = load_state(tmp_path / "base"), load_state(tmp_path / "tied"), load_state(out)
+    assert "lm_head.weight" not in t
+    torch.testing.assert_close(got["lm_head.weight"], b["lm_head.weight"] + 0.5 * (t["model.embed_tokens.weight"] - b["lm_head.weight"]))
+    cfg = _json.loads((tmp_path / "tied" / "config.json").read_text())
+    cfg["tie_word_embeddings"] = False
+    (tmp_path / "tied" / "config.json").write_text(_json.dumps(cfg))
+    _bad(tmp_path, recipe("task_arithmetic", tmp_path / "base", [tmp_path / "tied"]), "tensor 'lm_head.weight' is missing")

@@ -144,6 +144,25 @@ def _tied(ckpt: Checkpoint) -> bool:
     return bool(tied)
 
 
+TIED_TO = {"lm_head.weight": ("model.embed_tokens.weight", "transformer.wte.weight", "model.decoder.embed_tokens.weight",
+                              "embed_tokens.weight", "model.language_model.embed_tokens.weight")}
+
+
+def tensor_name(ck: Checkpoint, name: str) -> str:
+    """``name``, or for an output head an input with tied embeddings does not store (``lm_head.weight``
+    with ``tie_word_embeddings`` not false), the embedding it is tied to, as mergekit's ``tied_names`` do."""
+    if name in ck:
+        return name
+    tied = (ck.config or {}).get("tie_word_embeddings")
+    if tied is None and isinstance((ck.config or {}).get("text_config"), dict):
+        tied = ck.config["text_config"].get("tie_word_embeddings")
+    if tied is not False:
+        for alias in TIED_TO.get(name, ()):
+            if alias in ck:
+                return alias
+    raise MergeError(f"tensor '{name}' is missing from {ck.label}")
+
+
 def _is_embedding_like(name: str) -> bool:
     n = name.lower()
     return any(h in n for h in ("embed", "wte", "lm_head", "output.weight", "word_embeddings"))
@@ -251,21 +270,21 @@ class Planner:
             out[t] = (vocab.FIXED, i, int(row), force)
         return out
 
-    def _vocab_align(self, name: str, members: list[int], base: int | None):
+    def _vocab_align(self, name: str, members: list[int], base: int | None, names: dict[int, str]):
         """The vocabulary re-indexing (io.vocab) of tensor ``name`` read from inputs ``members``, or None when it
         is not indexed by the vocabulary (dim 0 = each input's vocab_size, an embedding-like name) or needs none
         (no union, and the same vocabulary size everywhere or no explicit tokenizer_source)."""
         if not _is_embedding_like(name) or "position" in name.lower():
             return None
         if self._vocab is None:
-            shapes = {self.inputs[i].meta(name).shape for i in members}
+            shapes = {self.inputs[i].meta(names[i]).shape for i in members}
             if self.recipe.tokenizer_donor is None or len(shapes) == 1 or len({s[1:] for s in shapes}) > 1:
                 return None
             self._vocab = self._output_vocab()  # tokenizer_source base / a model with other vocabularies
         from .io import vocab
 
         sizes = self._vocab.sizes
-        if not all(len(self.inputs[i].meta(name).shape) >= 1 and self.inputs[i].meta(name).shape[0] == sizes[i] for i in members):
+        if not all(len(self.inputs[i].meta(names[i]).shape) >= 1 and self.inputs[i].meta(names[i]).shape[0] == sizes[i] for i in members):
             return None
         return vocab.align_for(self._vocab, members, base, self.recipe.vocab_pad, self._token_settings(members))
 
@@ -330,17 +349,15 @@ class Planner:
                 jobs.append(TensorJob(name, meta.shape, meta.dtype, None, None, [InputRef(ref_i, name)], Params(), layer, n_layers))
                 continue
             all_idx = ([base_idx] if base_idx is not None else []) + model_idx
-            for i in all_idx:
-                if name not in self.inputs[i]:
-                    raise MergeError(f"tensor '{name}' is missing from {self.inputs[i].label}")
-            align = self._vocab_align(name, all_idx, base_idx)
+            names = {i: tensor_name(self.inputs[i], name) for i in all_idx}
+            align = self._vocab_align(name, all_idx, base_idx, names)
             if align is not None:
                 shape, rows = (align.size,) + tuple(meta.shape[1:]), None
             else:
-                shape, rows = self._common_shape(name, [(i, name) for i in all_idx])
+                shape, rows = self._common_shape(name, [(i, names[i]) for i in all_idx])
             params = resolve_params(spec, name, _t_of(layer, n_layers), [r.parameters], model_params)
-            base = InputRef(base_idx, name, rows) if base_idx is not None else None
-            models = [InputRef(i, name, rows) for i in model_idx]
+            base = InputRef(base_idx, names[base_idx], rows) if base_idx is not None else None
+            models = [InputRef(i, names[i], rows) for i in model_idx]
             jobs.append(TensorJob(name, shape, out_dtype or meta.dtype, spec.name, base, models, params, layer, n_layers,
                                   align))
         cfg = self._config_with_vocab(ref, jobs)
@@ -442,7 +459,7 @@ class Planner:
                 is_pre = any(h in name for h in PRE_LAYER_HINTS)
                 if (which == "pre") != is_pre:
                     continue
-                refs = [(idx[k], name) for k in range(len(srcs))]
+                refs = [(idx[k], tensor_name(self.inputs[idx[k]], name)) for k in range(len(srcs))]
                 job = self._slice_job(spec, s, srcs, refs, base_pos, non_base, name, name, 0.0, None, out_dtype)
                 job.num_layers = total
                 (pre if which == "pre" else post).append(job)
