@@ -762,3 +762,25 @@ def test_a_tied_input_lends_its_embedding_as_the_missing_lm_head(tmp_path):
     cfg["tie_word_embeddings"] = False
     (tmp_path / "tied" / "config.json").write_text(_json.dumps(cfg))
     _bad(tmp_path, recipe("task_arithmetic", tmp_path / "base", [tmp_path / "tied"]), "tensor 'lm_head.weight' is missing")
+
+
+def test_buffers_only_some_inputs_store_are_copied_from_the_reference(tmp_path):
+    """Older checkpoints store computed buffers (rotary inv_freq, GPT-2's attn.bias mask) that newer ones do
+    not: copied from the reference input with a warning instead of a missing-tensor error."""
+    from safetensors.torch import load_file, save_file
+
+    from conftest import build_model
+
+    build_model("llama", 0).save_pretrained(tmp_path / "old")
+    build_model("llama", 1).save_pretrained(tmp_path / "new")
+    sd = load_file(tmp_path / "old" / "model.safetensors")
+    inv = 1.0 / (10000 ** (torch.arange(0, 8, 2).float() / 8))
+    sd["model.layers.0.self_attn.rotary_emb.inv_freq"] = inv
+    save_file(sd, tmp_path / "old" / "model.safetensors", metadata={"format": "pt"})
+    plan = run_recipe(recipe("task_arithmetic", tmp_path / "old", [tmp_path / "new"]), tmp_path / "out")
+    got = load_state(tmp_path / "out")
+    assert torch.equal(got["model.layers.0.self_attn.rotary_emb.inv_freq"], inv)
+    assert any("inv_freq: a buffer not every input stores" in w for w in plan.warnings)
+    sd["model.layers.0.self_attn.q_proj.extra"] = torch.ones(2)  # not a known buffer: still an error
+    save_file(sd, tmp_path / "old" / "model.safetensors", metadata={"format": "pt"})
+    _bad(tmp_path, recipe("task_arithmetic", tmp_path / "old", [tmp_path / "new"]), "tensor 'model.layers.0.self_attn.q_proj.extra' is missing")

@@ -144,6 +144,9 @@ def _tied(ckpt: Checkpoint) -> bool:
     return bool(tied)
 
 
+# computed buffers that older checkpoints store and newer ones do not (transformers rebuilds them): when only
+# some inputs have one, the reference input's copy is written
+BUFFER_SUFFIXES = ("rotary_emb.inv_freq", "attn.bias", "attn.masked_bias", "embeddings.position_ids")
 TIED_TO = {"lm_head.weight": ("model.embed_tokens.weight", "transformer.wte.weight", "model.decoder.embed_tokens.weight",
                               "embed_tokens.weight", "model.language_model.embed_tokens.weight")}
 
@@ -349,6 +352,10 @@ class Planner:
                 jobs.append(TensorJob(name, meta.shape, meta.dtype, None, None, [InputRef(ref_i, name)], Params(), layer, n_layers))
                 continue
             all_idx = ([base_idx] if base_idx is not None else []) + model_idx
+            if name.endswith(BUFFER_SUFFIXES) and any(name not in self.inputs[i] for i in all_idx):
+                self.warnings.append(f"{name}: a buffer not every input stores; copied from {ref.label}")
+                jobs.append(TensorJob(name, meta.shape, meta.dtype, None, None, [InputRef(ref_i, name)], Params(), layer, n_layers))
+                continue
             names = {i: tensor_name(self.inputs[i], name) for i in all_idx}
             align = self._vocab_align(name, all_idx, base_idx, names)
             if align is not None:
