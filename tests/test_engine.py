@@ -784,3 +784,20 @@ def test_buffers_only_some_inputs_store_are_copied_from_the_reference(tmp_path):
     sd["model.layers.0.self_attn.q_proj.extra"] = torch.ones(2)  # not a known buffer: still an error
     save_file(sd, tmp_path / "old" / "model.safetensors", metadata={"format": "pt"})
     _bad(tmp_path, recipe("task_arithmetic", tmp_path / "old", [tmp_path / "new"]), "tensor 'model.layers.0.self_attn.q_proj.extra' is missing")
+
+
+def test_cli_takes_mergekit_yaml_style_arguments(tiny_zoo, tmp_path, capsys):
+    """`mergesmith merge recipe.yml out/` as `mergekit-yaml recipe.yml out/`, with its flag names for the
+    shard size and the seed; one output folder only."""
+    z = tiny_zoo("llama")
+    (tmp_path / "r.yml").write_text(yaml.safe_dump(recipe("dare_ties", z["base"], [z["ft0"], z["ft1"]],
+                                                          parameters={"density": 0.5})))
+    assert cli("merge", tmp_path / "r.yml", tmp_path / "a", "--random-seed", 7, "--out-shard-size", "20KB", "-q") == 0
+    assert cli("merge", tmp_path / "r.yml", "-o", tmp_path / "b", "--seed", 7, "--shard-size", "20KB", "-q") == 0
+    a, b = load_state(tmp_path / "a"), load_state(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert len(list((tmp_path / "a").glob("*.safetensors"))) > 1
+    assert cli("merge", tmp_path / "r.yml") == 2
+    assert "give the output folder" in capsys.readouterr().err
+    assert cli("merge", tmp_path / "r.yml", tmp_path / "c", "-o", tmp_path / "d") == 2
+    assert "two output folders" in capsys.readouterr().err

@@ -51,17 +51,27 @@ def run_user_errors(fn, *args, **kwargs):
 @app.command()
 def merge(
     recipe: Path = typer.Argument(..., help="recipe YAML (mergekit-compatible)"),
-    out: Path = typer.Option(..., "-o", "--out", help="output folder"),
+    out_arg: Optional[Path] = typer.Argument(None, metavar="[OUT]", help="output folder (as mergekit-yaml's), or -o"),
+    out: Optional[Path] = typer.Option(None, "-o", "--out", help="output folder"),
     dry_run: bool = typer.Option(False, "--dry-run", help="validate and print the plan; read no weights"),
     device: str = typer.Option("cpu", "--device", help="compute device: cpu, cuda, cuda:1, auto"),
+    cuda: bool = typer.Option(False, "--cuda", help="the same as --device cuda (mergekit-yaml's flag)"),
     threads: Optional[int] = typer.Option(None, "--threads", "-j", help="compute threads (default: all cores)"),
-    shard_size: str = typer.Option("2GB", "--shard-size", help="maximum output shard size, e.g. 400MB, 5GB"),
+    shard_size: str = typer.Option("2GB", "--shard-size", "--out-shard-size", help="maximum output shard size, e.g. 400MB, 5GB"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing non-empty output folder"),
-    seed: Optional[int] = typer.Option(None, "--seed", help="random seed (overrides the recipe's)"),
+    seed: Optional[int] = typer.Option(None, "--seed", "--random-seed", help="random seed (overrides the recipe's)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
 ):
-    """Merge the models of RECIPE into OUT."""
+    """Merge the models of RECIPE into OUT (`mergesmith merge recipe.yml out/` or `-o out/`)."""
     from .run import run_recipe
+
+    if out is not None and out_arg is not None and out != out_arg:
+        fail(f"two output folders given: {out_arg} and -o {out}")
+    out = out or out_arg
+    if out is None:
+        fail("give the output folder: mergesmith merge RECIPE OUT (or -o OUT)")
+    if cuda:
+        device = "cuda"
 
     def go():
         result = run_recipe(
