@@ -801,3 +801,15 @@ def test_cli_takes_mergekit_yaml_style_arguments(tiny_zoo, tmp_path, capsys):
     assert "give the output folder" in capsys.readouterr().err
     assert cli("merge", tmp_path / "r.yml", tmp_path / "c", "-o", tmp_path / "d") == 2
     assert "two output folders" in capsys.readouterr().err
+
+
+def test_inputs_in_different_float_dtypes_need_a_dtype(tmp_path):
+    """bf16 + fp16 inputs without `dtype:`: a planning error naming the fix; with it, the merge runs."""
+    from conftest import build_model
+
+    build_model("llama", 0).to(torch.bfloat16).save_pretrained(tmp_path / "a")
+    build_model("llama", 1).to(torch.float16).save_pretrained(tmp_path / "b")
+    r = recipe("linear", None, [tmp_path / "a", tmp_path / "b"])
+    _bad(tmp_path, r, r"dtype mismatch for '.*': inputs store bfloat16, float16; set `dtype:`")
+    run_recipe({**r, "dtype": "float16"}, tmp_path / "out")
+    assert all(t.dtype == torch.float16 for t in load_state(tmp_path / "out").values())

@@ -357,6 +357,7 @@ class Planner:
                 jobs.append(TensorJob(name, meta.shape, meta.dtype, None, None, [InputRef(ref_i, name)], Params(), layer, n_layers))
                 continue
             names = {i: tensor_name(self.inputs[i], name) for i in all_idx}
+            self._check_dtypes(name, list(names.items()), out_dtype)
             align = self._vocab_align(name, all_idx, base_idx, names)
             if align is not None:
                 shape, rows = (align.size,) + tuple(meta.shape[1:]), None
@@ -376,6 +377,17 @@ class Planner:
             self.warnings.append("tie_word_embeddings is set: lm_head.weight is not written (it stays tied)")
             names = [n for n in names if n != "lm_head.weight"]
         return names
+
+    def _check_dtypes(self, name: str, refs: list[tuple[int, str]], out_dtype) -> None:
+        """Inputs stored in different float dtypes need ``dtype:`` / ``out_dtype:``: which one to write would
+        be a guess (mergekit promotes bf16 + fp16 to a float32 output, twice the size)."""
+        if out_dtype is not None:
+            return
+        dtypes = {self.inputs[i].meta(t).dtype for i, t in refs}
+        if len(dtypes) > 1:
+            names = ", ".join(sorted(str(d).replace("torch.", "") for d in dtypes))
+            raise MergeError(f"dtype mismatch for '{name}': inputs store {names}; set `dtype:` (and/or `out_dtype:`) "
+                             "in the recipe, e.g. dtype: bfloat16")
 
     def _common_shape(self, name: str, refs: list[tuple[int, str]]):
         shapes = []
@@ -488,6 +500,7 @@ class Planner:
             raise MergeError(f"tensor '{ref_name}' is missing from {self.inputs[ref_i].label}")
         if meta.dtype not in FLOAT_DTYPES:
             return TensorJob(out_name, meta.shape, meta.dtype, None, None, [InputRef(ref_i, ref_name)], Params(), out_layer, None)
+        self._check_dtypes(name, refs, out_dtype)
         shape, rows = self._common_shape(name, refs)
         model_params = [[srcs[k].parameters, s.parameters] for k in non_base]
         params = resolve_params(spec, name, t, [s.parameters, self.recipe.parameters], model_params)
