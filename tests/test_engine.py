@@ -813,3 +813,25 @@ def test_inputs_in_different_float_dtypes_need_a_dtype(tmp_path):
     _bad(tmp_path, r, r"dtype mismatch for '.*': inputs store bfloat16, float16; set `dtype:`")
     run_recipe({**r, "dtype": "float16"}, tmp_path / "out")
     assert all(t.dtype == torch.float16 for t in load_state(tmp_path / "out").values())
+
+
+def test_frankenmerge_rebuilds_per_layer_config_lists(tmp_path):
+    """Gemma2/Qwen2-style `layer_types` (one entry per layer) follow the slices' source layers, so the
+    output config validates and loads; each output layer keeps its source layer's attention type."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model("gemma2", hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+                               num_key_value_heads=2, head_dim=8, vocab_size=64, max_position_embeddings=64)
+    for s in range(2):
+        torch.manual_seed(s)
+        AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / f"m{s}")
+    types = cfg.layer_types
+    out = tmp_path / "out"
+    run_recipe({"merge_method": "passthrough", "slices": [
+        {"sources": [{"model": str(tmp_path / "m0"), "layer_range": [0, 2]}]},
+        {"sources": [{"model": str(tmp_path / "m1"), "layer_range": [1, 3]}]}]}, out)
+    got = json.loads((out / "config.json").read_text())
+    assert got["num_hidden_layers"] == 4
+    assert got["layer_types"] == [types[0], types[1], types[1], types[2]]
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()

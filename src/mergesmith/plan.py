@@ -427,6 +427,7 @@ class Planner:
         out_layer = 0
         first_ref = None
         slice_inputs = []
+        layer_from: list[tuple[int, int]] = []  # (input, its layer) each output layer takes its config from
         for si, s in enumerate(r.slices):
             base_ref = s.base_model or r.base_model
             srcs = list(s.sources)
@@ -457,6 +458,7 @@ class Planner:
                 ref_k = base_pos if base_pos is not None else 0
                 ref_ck = self.inputs[idx[ref_k]]
                 src_layer = srcs[ref_k].layer_range[0] + off
+                layer_from.append((idx[ref_k], src_layer))
                 for name in ref_ck.keys():
                     if layer_index(name, pattern) != src_layer:
                         continue
@@ -488,9 +490,11 @@ class Planner:
         ref = self.inputs[first_ref]
         cfg = self._config_with_vocab(ref, jobs)
         if cfg is not None:
+            n_ref = num_layers_of(ref, pattern)
             for key in ("num_hidden_layers", "n_layer", "num_layers"):
                 if key in cfg:
                     cfg[key] = total
+            _relayer_config(cfg, n_ref, [(self.inputs[i].config or {}, layer) for i, layer in layer_from])
         return jobs, ref, cfg
 
     def _slice_job(self, spec, s, srcs, refs, base_pos, non_base, name, out_name, t, out_layer, out_dtype):
@@ -507,6 +511,22 @@ class Planner:
         base = InputRef(refs[base_pos][0], refs[base_pos][1], rows) if base_pos is not None else None
         models = [InputRef(refs[k][0], refs[k][1], rows) for k in non_base]
         return TensorJob(out_name, shape, out_dtype or meta.dtype, spec.name, base, models, params, out_layer, None)
+
+
+def _relayer_config(cfg: dict, n_layers: int | None, layer_from: list[tuple[dict, int]]) -> None:
+    """Per-layer config lists of a frankenmerge (``layer_types`` of Qwen2/Gemma2/..., any list as long as the
+    reference's layer count) rebuilt from the source layer of each output layer, so the output config
+    validates and each layer keeps its attention type."""
+    if not n_layers:
+        return
+    for key, value in list(cfg.items()):
+        if not isinstance(value, list) or len(value) != n_layers:
+            continue
+        rebuilt = []
+        for src_cfg, layer in layer_from:
+            own = src_cfg.get(key)
+            rebuilt.append(own[layer] if isinstance(own, list) and len(own) > layer else value[min(layer, n_layers - 1)])
+        cfg[key] = rebuilt
 
 
 def jobs_dtype(jobs: list[TensorJob]) -> torch.dtype | None:
