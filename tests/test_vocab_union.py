@@ -217,6 +217,29 @@ def test_per_token_sources(zoo, tmp_path):
             _merge(zoo, tmp_path / "bad", tokenizer={"source": "union", "tokens": settings}, tokenizer_source=None)
 
 
+def test_padded_embeddings_keep_their_rows(tmp_path):
+    """Embeddings with padding rows past the vocabulary (Qwen2.5: 152064 rows, 151665 tokens) keep the base's
+    row count: the padding rows are each input's own, or its mean aligned row where it has none. With inputs
+    of one tokenizer the union merge equals the plain merge (mergekit cuts the rows to the vocabulary)."""
+    for name, rows in (("base", 72), ("ft0", 72), ("ft1", 64)):
+        build_model("llama", {"base": 0, "ft0": 1, "ft1": 2}[name], vocab_size=rows).save_pretrained(tmp_path / name)
+        _save_tokenizer(tmp_path / name)
+    rec = {"merge_method": "task_arithmetic", "base_model": str(tmp_path / "base"),
+           "models": [{"model": str(tmp_path / "ft0"), "parameters": {"weight": 0.5}}], "dtype": "float32"}
+    run_recipe(rec, tmp_path / "plain")
+    run_recipe({**rec, "tokenizer_source": "union"}, tmp_path / "union")
+    plain, union = load_state(tmp_path / "plain"), load_state(tmp_path / "union")
+    assert json.loads((tmp_path / "union" / "config.json").read_text())["vocab_size"] == 72
+    assert all(torch.equal(plain[k], union[k]) for k in plain)
+    rec["models"].append({"model": str(tmp_path / "ft1"), "parameters": {"weight": 0.25}})
+    run_recipe({**rec, "tokenizer_source": "union"}, tmp_path / "three")
+    b, f0, f1, got = (load_state(tmp_path / k) for k in ("base", "ft0", "ft1", "three"))
+    for name in (EMB, HEAD):
+        mean1 = f1[name].double().mean(0).float()  # ft1 has no rows 64..71: its mean row stands in
+        want = b[name][64:] + 0.5 * (f0[name][64:] - b[name][64:]) + 0.25 * (mean1 - b[name][64:])
+        torch.testing.assert_close(got[name][64:], want)
+
+
 def test_union_errors(zoo, tmp_path):
     with pytest.raises(MergeError, match="slices"):
         run_recipe({"merge_method": "passthrough", "tokenizer_source": "union",

@@ -16,7 +16,9 @@ inputs that have it (float32, then the stored dtype; mergekit averages in its wo
 The ``tokenizer:`` block's ``tokens`` settings replace that default per token (a model's row of the token,
 a fixed row ``{kind: model_token, model, token | token_id}``, ``{kind: zero}``; ``force`` gives it to every
 input; tokens no input has are added), and ``pad_to_multiple_of`` appends rows equal to each input's mean
-aligned row. Inputs are merged as usual afterwards. Tokenizers are read with ``transformers`` (imported
+aligned row. Without it, a base whose embedding has more rows than the output vocabulary (padding rows,
+Qwen2.5's 152064 for 151665 tokens) keeps its row count: the rows past the vocabulary are each input's
+own rows there, or its mean aligned row (mergekit cuts them away, its issue #425). Inputs are merged as usual afterwards. Tokenizers are read with ``transformers`` (imported
 here only).
 """
 from __future__ import annotations
@@ -46,6 +48,7 @@ class VocabAlign:
     fill: np.ndarray
     force: np.ndarray | None = None  # tokens whose default row every input takes (``force: true``)
     fixed: dict = field(default_factory=dict)  # token -> (input, row): a ``model_token`` source
+    keep_rows: bool = False  # rows past the vocabulary are the base's padding rows kept: inputs' own rows there
     means: dict = field(default_factory=dict, compare=False, repr=False)  # input -> mean row, made once
 
     def rows(self, inputs: list, refs: list, rows: tuple[int, int] | None) -> list[torch.Tensor]:
@@ -53,9 +56,19 @@ class VocabAlign:
         a, b = rows if rows is not None else (0, self.size)
         v = len(self.fill)
         got = self._tokens(inputs, refs, min(a, v), min(b, v))
-        if b > v:
-            mean = self._means(inputs, refs)
-            got = [torch.cat([t, mean[ref.model].expand((b - max(a, v),) + tuple(t.shape[1:]))]) for ref, t in zip(refs, got)]
+        if b > v:  # rows past the vocabulary: the input's own row there if it has one, else its mean row
+            lo = max(a, v)
+            out = []
+            for ref, t in zip(refs, got):
+                have = min(b, inputs[ref.model].meta(ref.name).shape[0]) if self.keep_rows else lo
+                parts = [t]
+                if have > lo:
+                    parts.append(inputs[ref.model].get(ref.name, (lo, have)))
+                if b > max(have, lo):
+                    row = self._means(inputs, refs)[ref.model]
+                    parts.append(row.expand((b - max(have, lo),) + tuple(t.shape[1:])))
+                out.append(torch.cat(parts))
+            got = out
         return got
 
     def _tokens(self, inputs: list, refs: list, a: int, b: int) -> list[torch.Tensor]:
@@ -220,7 +233,7 @@ def _copy(tok):
 def align_for(vocab: OutputVocab, members: list[int], base: int | None, pad: int | None = None,
               tokens: dict | None = None) -> VocabAlign:
     """The :class:`VocabAlign` of a tensor read from inputs ``members``: mergekit's default rows, rows padded
-    to a multiple of ``pad``; ``tokens`` = {output token id: (kind, input, row, force)} from the recipe's
+    to a multiple of ``pad`` (else the base's row count kept, see below); ``tokens`` = {output token id: (kind, input, row, force)} from the recipe's
     per-token settings (kind ZERO, FIXED with that input's row, or an input index: its row of the token)."""
     src = vocab.src
     size = vocab.size
@@ -239,5 +252,10 @@ def align_for(vocab: OutputVocab, members: list[int], base: int | None, pad: int
         force[t] = forced
         if kind == FIXED:
             fixed[t] = (i, row)
-    rows = -(-size // pad) * pad if pad else size
-    return VocabAlign(rows, {i: src[i] for i in members}, fill, force if force.any() else None, fixed)
+    # rows: mergekit's pad_to_multiple_of when given; else the vocabulary, or the base's row count when that
+    # is larger (padded embeddings such as Qwen2.5's 152064 rows for 151665 tokens keep their shape, where
+    # mergekit cuts them to the vocabulary: its issue #425)
+    ref = base if base is not None else members[0]
+    rows = -(-size // pad) * pad if pad else max(size, vocab.sizes[ref])
+    return VocabAlign(rows, {i: src[i] for i in members}, fill, force if force.any() else None, fixed,
+                      keep_rows=not pad)
