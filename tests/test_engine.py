@@ -835,3 +835,18 @@ def test_frankenmerge_rebuilds_per_layer_config_lists(tmp_path):
     assert got["layer_types"] == [types[0], types[1], types[1], types[2]]
     model = AutoModelForCausalLM.from_pretrained(out)
     assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+
+
+def test_config_differences_between_inputs_are_warned(tmp_path):
+    """Same shapes, different RoPE base / context length: the output takes the reference's config values,
+    and says so (the weights cannot show it)."""
+    from conftest import build_model
+
+    build_model("llama", 0).save_pretrained(tmp_path / "a")
+    build_model("llama", 1, rope_theta=500000.0, max_position_embeddings=128).save_pretrained(tmp_path / "b")
+    plan = run_recipe(recipe("linear", None, [tmp_path / "a", tmp_path / "b"]), tmp_path / "out")
+    text = "\n".join(plan.warnings)
+    assert "config `max_position_embeddings` (128, 64)" in text and "500000" in text
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["max_position_embeddings"] == 64
+    plan = run_recipe(recipe("linear", None, [tmp_path / "a", tmp_path / "a"]), tmp_path / "same")
+    assert not any("inputs differ in config" in w for w in plan.warnings)

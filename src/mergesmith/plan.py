@@ -144,6 +144,9 @@ def _tied(ckpt: Checkpoint) -> bool:
     return bool(tied)
 
 
+CONFIG_KEYS_TO_COMPARE = ("max_position_embeddings", "rope_theta", "rope_scaling", "rope_parameters", "sliding_window",
+                          "num_attention_heads", "num_key_value_heads", "head_dim", "rms_norm_eps",
+                          "layer_norm_eps", "hidden_act", "model_type")
 # computed buffers that older checkpoints store and newer ones do not (transformers rebuilds them): when only
 # some inputs have one, the reference input's copy is written
 BUFFER_SUFFIXES = ("rotary_emb.inv_freq", "attn.bias", "attn.masked_bias", "embeddings.position_ids")
@@ -225,12 +228,25 @@ class Planner:
                 cfg["torch_dtype"] = name
                 if "dtype" in cfg or "transformers_version" in cfg:
                     cfg["dtype"] = name
+        self._warn_config_differences(ref)
         aligned = [j.align for j in jobs if j.align is not None]
         if aligned and cfg is not None:
             cfg["vocab_size"] = aligned[0].size
         built = self._vocab.tokenizer if self._vocab is not None and self._vocab.built else None
         return Plan(method=spec, inputs=self.inputs, jobs=jobs, seed=self.seed, config=cfg, recipe=r,
                     tokenizer_donor=donor, warnings=self.warnings, tokenizer=built)
+
+    def _warn_config_differences(self, ref: Checkpoint) -> None:
+        """Inputs whose configs differ in what the weights do not show (context length, RoPE, attention
+        heads, norm eps): the output takes the reference's, said in a warning (mergekit is silent: its #667)."""
+        cfgs = [(c.label, c.config) for c in self.inputs if c.config]
+        if ref.config is None or len(cfgs) < 2:
+            return
+        for key in CONFIG_KEYS_TO_COMPARE:
+            values = {json.dumps(cfg.get(key), sort_keys=True) for _, cfg in cfgs if key in cfg}
+            if len(values) > 1:
+                self.warnings.append(f"inputs differ in config `{key}` ({', '.join(sorted(values))}); the output "
+                                     f"takes {ref.label}'s: {json.dumps(ref.config.get(key))}")
 
     def _output_vocab(self):
         """The output vocabulary of ``tokenizer_source`` / ``tokenizer:`` (io.vocab.OutputVocab)."""
