@@ -70,7 +70,7 @@ class Plan:
     recipe: Recipe | None = None
     tokenizer_donor: Checkpoint | None = None
     warnings: list[str] = field(default_factory=list)
-    tokenizer: Any = None  # the union tokenizer to save (tokenizer_source: union) instead of copying files
+    tokenizer: Any = None  # a built tokenizer to save (union, or tokens added) instead of copying files
 
     @property
     def output_bytes(self) -> int:
@@ -259,36 +259,6 @@ class Planner:
         source = None if tok == "union" else order[0] if tok in (None, "base") else self._input(tok)
         return vocab.aligned_vocab(self.inputs, order, order[0], source, tuple(r.vocab_tokens or ()))
 
-    def _token_settings(self, members: list[int]) -> dict:
-        """The recipe's ``tokenizer.tokens`` as {output token id: (kind, input, row, force)} (io.vocab.align_for)."""
-        from .io import vocab
-
-        out = {}
-        ids = self._vocab.tokenizer.get_vocab()
-        for token, cfg in (self.recipe.vocab_tokens or {}).items():
-            t, src, force = ids[token], cfg["source"], bool(cfg.get("force", False))
-            if isinstance(src, dict) and src["kind"] == "zero":
-                out[t] = (vocab.ZERO, -1, -1, force)
-                continue
-            ref = src["model"] if isinstance(src, dict) else src
-            i = self._input(ref)
-            if i not in members:
-                raise MergeError(f"tokenizer.tokens['{token}']: source model {ref} is not an input of the merge")
-            if not isinstance(src, dict):
-                if self._vocab.src[i][t] < 0:
-                    raise MergeError(f"tokenizer.tokens['{token}']: {ref} has no token '{token}'")
-                out[t] = (i, i, -1, force)
-                continue
-            row = src.get("token_id")
-            if row is None:
-                row = self._vocab.vocabs[i].get(src["token"])
-                if row is None:
-                    raise MergeError(f"tokenizer.tokens['{token}']: {ref} has no token '{src['token']}'")
-            if not 0 <= row < self._vocab.sizes[i]:
-                raise MergeError(f"tokenizer.tokens['{token}']: token id {row} is out of range for {ref}")
-            out[t] = (vocab.FIXED, i, int(row), force)
-        return out
-
     def _vocab_align(self, name: str, members: list[int], base: int | None, names: dict[int, str]):
         """The vocabulary re-indexing (io.vocab) of tensor ``name`` read from inputs ``members``, or None when it
         is not indexed by the vocabulary (dim 0 = each input's vocab_size, an embedding-like name) or needs none
@@ -305,7 +275,8 @@ class Planner:
         sizes = self._vocab.sizes
         if not all(len(self.inputs[i].meta(names[i]).shape) >= 1 and self.inputs[i].meta(names[i]).shape[0] == sizes[i] for i in members):
             return None
-        return vocab.align_for(self._vocab, members, base, self.recipe.vocab_pad, self._token_settings(members))
+        tokens = vocab.token_settings(self._vocab, self.recipe.vocab_tokens, members, self._input)
+        return vocab.align_for(self._vocab, members, base, self.recipe.vocab_pad, tokens)
 
     def _validate_jobs(self, spec: MethodSpec, jobs: list[TensorJob]) -> None:
         """Method-specific parameter checks for every tensor, and the statistics pass's own check."""
@@ -399,7 +370,7 @@ class Planner:
         be a guess (mergekit promotes bf16 + fp16 to a float32 output, twice the size)."""
         if out_dtype is not None:
             return
-        dtypes = {self.inputs[i].meta(t).dtype for i, t in refs}
+        dtypes = {self.inputs[i].meta(t).dtype for i, t in refs if t in self.inputs[i]}  # missing: _common_shape
         if len(dtypes) > 1:
             names = ", ".join(sorted(str(d).replace("torch.", "") for d in dtypes))
             raise MergeError(f"dtype mismatch for '{name}': inputs store {names}; set `dtype:` (and/or `out_dtype:`) "

@@ -230,6 +230,36 @@ def _copy(tok):
         return AutoTokenizer.from_pretrained(d, use_fast=True, trust_remote_code=False)
 
 
+def token_settings(vocab: OutputVocab, tokens: dict | None, members: list[int], input_of) -> dict:
+    """The recipe's ``tokenizer.tokens`` (validated by the recipe schema) as {output token id: (kind, input,
+    row, force)} for :func:`align_for`; ``input_of`` maps a model reference to its plan input index."""
+    out = {}
+    ids = vocab.tokenizer.get_vocab()
+    for token, cfg in (tokens or {}).items():
+        t, src, force = ids[token], cfg["source"], bool(cfg.get("force", False))
+        if isinstance(src, dict) and src["kind"] == "zero":
+            out[t] = (ZERO, -1, -1, force)
+            continue
+        ref = src["model"] if isinstance(src, dict) else src
+        i = input_of(ref)
+        if i not in members:
+            raise MergeError(f"tokenizer.tokens['{token}']: source model {ref} is not an input of the merge")
+        if not isinstance(src, dict):  # that model's own row of the token
+            if vocab.src[i][t] < 0:
+                raise MergeError(f"tokenizer.tokens['{token}']: {ref} has no token '{token}'")
+            out[t] = (i, i, -1, force)
+            continue
+        row = src.get("token_id")
+        if row is None:
+            row = vocab.vocabs[i].get(src["token"])
+            if row is None:
+                raise MergeError(f"tokenizer.tokens['{token}']: {ref} has no token '{src['token']}'")
+        if not 0 <= row < vocab.sizes[i]:
+            raise MergeError(f"tokenizer.tokens['{token}']: token id {row} is out of range for {ref}")
+        out[t] = (FIXED, i, int(row), force)
+    return out
+
+
 def align_for(vocab: OutputVocab, members: list[int], base: int | None, pad: int | None = None,
               tokens: dict | None = None) -> VocabAlign:
     """The :class:`VocabAlign` of a tensor read from inputs ``members``: mergekit's default rows, rows padded
