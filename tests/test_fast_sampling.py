@@ -137,6 +137,22 @@ def test_stream_blocks_are_slices_of_one_stream():
     assert np.array_equal(u, (full >> 8).astype(np.float64) / 2 ** 24) and u.dtype == np.float32
 
 
+def test_torch_words_are_the_stream(monkeypatch):
+    """The torch form of the stream (drawn on a GPU where the merge runs) gives the CPU words bit for bit,
+    at odd and even starts, for seeds over 2^63 and negative ones; the device mask equals the CPU mask for a
+    scalar and a per-element keep probability, also across its chunks."""
+    for seed in (99, 0, 2 ** 63 + 12345, -5):
+        for a, c in [(0, 1), (1, 1), (1, 2), (3, 1000), (4000, 1001)]:
+            got = S.words_torch(seed, a, c, "cpu")
+            assert got.dtype == torch.int64 and np.array_equal(got.numpy(), S.words(seed, a, c).astype(np.int64)), (seed, a, c)
+    monkeypatch.setattr(S, "DEVICE_CHUNK", 777)  # several chunks, cut at odd elements
+    g = torch.Generator().manual_seed(0)
+    p = torch.rand(40, 50, generator=g)
+    for keep in (0.3, p):
+        want = S.bernoulli_mask((40, 50), keep, 7)
+        assert torch.equal(S._device_mask((40, 50), keep, 7, torch.device("cpu")), want)
+
+
 def test_word_threshold_is_exact():
     for p in (0.0, 1e-9, 2 ** -24, 0.1, 1 / 3, 0.5, 0.7, 0.9999999, 1 - 2 ** -24, 1 - 2 ** -30, 1.0, 1.5, -0.2):
         thr = S.word_threshold(p)

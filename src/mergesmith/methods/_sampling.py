@@ -13,9 +13,9 @@ cut into 32-bit words w_2m = low half of r_m, w_2m+1 = high half. Element k of a
 
 The stream is counter-based: any block of elements is drawn on its own from its first element's index
 (no serial state to jump), so blocks run on several threads, the kernels draw inside their own loops,
-and the bits depend on neither the thread count nor the device (the draw is made on the CPU). The
-numba kernels (``_fused_kernels.stream_words``) and the numpy form below give the same words (tested
-against the published SplitMix64 outputs). numpy releases the GIL in its ufuncs and sorts.
+and the bits depend on neither the thread count nor the device. The numba kernels
+(``_fused_kernels.stream_words``), the numpy form and the torch form (:func:`words_torch`, which draws on a
+GPU where the merge runs) give the same words (tested against the published SplitMix64 outputs). numpy releases the GIL in its ufuncs and sorts.
 """
 from __future__ import annotations
 
@@ -118,6 +118,55 @@ def run_blocks(total: int, step: int, fn: Callable[[int, int], None]) -> None:
         f.result()
 
 
+def _s64(v: int) -> int:
+    """An unsigned 64-bit constant as the int64 with the same bits (torch has no uint64 arithmetic)."""
+    v &= _MASK64
+    return v - (1 << 64) if v >> 63 else v
+
+
+def _lsr(z: torch.Tensor, k: int) -> torch.Tensor:
+    """Logical right shift of int64 bit patterns (torch's >> on int64 is arithmetic)."""
+    return (z >> k) & ((1 << (64 - k)) - 1)
+
+
+DEVICE_CHUNK = 1 << 24  # elements drawn at once on a device (int64 temporaries: 128 MB)
+
+
+def words_torch(seed: int, start: int, count: int, device) -> torch.Tensor:
+    """:func:`words` computed by torch int64 ops on ``device`` (int64 values in [0, 2^32)): the same bits,
+    drawn where the merge runs instead of on the CPU and copied. int64 products wrap mod 2^64 in torch's CPU
+    and CUDA kernels, which is SplitMix64's arithmetic on the bit patterns."""
+    odd = start & 1
+    m0, n_raw = start >> 1, (odd + count + 1) >> 1
+    z = torch.arange(m0 + 1, m0 + n_raw + 1, dtype=torch.int64, device=device)
+    z = z * _s64(GAMMA) + _s64(int(seed))
+    z = z ^ _lsr(z, 30)
+    z = z * _s64(_MIX1)
+    z = z ^ _lsr(z, 27)
+    z = z * _s64(_MIX2)
+    z = z ^ _lsr(z, 31)
+    w = torch.stack([z & 0xFFFFFFFF, _lsr(z, 32)], dim=1).reshape(-1)  # w_2m (low half), w_2m+1 (high half)
+    return w[odd: odd + count]
+
+
+def _device_mask(shape, keep_prob, seed: int, device) -> torch.Tensor:
+    """:func:`bernoulli_mask` drawn on a non-CPU ``device`` by :func:`words_torch`, chunk by chunk."""
+    n = math.prod(shape)
+    mask = torch.empty(n, dtype=torch.bool, device=device)
+    if isinstance(keep_prob, torch.Tensor):
+        p = keep_prob.reshape(-1)
+        for a in range(0, n, DEVICE_CHUNK):
+            b = min(n, a + DEVICE_CHUNK)
+            u = (words_torch(seed, a, b - a, device) >> 8).to(torch.float32) * (2.0 ** -24)  # exact
+            torch.lt(u, p[a:b], out=mask[a:b])
+        return mask.reshape(shape)
+    thr = word_threshold(keep_prob)
+    for a in range(0, n, DEVICE_CHUNK):
+        b = min(n, a + DEVICE_CHUNK)
+        torch.lt(words_torch(seed, a, b - a, device), thr, out=mask[a:b])
+    return mask.reshape(shape)
+
+
 def bernoulli_mask(shape, keep_prob, seed: int, device=None) -> torch.Tensor:
     """Boolean keep mask of ``shape``: keep_k = u_k < p (scalar ``keep_prob``) or u_k < p_k (a tensor
     broadcastable to ``shape``, compared in float32 on its device)."""
@@ -128,14 +177,7 @@ def bernoulli_mask(shape, keep_prob, seed: int, device=None) -> torch.Tensor:
         if tuple(p.shape) != shape:
             p = p.expand(shape)  # broadcasting, as in ``u < p``
         if p.device.type != "cpu":
-            u = torch.empty(n, dtype=torch.float32)
-            un = u.numpy()
-
-            def fill(a: int, b: int) -> None:
-                un[a:b] = uniform_np(seed, a, b - a)
-
-            run_blocks(n, BLOCK, fill)
-            return u.reshape(shape).to(p.device) < p
+            return _device_mask(shape, p.contiguous(), seed, p.device)
         pn = p.contiguous().reshape(-1).numpy()
         mask = torch.empty(n, dtype=torch.bool)
         mn = mask.numpy()
@@ -149,6 +191,8 @@ def bernoulli_mask(shape, keep_prob, seed: int, device=None) -> torch.Tensor:
     dev = torch.device(device) if device is not None else torch.device("cpu")
     if thr == 0 or thr >= 1 << 32:
         return torch.full(shape, thr != 0, dtype=torch.bool, device=dev)
+    if dev.type != "cpu":
+        return _device_mask(shape, keep_prob, seed, dev)
     mask = torch.empty(n, dtype=torch.bool)
     mn = mask.numpy()
     t32 = np.uint32(thr)
