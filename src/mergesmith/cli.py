@@ -61,8 +61,11 @@ def merge(
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing non-empty output folder"),
     seed: Optional[int] = typer.Option(None, "--seed", "--random-seed", help="random seed (overrides the recipe's)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
+    stages_dir: Optional[Path] = typer.Option(None, "--intermediate-dir", "-I",
+                                              help="multi-stage recipes: folder of the named stages (default OUT-stages)"),
 ):
-    """Merge the models of RECIPE into OUT (`mergesmith merge recipe.yml out/` or `-o out/`)."""
+    """Merge the models of RECIPE into OUT (`mergesmith merge recipe.yml out/` or `-o out/`). A RECIPE of
+    several YAML documents with `name`s is a multi-stage merge (mergekit-multi's format)."""
     from .run import run_recipe
 
     if out is not None and out_arg is not None and out != out_arg:
@@ -76,7 +79,7 @@ def merge(
     def go():
         result = run_recipe(
             recipe, out, dry_run=dry_run, device=device, threads=threads, shard_size=shard_size,
-            overwrite=overwrite, seed=seed, progress=not quiet,
+            overwrite=overwrite, seed=seed, progress=not quiet, stages_dir=stages_dir,
         )
         if dry_run:
             typer.echo(result.describe())

@@ -34,13 +34,19 @@ def run_recipe(
     overwrite: bool = False,
     seed: int | None = None,
     progress: bool = False,
+    stages_dir: str | Path | None = None,
 ) -> Plan:
-    """Merge a recipe into ``out`` (an HF folder). Returns the executed (or, with dry_run, planned) Plan."""
+    """Merge a recipe into ``out`` (an HF folder). Returns the executed (or, with dry_run, planned) Plan; for a
+    multi-stage recipe (several YAML documents, ``multi``) a :class:`StagesPlan`."""
     out = Path(out).resolve()
     try:
         size = parse_size(shard_size)
     except ValueError as e:
         raise MergeError(str(e)) from None
+    docs = _documents(recipe)
+    if docs is not None:
+        return _run_stages(docs, out, stages_dir, dry_run=dry_run, device=device, threads=threads,
+                           shard_size=shard_size, overwrite=overwrite, seed=seed, progress=progress)
     if not dry_run:
         check_output_dir(out, overwrite)
     plan = plan_recipe(recipe, seed=seed)
@@ -48,6 +54,61 @@ def run_recipe(
         return plan
     write_plan(plan, out, device=device, threads=threads, shard_size=size, overwrite=overwrite, progress=progress)
     return plan
+
+
+def _documents(recipe: Any) -> list[dict] | None:
+    """The documents of a multi-stage recipe file or text, else None (one recipe)."""
+    if not isinstance(recipe, (str, Path)):
+        return None
+    from .multi import documents
+
+    text = str(recipe)
+    p = Path(text)
+    if "\n" not in text and p.suffix in (".yml", ".yaml"):
+        if not p.is_file():
+            return None  # load_recipe says so
+        text = p.read_text()
+    return documents(text) if "---" in text else None
+
+
+class StagesPlan:
+    """What a multi-stage recipe ran (or, dry, would run): one line per stage; the final stage's warnings."""
+
+    def __init__(self, lines: list[str], warnings: list[str], final: Plan | None):
+        self.lines, self.warnings, self.final = lines, warnings, final
+
+    def describe(self) -> str:
+        return "\n".join(self.lines + ([self.final.describe()] if self.final is not None else []))
+
+
+def _run_stages(docs: list[dict], out: Path, stages_dir, *, dry_run: bool, **kw) -> StagesPlan:
+    from .multi import built, stages
+
+    todo = stages(docs, out, None if stages_dir is None else Path(stages_dir).resolve())
+    if not dry_run:
+        check_output_dir(out, kw.get("overwrite", False))
+    lines, warnings, final = [], [], None
+    for k, (name, body, folder) in enumerate(todo):
+        last = k == len(todo) - 1
+        if not last and built(folder):
+            lines.append(f"stage {name}: {folder} (built before, kept)")
+            continue
+        if dry_run:
+            try:
+                plan = plan_recipe(body, seed=kw.get("seed"))
+            except MergeError as e:
+                lines.append(f"stage {name}: {folder} (planned once the stages it uses are built; now: {e})")
+                continue
+            lines.append(f"stage {name}: {folder} ({len(plan.jobs)} tensors)")
+            final = plan if last else final
+            continue
+        if not last:
+            folder.parent.mkdir(parents=True, exist_ok=True)
+        plan = run_recipe(body, folder, **kw)
+        lines.append(f"stage {name}: {folder}")
+        warnings += [f"stage {name}: {w}" for w in plan.warnings]
+        final = plan if last else final
+    return StagesPlan(lines, warnings, final)
 
 
 def write_plan(plan: Plan, out: Path, *, device="cpu", threads=None, shard_size: int = 2 * 10**9,
