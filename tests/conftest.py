@@ -72,6 +72,17 @@ def write_zoo(root: Path, arch: str, n: int = 3, seed: int = 0, dtype=torch.floa
     return paths
 
 
+def cli(*args) -> int:
+    """Run the ``mergesmith`` CLI in-process; its exit code (0 on success)."""
+    from mergesmith.cli import main as cli_main
+
+    try:
+        cli_main([str(a) for a in args])
+    except SystemExit as e:
+        return int(e.code or 0)
+    return 0
+
+
 @pytest.fixture(scope="session")
 def tiny_zoo(tmp_path_factory):
     cache: dict = {}

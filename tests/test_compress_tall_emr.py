@@ -7,23 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import _tokenizer, build_model, load_state
+from conftest import _tokenizer, build_model, cli, load_state
 
 from mergesmith import merge_state_dicts
-from mergesmith.cli import main as cli_main
 from mergesmith.compress import Artefact, compress_experts, extract_expert
 from mergesmith.compress.storage import pack_masks, unpack_mask
 from mergesmith.methods.base import MergeError
 
 N = 3
-
-
-def cli(*args) -> int:
-    try:
-        cli_main([str(a) for a in args])
-    except SystemExit as e:
-        return int(e.code or 0)
-    return 0
 
 
 def _save(model, folder: Path) -> Path:

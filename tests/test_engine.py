@@ -10,9 +10,8 @@ import pytest
 import torch
 import yaml
 
-from conftest import load_state, on_torch_path, spy_kernels
+from conftest import cli, load_state, on_torch_path, spy_kernels
 from mergesmith import merge_state_dicts
-from mergesmith.cli import main as cli_main
 from mergesmith.engine import DictSink, execute
 from mergesmith.io.checkpoint import open_checkpoint
 from mergesmith.methods.base import MergeError, Param, register
@@ -25,14 +24,6 @@ def recipe(method, base, models, **kw):
         r["base_model"] = str(base)
     r.update(kw)
     return r
-
-
-def cli(*args) -> int:
-    try:
-        cli_main([str(a) for a in args])
-    except SystemExit as e:
-        return int(e.code or 0)
-    return 0
 
 
 # --- in-memory API -----------------------------------------------------------------------------------

@@ -5,18 +5,9 @@ import pytest
 import torch
 import yaml
 
-from conftest import load_state
-from mergesmith.cli import main as cli_main
+from conftest import cli, load_state
 from mergesmith.methods.base import MergeError
 from mergesmith.run import run_recipe
-
-
-def cli(*args) -> int:
-    try:
-        cli_main([str(a) for a in args])
-    except SystemExit as e:
-        return int(e.code or 0)
-    return 0
 
 
 def _docs(z):
