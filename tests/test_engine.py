@@ -454,7 +454,11 @@ def test_method_checks_run_at_planning(tiny_zoo, monkeypatch):
     monkeypatch.setattr(checkpoint.SafetensorsCheckpoint, "get", boom)
     z = tiny_zoo("llama")
     with pytest.raises(MergeError, match="scope global needs one 'density'"):
-        plan_recipe(recipe("ties", z["base"], [z["ft0"], z["ft1"]], parameters={"density": [0.2, 0.6]}))
+        plan_recipe(recipe("ties", z["base"], [z["ft0"], z["ft1"]], parameters={"density": [0.2, 0.6], "scope": "global"}))
+    # without an explicit scope a per-layer density is mergekit's recipe: its per-tensor top-k, said in a warning
+    plan = plan_recipe(recipe("ties", z["base"], [z["ft0"], z["ft1"]], parameters={"density": [0.2, 0.6]}))
+    assert {j.params["scope"] for j in plan.jobs if j.method} == {"tensor"}
+    assert any("this merge uses scope: tensor" in w for w in plan.warnings)
     with pytest.raises(MergeError, match="density - epsilon"):
         plan_recipe(recipe("della", z["base"], [z["ft0"], z["ft1"]], parameters={"density": 0.9, "epsilon": 0.2}))
     plan_recipe(recipe("ties", z["base"], [z["ft0"], z["ft1"]], parameters={"density": [0.2, 0.6], "scope": "tensor"}))

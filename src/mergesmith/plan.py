@@ -285,8 +285,22 @@ class Planner:
             for p in merge_params:
                 spec.validate(p)
         gs = spec.stats_for(merge_params[0]) if merge_params else None
-        if gs is not None:
+        if gs is None:
+            return
+        try:
             gs.check_plan(merge_params)
+        except MergeError as e:
+            r = self.recipe
+            explicit = "scope" in r.parameters or any("scope" in sl.parameters for sl in r.slices or [])
+            if explicit or not any(p.name == "scope" for p in spec.params):
+                raise
+            # a per-layer density (mergekit's gradients, as in its own examples) with the default whole-model
+            # scope: the recipe is mergekit's, so is the per-tensor top-k it means
+            for p in merge_params:
+                p["scope"] = "tensor"
+            self.warnings.append(f"{e.args[0].split(';')[0]}: this merge uses scope: tensor (mergekit's per-tensor "
+                                 "top-k); set `scope` to choose")
+            self._validate_jobs(spec, jobs)
 
     def _validate_param_names(self, spec: MethodSpec) -> None:
         r = self.recipe

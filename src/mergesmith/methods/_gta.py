@@ -96,7 +96,8 @@ def int8_mask_param() -> Param:
 def trim_params(scope_default: str = "global") -> tuple[Param, ...]:
     return (
         Param("scope", str, scope_default, choices=("global", "tensor"),
-              help="top-k over the whole model (paper, exact, streaming) or per tensor (mergekit/PEFT)"),
+              help="top-k over the whole model (paper, exact, streaming) or per tensor (mergekit/PEFT); a "
+                   "recipe with a per-layer density and no scope gets tensor (with a warning)"),
         Param("exact_topk", bool, False,
               help="tensor scope: keep exactly max(1, floor(k n)) by topk (mergekit) instead of the official "
                    "|tau| >= (n - floor(k n))-th smallest (ties kept)"),
