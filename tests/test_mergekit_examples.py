@@ -41,11 +41,14 @@ def test_example_runs_unchanged(example, hub, tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM
 
     monkeypatch.setenv("HF_HUB_CACHE", str(hub))
-    recipe = yaml.safe_load((EXAMPLES / example).read_text())
+    docs = list(yaml.safe_load_all((EXAMPLES / example).read_text()))
+    recipe = next((d for d in docs if "name" not in d), docs[-1])  # a multi-stage file: its final merge
     assert cli("merge", EXAMPLES / example, tmp_path / "out", "-q") == 0
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
     if recipe["merge_method"] == "passthrough":  # 24 + 20 layers
         assert model.config.num_hidden_layers == 44
-    assert model.dtype == getattr(torch, recipe["dtype"])
+    assert model.dtype == getattr(torch, recipe.get("dtype", "float32"))
+    if len(docs) > 1:
+        assert sorted(p.name for p in (tmp_path / "out-stages").iterdir()) == sorted(d["name"] for d in docs if "name" in d)
     shutil.rmtree(tmp_path / "out")
