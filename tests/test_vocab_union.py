@@ -240,10 +240,25 @@ def test_padded_embeddings_keep_their_rows(tmp_path):
         torch.testing.assert_close(got[name][64:], want)
 
 
+def test_union_in_a_frankenmerge(zoo, tmp_path):
+    """Slices with a union vocabulary: the embedding comes from the first slice's sources and the head from
+    the last's, each re-indexed (a token none of its sources has gets zeros, as in mergekit)."""
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "out"
+    run_recipe({"merge_method": "passthrough", "tokenizer_source": "union", "dtype": "float32",
+                "slices": [{"sources": [{"model": str(zoo["base"]), "layer_range": [0, 2]}]},
+                           {"sources": [{"model": str(zoo["ft1"]), "layer_range": [1, 3]}]}]}, out)
+    b, f1, got = load_state(zoo["base"]), load_state(zoo["ft1"]), load_state(out)
+    assert got[EMB].shape == (66, 32) and json.loads((out / "config.json").read_text())["vocab_size"] == 66
+    torch.testing.assert_close(got[EMB][:64], b[EMB])
+    assert not got[EMB][64:].any()  # zz and <|im_end|>: not in the base, the first slice's only source
+    torch.testing.assert_close(got[HEAD], f1[HEAD])  # ft1 has every token of the union of base and ft1
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.num_hidden_layers == 4 and model(torch.tensor([[1, 64, 65]])).logits.shape == (1, 3, 66)
+
+
 def test_union_errors(zoo, tmp_path):
-    with pytest.raises(MergeError, match="slices"):
-        run_recipe({"merge_method": "passthrough", "tokenizer_source": "union",
-                    "slices": [{"sources": [{"model": str(zoo["base"]), "layer_range": [0, 2]}]}]}, tmp_path / "s")
     bare = tmp_path / "bare"
     build_model("llama", 3).save_pretrained(bare)  # no tokenizer files
     with pytest.raises(MergeError, match="cannot load the tokenizer"):

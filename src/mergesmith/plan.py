@@ -202,8 +202,6 @@ class Planner:
         out_dtype = getattr(torch, DTYPES[r.out_dtype or r.dtype]) if (r.out_dtype or r.dtype) else None
         self._vocab = None
         if r.tokenizer_donor == "union" or r.vocab_pad or r.vocab_tokens:
-            if r.slices is not None:
-                raise MergeError("tokenizer_source: union, pad_to_multiple_of and tokens work with `models:` recipes, not `slices:`")
             self._vocab = self._output_vocab()  # built before the jobs: every job's rows depend on it
         if r.slices is not None:
             jobs, ref, cfg = self._plan_slices(spec, out_dtype)
@@ -254,6 +252,7 @@ class Planner:
 
         r = self.recipe
         refs = ([r.base_model] if r.base_model is not None else []) + [e.model for e in r.models or []]
+        refs += [src.model for sl in r.slices or [] for src in sl.sources]  # a frankenmerge's sources, in order
         order = list(dict.fromkeys(self._input(m) for m in refs))
         tok = r.tokenizer_donor
         source = None if tok == "union" else order[0] if tok in (None, "base") else self._input(tok)
@@ -506,12 +505,20 @@ class Planner:
         if meta.dtype not in FLOAT_DTYPES:
             return TensorJob(out_name, meta.shape, meta.dtype, None, None, [InputRef(ref_i, ref_name)], Params(), out_layer, None)
         self._check_dtypes(name, refs, out_dtype)
-        shape, rows = self._common_shape(name, refs)
+        align = None
+        if out_layer is None and len({i for i, _ in refs}) == len(refs):  # embeddings / head: vocabulary-indexed
+            base_i = refs[base_pos][0] if base_pos is not None else None
+            align = self._vocab_align(name, [i for i, _ in refs], base_i, dict(refs))
+        if align is not None:
+            shape, rows = (align.size,) + tuple(meta.shape[1:]), None
+        else:
+            shape, rows = self._common_shape(name, refs)
         model_params = [[srcs[k].parameters, s.parameters] for k in non_base]
         params = resolve_params(spec, name, t, [s.parameters, self.recipe.parameters], model_params)
         base = InputRef(refs[base_pos][0], refs[base_pos][1], rows) if base_pos is not None else None
         models = [InputRef(refs[k][0], refs[k][1], rows) for k in non_base]
-        return TensorJob(out_name, shape, out_dtype or meta.dtype, spec.name, base, models, params, out_layer, None)
+        return TensorJob(out_name, shape, out_dtype or meta.dtype, spec.name, base, models, params, out_layer, None,
+                         align)
 
 
 def _relayer_config(cfg: dict, n_layers: int | None, layer_from: list[tuple[dict, int]]) -> None:
