@@ -4,7 +4,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +12,6 @@ import yaml
 from conftest import cli, load_state, on_torch_path, spy_kernels
 from mergesmith import merge_state_dicts
 from mergesmith.engine import DictSink, execute
-from mergesmith.io.checkpoint import open_checkpoint
 from mergesmith.methods.base import MergeError, Param, register
 from mergesmith.run import plan_recipe, run_recipe
 

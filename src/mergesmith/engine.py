@@ -24,7 +24,7 @@ import torch
 
 from ._memory import trim_if_above
 from .deferred import SignDeferral
-from .methods.base import MergeError, TensorContext, get_method
+from .methods.base import MergeError, TensorContext
 from .plan import InputRef, Plan, TensorJob
 
 # most tensors computed at once (concurrent_tensors): each holds its inputs and temporaries; 1 = one at a
