@@ -63,6 +63,10 @@ def merge(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
     stages_dir: Optional[Path] = typer.Option(None, "--intermediate-dir", "-I",
                                               help="multi-stage recipes: folder of the named stages (default OUT-stages)"),
+    _mergekit_flags: bool = typer.Option(False, "--copy-tokenizer", "--lazy-unpickle", "--allow-crimes",
+                                         help="accepted so mergekit-yaml command lines run, no effect here: the "
+                                              "tokenizer is always written, inputs are read tensor by tensor (.bin "
+                                              "memory-mapped, weights_only), architectures are not compared, shapes are"),
 ):
     """Merge the models of RECIPE into OUT (`mergesmith merge recipe.yml out/` or `-o out/`). A RECIPE of
     several YAML documents with `name`s is a multi-stage merge (mergekit-multi's format)."""
