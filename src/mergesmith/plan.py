@@ -136,12 +136,17 @@ def _t_of(layer: int | None, n: int | None) -> float:
     return 1.0 if n <= 1 else layer / (n - 1)
 
 
-def _tied(ckpt: Checkpoint) -> bool:
+def _tie_setting(ckpt: Checkpoint) -> bool | None:
+    """The input's ``tie_word_embeddings`` (top level, else its ``text_config``'s), None when unset."""
     cfg = ckpt.config or {}
     tied = cfg.get("tie_word_embeddings")
     if tied is None and isinstance(cfg.get("text_config"), dict):
         tied = cfg["text_config"].get("tie_word_embeddings")
-    return bool(tied)
+    return tied
+
+
+def _tied(ckpt: Checkpoint) -> bool:
+    return bool(_tie_setting(ckpt))
 
 
 CONFIG_KEYS_TO_COMPARE = ("max_position_embeddings", "rope_theta", "rope_scaling", "rope_parameters", "sliding_window",
@@ -159,10 +164,7 @@ def tensor_name(ck: Checkpoint, name: str) -> str:
     with ``tie_word_embeddings`` not false), the embedding it is tied to, as mergekit's ``tied_names`` do."""
     if name in ck:
         return name
-    tied = (ck.config or {}).get("tie_word_embeddings")
-    if tied is None and isinstance((ck.config or {}).get("text_config"), dict):
-        tied = ck.config["text_config"].get("tie_word_embeddings")
-    if tied is not False:
+    if _tie_setting(ck) is not False:
         for alias in TIED_TO.get(name, ()):
             if alias in ck:
                 return alias

@@ -109,9 +109,10 @@ class VocabAlign:
                 step = max(1, (1 << 22) // width)
                 sums: dict[int, torch.Tensor] = {}
                 for a in range(0, v, step):
-                    for ref, t in zip(refs, self._tokens(inputs, refs, a, min(v, a + step))):
+                    rows = dict(zip((ref.model for ref in refs), self._tokens(inputs, refs, a, min(v, a + step))))
+                    for i, t in rows.items():  # once per input, however many refs read it
                         part = t.double().sum(0)
-                        sums[ref.model] = part if ref.model not in sums else sums[ref.model] + part
+                        sums[i] = part if i not in sums else sums[i] + part
                 dtypes = {ref.model: inputs[ref.model].meta(ref.name).dtype for ref in refs}
                 self.means.update({i: (s / v).to(dtypes[i]) for i, s in sums.items()})
             return self.means

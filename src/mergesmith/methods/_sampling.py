@@ -153,17 +153,16 @@ def _device_mask(shape, keep_prob, seed: int, device) -> torch.Tensor:
     """:func:`bernoulli_mask` drawn on a non-CPU ``device`` by :func:`words_torch`, chunk by chunk."""
     n = math.prod(shape)
     mask = torch.empty(n, dtype=torch.bool, device=device)
-    if isinstance(keep_prob, torch.Tensor):
-        p = keep_prob.reshape(-1)
-        for a in range(0, n, DEVICE_CHUNK):
-            b = min(n, a + DEVICE_CHUNK)
-            u = (words_torch(seed, a, b - a, device) >> 8).to(torch.float32) * (2.0 ** -24)  # exact
-            torch.lt(u, p[a:b], out=mask[a:b])
-        return mask.reshape(shape)
-    thr = word_threshold(keep_prob)
+    per_element = isinstance(keep_prob, torch.Tensor)
+    p = keep_prob.reshape(-1) if per_element else None
+    thr = None if per_element else word_threshold(keep_prob)
     for a in range(0, n, DEVICE_CHUNK):
         b = min(n, a + DEVICE_CHUNK)
-        torch.lt(words_torch(seed, a, b - a, device), thr, out=mask[a:b])
+        w = words_torch(seed, a, b - a, device)
+        if per_element:  # u < p_k, u = (w >> 8) 2^-24 (exact in float32)
+            torch.lt((w >> 8).to(torch.float32) * (2.0 ** -24), p[a:b], out=mask[a:b])
+        else:  # u < p  <=>  w < thr
+            torch.lt(w, thr, out=mask[a:b])
     return mask.reshape(shape)
 
 
