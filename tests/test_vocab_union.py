@@ -261,7 +261,98 @@ def test_union_in_a_frankenmerge(zoo, tmp_path):
 def test_union_errors(zoo, tmp_path):
     bare = tmp_path / "bare"
     build_model("llama", 3).save_pretrained(bare)  # no tokenizer files
-    with pytest.raises(MergeError, match="cannot load the tokenizer"):
-        run_recipe({"merge_method": "linear", "models": [{"model": str(zoo["base"])}, {"model": str(bare)}],
+    with pytest.raises(MergeError, match="cannot load the tokenizer"):  # the base (first model) needs one
+        run_recipe({"merge_method": "linear", "models": [{"model": str(bare)}, {"model": str(zoo["base"])}],
                     "tokenizer_source": "union"}, tmp_path / "e")
     assert not (tmp_path / "e").exists()
+
+
+def _save_vocab(folder, tokens, bpe_merges=None, added=()):
+    """A tokenizer with exactly ``tokens`` at ids 0.. (WordLevel, or BPE with ``bpe_merges``) + ``added``."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(tokens)}
+    model = models.BPE(vocab=vocab, merges=bpe_merges, unk_token="<unk>") if bpe_merges is not None \
+        else models.WordLevel(vocab=vocab, unk_token="<unk>")
+    tok = Tokenizer(model)
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
+    if added:
+        fast.add_tokens([AddedToken(t, special=True) for t in added])
+    fast.save_pretrained(folder)
+
+
+def test_base_tokenizer_reindexes_same_size_vocabularies_with_other_ids(tmp_path):
+    """tokenizer_source: base with inputs of one vocabulary size whose tokenizers put tokens at other ids (a
+    fine-tune that renamed a reserved token): rows re-indexed by token string, as mergekit does whenever a
+    tokenizer source is given. Equal tokenizer files (a different chat template only) re-index nothing."""
+    from mergesmith.run import plan_recipe
+
+    words = ["<unk>"] + [f"w{i}" for i in range(1, 63)]
+    for name, seed, last in (("base", 0, "<reserved_0>"), ("ft", 1, "<|im_start|>"), ("same", 2, "<reserved_0>")):
+        build_model("llama", seed, vocab_size=64).save_pretrained(tmp_path / name)
+        order = words[:1] + words[1:][::-1] if name == "ft" else words  # ft: w1..w62 at reversed ids
+        _save_vocab(tmp_path / name, order + [last])
+    cfg = json.loads((tmp_path / "same" / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = "{{ messages }}"
+    (tmp_path / "same" / "tokenizer_config.json").write_text(json.dumps(cfg))
+    rec = {"merge_method": "linear", "base_model": str(tmp_path / "base"), "dtype": "float32",
+           "models": [{"model": str(tmp_path / "base")}, {"model": str(tmp_path / "ft")}], "tokenizer_source": "base"}
+    plan = plan_recipe(rec)
+    assert {j.out_name for j in plan.jobs if j.align is not None} == {EMB, HEAD}
+    run_recipe(rec, tmp_path / "out")
+    b, f, got = (load_state(tmp_path / k) for k in ("base", "ft", "out"))
+    for name in (EMB, HEAD):
+        torch.testing.assert_close(got[name][0], (b[name][0] + f[name][0]) / 2)
+        torch.testing.assert_close(got[name][1:63], (b[name][1:63] + f[name][1:63].flip(0)) / 2)
+        torch.testing.assert_close(got[name][63], b[name][63])  # <reserved_0>: only the base has it
+    same = plan_recipe({**rec, "models": [{"model": str(tmp_path / "base")}, {"model": str(tmp_path / "same")}]})
+    assert all(j.align is None for j in same.jobs)
+
+
+def test_base_tokenizer_tokens_past_vocab_size_are_stripped(tmp_path):
+    """A base tokenizer with tokens at ids >= its vocab_size (no embedding rows): mergekit strips them from a
+    fast BPE tokenizer (the tokens, added tokens and merges using them) instead of failing; other kinds are
+    a clear error."""
+    from transformers import AutoTokenizer
+
+    from mergesmith.run import plan_recipe
+
+    letters = ["<unk>", "a", "b", "ab"] + [f"w{i}" for i in range(4, 64)]
+    build_model("llama", 0, vocab_size=64).save_pretrained(tmp_path / "base")
+    _save_vocab(tmp_path / "base", letters + ["ba"], bpe_merges=[("a", "b"), ("b", "a")], added=("<x>",))
+    build_model("llama", 1, vocab_size=64).save_pretrained(tmp_path / "ft")
+    _save_vocab(tmp_path / "ft", letters, bpe_merges=[("a", "b")])
+    rec = {"merge_method": "linear", "base_model": str(tmp_path / "base"), "dtype": "float32",
+           "models": [{"model": str(tmp_path / "base")}, {"model": str(tmp_path / "ft")}], "tokenizer_source": "union"}
+    plan = plan_recipe(rec)
+    assert any("dropped from the output tokenizer" in w for w in plan.warnings)
+    run_recipe(rec, tmp_path / "out")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert len(tok.get_vocab()) == 64 and "ba" not in tok.get_vocab() and "<x>" not in tok.get_vocab()
+    assert tok.tokenize("ab ba") == ["ab", "b", "a"]
+    b, f, got = (load_state(tmp_path / k) for k in ("base", "ft", "out"))
+    torch.testing.assert_close(got[EMB], (b[EMB] + f[EMB]) / 2)
+    _save_vocab(tmp_path / "base", letters + ["ba"])  # WordLevel: nothing mergekit strips either
+    with pytest.raises(MergeError, match="supported for BPE tokenizers only"):
+        plan_recipe(rec)
+
+
+def test_union_input_without_tokenizer_files_takes_the_base_vocabulary(zoo, tmp_path):
+    """An input without tokenizer files in a union merge: its vocabulary is taken to be the base's (mergekit's
+    "Assuming same as base"), with a warning; the base itself must have one."""
+    from mergesmith.run import plan_recipe
+
+    bare = tmp_path / "bare"
+    build_model("llama", 3).save_pretrained(bare)  # 64 rows, like the base
+    plan = plan_recipe({"merge_method": "linear", "base_model": str(zoo["base"]), "dtype": "float32",
+                        "models": [{"model": str(zoo["ft0"])}, {"model": str(bare)}], "tokenizer_source": "union"})
+    assert any("no tokenizer files" in w and "bare" in w for w in plan.warnings)
+    run_recipe({"merge_method": "linear", "base_model": str(zoo["base"]), "dtype": "float32",
+                "models": [{"model": str(zoo["ft0"])}, {"model": str(bare)}], "tokenizer_source": "union"},
+               tmp_path / "out")
+    b, f0, br, got = load_state(zoo["base"]), load_state(zoo["ft0"]), load_state(bare), load_state(tmp_path / "out")
+    assert got[EMB].shape == (66, 32)  # linear averages the listed base too (as mergekit)
+    torch.testing.assert_close(got[EMB][:64], (b[EMB] + f0[EMB][:64] + br[EMB]) / 3)
+    torch.testing.assert_close(got[EMB][64:], f0[EMB][64:])  # only ft0 has them: its rows for all

@@ -258,19 +258,42 @@ class Planner:
         order = list(dict.fromkeys(self._input(m) for m in refs))
         tok = r.tokenizer_donor
         source = None if tok == "union" else order[0] if tok in (None, "base") else self._input(tok)
-        return vocab.aligned_vocab(self.inputs, order, order[0], source, tuple(r.vocab_tokens or ()))
+        out = vocab.aligned_vocab(self.inputs, order, order[0], source, tuple(r.vocab_tokens or ()))
+        self.warnings.extend(out.warnings)
+        return out
+
+    def _same_vocabularies(self, members: list[int]) -> bool:
+        """Whether the inputs ``members``, the base and the tokenizer source have equal tokenizer files (inputs
+        without any count as the base's), checked without transformers (io.vocab.vocabulary_fingerprint)."""
+        from .io import vocab
+
+        r = self.recipe
+        idx = list(members)
+        if r.base_model is not None:
+            idx.append(self._input(r.base_model))
+        if r.tokenizer_donor not in (None, "base", "union"):
+            idx.append(self._input(r.tokenizer_donor))
+        prints = {vocab.vocabulary_fingerprint(self.inputs[i].folder) for i in dict.fromkeys(idx)}
+        return len(prints - {None}) <= 1
 
     def _vocab_align(self, name: str, members: list[int], base: int | None, names: dict[int, str]):
         """The vocabulary re-indexing (io.vocab) of tensor ``name`` read from inputs ``members``, or None when it
         is not indexed by the vocabulary (dim 0 = each input's vocab_size, an embedding-like name) or needs none
-        (no union, and the same vocabulary size everywhere or no explicit tokenizer_source)."""
+        (no tokenizer source given, or every input has each output token at the same id)."""
         if not _is_embedding_like(name) or "position" in name.lower():
             return None
+        shapes = {self.inputs[i].meta(names[i]).shape for i in members}
         if self._vocab is None:
-            shapes = {self.inputs[i].meta(names[i]).shape for i in members}
-            if self.recipe.tokenizer_donor is None or len(shapes) == 1 or len({s[1:] for s in shapes}) > 1:
+            if self.recipe.tokenizer_donor is None or len({s[1:] for s in shapes}) > 1:
                 return None
-            self._vocab = self._output_vocab()  # tokenizer_source base / a model with other vocabularies
+            if len(shapes) == 1 and self._same_vocabularies(members):
+                return None
+            # tokenizer_source base / a model, with inputs of other vocabularies (sizes, or ids: mergekit
+            # re-indexes whenever a tokenizer source is given)
+            self._vocab = self._output_vocab()
+        r = self.recipe
+        if len(shapes) == 1 and not r.vocab_pad and not r.vocab_tokens and self._vocab.identity(members):
+            return None  # every input has each output token at its id: re-indexing would copy the rows
         from .io import vocab
 
         sizes = self._vocab.sizes

@@ -1,7 +1,9 @@
 """Vocabulary alignment, as mergekit does it (``mergekit/tokenizer``): ``tokenizer_source: union`` builds one
-output tokenizer holding every input's tokens; ``base`` or a model path, given with inputs of different
-vocabulary sizes, takes that tokenizer. The embedding rows of each input are re-indexed to the output
-tokenizer by token string.
+output tokenizer holding every input's tokens; ``base`` or a model path takes that tokenizer. The embedding
+rows of each input are re-indexed to the output tokenizer by token string, unless every input has each output
+token at the same id (equal tokenizer files are seen without loading them: :func:`vocabulary_fingerprint`).
+An input without tokenizer files is taken to have the base's vocabulary, and tokens of the base / source
+tokenizer at ids >= its ``vocab_size`` are stripped from it (fast BPE tokenizers), as mergekit does.
 
 Union vocabulary: the base tokenizer's tokens at their ids, then every other input's regular tokens it
 lacks (inputs in recipe order, each in its id order), then their added tokens (first settings win). Tokens at
@@ -135,15 +137,84 @@ def _gather(ck, name: str, idx: np.ndarray) -> torch.Tensor:
     return out
 
 
-def _tokenizer(folder: Path | None, label: str):
+def _tokenizer(folder: Path | None, label: str, required: bool = True):
+    """The input's tokenizer (``transformers``, fast, no remote code); without loadable files an error, or None
+    when not ``required`` (mergekit then assumes the base's tokenizer)."""
     from transformers import AutoTokenizer
 
     if folder is None:
-        raise MergeError(f"tokenizer_source: union needs the tokenizer files of every input; {label} is not a model folder")
+        if not required:
+            return None
+        raise MergeError(f"vocabulary alignment needs the tokenizer files of the base / tokenizer source; {label} is "
+                         f"not a model folder")
     try:
         return AutoTokenizer.from_pretrained(str(folder), use_fast=True, trust_remote_code=False)
     except Exception as e:  # noqa: BLE001 - any loader failure is a user input problem here
-        raise MergeError(f"tokenizer_source: union: cannot load the tokenizer of {label}: {e}") from None
+        if not required:
+            return None
+        raise MergeError(f"vocabulary alignment: cannot load the tokenizer of {label}: {e}") from None
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "spiece.model",
+                   "added_tokens.json")
+
+
+def vocabulary_fingerprint(folder: Path | None) -> str | None:
+    """A hash of what fixes a folder's token ids (the tokenizer files, and ``added_tokens_decoder`` of
+    tokenizer_config.json, not its chat template); None without tokenizer files. Equal fingerprints mean
+    equal vocabularies, without importing transformers."""
+    import hashlib
+    import json
+
+    if folder is None or not Path(folder).is_dir():
+        return None
+    h = hashlib.sha256()
+    found = False
+    for name in TOKENIZER_FILES:
+        f = Path(folder) / name
+        if f.is_file():
+            found = True
+            h.update(name.encode() + b"\0" + hashlib.sha256(f.read_bytes()).digest())
+    cfg = Path(folder) / "tokenizer_config.json"
+    if cfg.is_file():
+        try:
+            added = json.loads(cfg.read_text(encoding="utf-8")).get("added_tokens_decoder")
+        except (ValueError, UnicodeDecodeError):
+            added = cfg.read_text(errors="replace")
+        h.update(b"added\0" + json.dumps(added, sort_keys=True).encode())
+    return h.hexdigest() if found else None
+
+
+def _strip_past(tok, size: int, label: str):
+    """``tok`` without its tokens at ids >= ``size`` (the model's vocab_size; tokens it has no rows for), as
+    mergekit strips the base tokenizer: fast BPE tokenizers only (their tokens, added tokens and the merges
+    that use them); the same object when there is nothing to strip."""
+    import json
+
+    extra = {t for t, i in tok.get_vocab().items() if i >= size}
+    if not extra:
+        return tok
+    if not tok.is_fast:
+        raise MergeError(f"vocabulary alignment: the tokenizer of {label} has tokens past its vocab_size {size} and "
+                         f"no fast version to strip them from")
+    spec = json.loads(tok.backend_tokenizer.to_str())
+    if spec["model"]["type"] != "BPE":
+        raise MergeError(f"vocabulary alignment: the tokenizer of {label} has tokens past its vocab_size {size}; "
+                         f"stripping them is supported for BPE tokenizers only, this one is {spec['model']['type']}")
+    from tokenizers import Tokenizer
+
+    spec["added_tokens"] = [e for e in spec["added_tokens"] if e["id"] < size]
+    vocab = spec["model"]["vocab"]
+    for t in extra:
+        vocab.pop(t, None)
+
+    def keep(m) -> bool:
+        parts = m.split(" ") if isinstance(m, str) else list(m)
+        return not any(p in extra for p in parts) and "".join(parts) not in extra
+
+    spec["model"]["merges"] = [m for m in spec["model"]["merges"] if keep(m)]
+    tok._tokenizer = Tokenizer.from_str(json.dumps(spec))
+    return tok
 
 
 def _vocab_size(ck, tok) -> int:
@@ -161,7 +232,13 @@ class OutputVocab:
     src: dict[int, np.ndarray]
     sizes: dict[int, int]
     vocabs: dict[int, dict]
-    built: bool  # the tokenizer differs from an input's (union, or tokens added): saved, not copied
+    built: bool  # the tokenizer differs from an input's (union, tokens added or stripped): saved, not copied
+    warnings: list = field(default_factory=list)
+
+    def identity(self, members: list[int]) -> bool:
+        """Whether every input of ``members`` has each output token at the same id (re-indexing is a no-op)."""
+        ids = np.arange(self.size)
+        return all(len(self.src[i]) <= self.sizes[i] and np.array_equal(self.src[i], ids) for i in members)
 
     @property
     def size(self) -> int:
@@ -175,12 +252,20 @@ def aligned_vocab(inputs: list, order: list[int], base: int, source: int | None 
     input's tokenizer (``tokenizer_source: base`` / a model). ``add_tokens`` (the ``tokens:`` settings' keys)
     are added where the output tokenizer lacks them, as mergekit does."""
     load = order + ([source] if source is not None and source not in order else [])
-    toks = {i: _tokenizer(inputs[i].folder, inputs[i].label) for i in load}
-    sizes = {i: _vocab_size(inputs[i], toks[i]) for i in load}
     top = base if source is None else source
-    if any(idx >= sizes[top] for idx in toks[top].get_vocab().values()):
-        raise MergeError(f"tokenizer alignment: the tokenizer of {inputs[top].label} has tokens past its "
-                         f"vocab_size {sizes[top]}; not supported")
+    toks, warnings = {}, []
+    for i in load:
+        toks[i] = _tokenizer(inputs[i].folder, inputs[i].label, required=i in (base, top))
+        if toks[i] is None:  # mergekit: "Unable to load tokenizer ... Assuming same as base"
+            warnings.append(f"{inputs[i].label}: no tokenizer files; its vocabulary is taken to be "
+                            f"{inputs[base].label}'s")
+            toks[i] = toks[base] if base in toks else _tokenizer(inputs[base].folder, inputs[base].label)
+    sizes = {i: _vocab_size(inputs[i], toks[i]) for i in load}
+    strip = any(idx >= sizes[top] for idx in toks[top].get_vocab().values())
+    if strip:  # in place: every later use (the fallback of inputs without tokenizer files too) sees it stripped
+        warnings.append(f"{inputs[top].label}: tokens past its vocab_size {sizes[top]} dropped from the output "
+                        f"tokenizer (no embedding rows)")
+        _strip_past(toks[top], sizes[top], inputs[top].label)
     out = toks[source] if source is not None else _union(toks, sizes, order, base)
     new = [t for t in dict.fromkeys(add_tokens) if t not in out.get_vocab()]
     if new:
@@ -196,7 +281,8 @@ def aligned_vocab(inputs: list, order: list[int], base: int, source: int | None 
             if old is not None and old < sizes[i]:
                 s[new_id] = old
         src[i] = s
-    return OutputVocab(out, src, sizes, {i: toks[i].get_vocab() for i in load}, source is None or bool(new))
+    return OutputVocab(out, src, sizes, {i: toks[i].get_vocab() for i in load}, source is None or bool(new) or strip,
+                       warnings)
 
 
 def _union(toks: dict, sizes: dict, order: list[int], base: int):
