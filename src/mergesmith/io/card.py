@@ -37,6 +37,14 @@ BUILTIN_CHAT_TEMPLATES = {
         "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
         "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}{% endif %}{% endfor %}"
     ),
+    # LG AI's EXAONE 3.x turn format (mergekit's built-in `exaone`): a system turn first (an empty one if the
+    # conversation has none), a newline after user turns, [|endofturn|] after the others
+    "exaone": (
+        "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+        "{{ '[|system|][|endofturn|]\n' }}{% endif %}{{ '[|' + message['role'] + '|]' + message['content'] }}"
+        "{% if message['role'] == 'user' %}{{ '\n' }}{% else %}{{ '[|endofturn|]\n' }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '[|assistant|]' }}{% endif %}"
+    ),
 }
 
 
