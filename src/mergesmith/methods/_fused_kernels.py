@@ -235,7 +235,8 @@ def code_shift(lo, hi, room):
 def row_keys32(src, B, x, xi, key, b, sub, wide, done):
     """``_rank.row_keys``'s 32-bit keys (code << b) | j of float32 rows x (r, n) (``xi``: their int32 view),
     row by row while the row is in L1; with ``sub``, x = float32(src) - B first (``src`` the bf16 bits of the
-    model block, ``B`` the float32 base block, both flat), so tau is formed, ranked and keyed in one pass.
+    model block, ``B`` the float32 base block or its bf16 bits, both flat), so tau is formed, ranked and keyed
+    in one pass.
 
     Per row: a = bits(|x|), lo / hi its least nonzero / largest, k = ``code_shift(lo, hi, 32 - b)``,
     lk = lo rounded down to a multiple of 2^k, w = a - lk + 2^k, code = floor(w / 2^k) + ceil(w / 2^k)
@@ -250,6 +251,9 @@ def row_keys32(src, B, x, xi, key, b, sub, wide, done):
     mask31 = np.int32(0x7FFFFFFF)
     zero = np.uint32(0)
     O = np.empty(n, np.uint32)  # one row's odd codes
+    bits = B.itemsize == 2  # B: the base's bf16 bits, widened per row here (no float32 copy of the block)
+    BW = np.empty(n if bits else 0, np.uint32)
+    BF = BW.view(np.float32)
     nw = 0
     nd = 0
     for i in range(r):
@@ -260,8 +264,14 @@ def row_keys32(src, B, x, xi, key, b, sub, wide, done):
             bs = B[i * n:(i + 1) * n]
             for j in range(n):
                 row[j] = np.int32((np.uint32(s[j]) & np.uint32(0xFFFF)) << np.uint32(16))
-            for j in range(n):
-                xr[j] = xr[j] - bs[j]
+            if bits:
+                for j in range(n):
+                    BW[j] = (np.uint32(bs[j]) & np.uint32(0xFFFF)) << np.uint32(16)
+                for j in range(n):
+                    xr[j] = xr[j] - BF[j]
+            else:
+                for j in range(n):
+                    xr[j] = xr[j] - bs[j]
         hi = np.int32(0)
         lom = np.uint32(0xFFFFFFFF)
         for j in range(n):
@@ -602,18 +612,27 @@ def trim_into(Ti, x, kind, lb):
 def combine(taus, base, kind, below, w, unit_w, consensus, elect_count, weighted_elect, agg, fill,
             deferred, norm, lam, scale, out, alt_idx, alt_val):
     """theta = base + lam * merge(trim(taus)) on one block; see ``Pipeline.combine`` /
-    ``combine_deferred``. Returns (sum of the raw elected signs, number of deferred alternatives)."""
+    ``combine_deferred``. ``base``: float32, or bf16 bits (int16) widened per sub-block. Returns (sum of the
+    raw elected signs, number of deferred alternatives)."""
     n = base.size
     T, V, S, tot, div, cnt, R = work_buffers(len(taus))
+    bits = base.itemsize == 2
+    B = np.empty(SUB if bits else 0, np.float32)
     votes = 0
     nalt = 0
     for a in range(0, n, SUB):
         m = min(SUB, n - a)
         for i in range(len(taus)):
             trim_into(T[i], taus[i][a:a + m], kind[i], below[i])
-        dv, nalt = merge_sub(T, m, base[a:a + m], out[a:a + m], a, w, unit_w, consensus, elect_count,
-                             weighted_elect, agg, fill, deferred, norm, lam, scale, alt_idx, alt_val, nalt,
-                             V, S, tot, div, cnt, R)
+        if bits:
+            widen_bf16(base[a:a + m], B)
+            dv, nalt = merge_sub(T, m, B[:m], out[a:a + m], a, w, unit_w, consensus, elect_count,
+                                 weighted_elect, agg, fill, deferred, norm, lam, scale, alt_idx, alt_val, nalt,
+                                 V, S, tot, div, cnt, R)
+        else:
+            dv, nalt = merge_sub(T, m, base[a:a + m], out[a:a + m], a, w, unit_w, consensus, elect_count,
+                                 weighted_elect, agg, fill, deferred, norm, lam, scale, alt_idx, alt_val, nalt,
+                                 V, S, tot, div, cnt, R)
         votes += dv
     return votes, nalt
 

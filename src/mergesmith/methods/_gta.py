@@ -464,8 +464,13 @@ class Pipeline:
                     _F.narrow_into(o, out_arr[a:b])
                 records[a] = (votes, torch.from_numpy(ai[:nalt].copy()), torch.from_numpy(av[:nalt].copy()) if nalt else None)
 
+            # row rankers form tau from the bf16 bits of model and base in their first pass, and the combine
+            # widens the base per sub-block: no float32 copy of the base block is made (a pass over memory)
+            base_bits = fns is not None and base_arr.dtype == np.int16 and all(
+                getattr(f, "from_bits", None) is not None for f in fns) and all(m.dtype == np.int16 for m in arrs)
+
             def blocks_combine(a: int, b: int, o, ai, av):
-                bb = _F.float32_block(base_arr[a:b])  # scratch slot 0; task vectors in slots 1..n
+                bb = base_arr[a:b] if base_bits else _F.float32_block(base_arr[a:b])  # scratch slot 0; taus 1..n
                 block = tuple(t[a:b] for t in arrs) if fns is None else \
                     tuple(tau_block(m[a:b], bb, fn, a, slot=i + 1) for i, (m, fn) in enumerate(zip(arrs, fns)))
                 return _F.combine(block, bb, *args, o, ai, av)
@@ -559,8 +564,8 @@ def block_tau(m: torch.Tensor, base: torch.Tensor, fn, start: int, slot: int | N
 
 def tau_block(m: np.ndarray, base: np.ndarray, fn, start: int, slot: int) -> np.ndarray:
     """:func:`block_tau` on numpy blocks for the fused kernels (``m``: ``_fused.host_array`` block, ``base``
-    float32), in scratch ``slot``. A sparsifier with ``from_bits`` (the row rankers of ``_rank``) forms tau
-    from the bf16 bits in its own first pass."""
+    float32, or bf16 bits for a sparsifier with ``from_bits``), in scratch ``slot``. A sparsifier with
+    ``from_bits`` (the row rankers of ``_rank``) forms tau from the bf16 bits in its own first pass."""
     t = _F.scratch_np(slot, base.size)
     from_bits = getattr(fn, "from_bits", None)
     if from_bits is not None and m.dtype == np.int16:

@@ -111,7 +111,8 @@ def row_keys(x: np.ndarray) -> tuple[np.ndarray, int]:
 
 def row_keys_sub(x: np.ndarray, m: np.ndarray | None = None, base: np.ndarray | None = None) -> tuple[np.ndarray, int]:
     """:func:`row_keys` by the numba kernel ``row_keys32`` (codes per row, while the row is in cache); with
-    ``m`` (the bf16 bits, int16, of a flat model block) and ``base`` (its float32 base block), the rows
+    ``m`` (the bf16 bits, int16, of a flat model block) and ``base`` (its float32 base block, or the base's
+    bf16 bits), the rows
     x = float32(m) - base are formed first, in the same pass (DELLA's task vectors never take a pass of
     their own). All-zero rows (tensors a fine-tune left unchanged, e.g. outside a merged LoRA's targets)
     skip the sort: their order is the positions."""
@@ -122,7 +123,7 @@ def row_keys_sub(x: np.ndarray, m: np.ndarray | None = None, base: np.ndarray | 
     sub = m is not None
     if b > 16:  # long rows: 64-bit keys
         if sub:
-            _fused.sub_into(m, base, x.reshape(-1))
+            _fused.sub_into(m, _fused.float32_block(base) if base.dtype == np.int16 else base, x.reshape(-1))
         return order64(xi, b), mask
     key = scratch("key", (r, n), np.uint32)
     wide = scratch("wide", (r, 1), np.int64).reshape(-1)
