@@ -142,6 +142,17 @@ CASES: list[dict] = [
                    {"sources": [{"model": "ft2", "layer_range": [2, 3],
                                  "parameters": {"scale": [{"filter": "o_proj", "value": 0.5},
                                                           {"filter": "down_proj", "value": 0.25}, {"value": 1.0}]}}]}]}),
+    # mergekit's own defaults (``defaults: mergekit``): no density (1.0: TIES elects signs only, DELLA prunes
+    # nothing), breadcrumbs' gamma 0.01, DELLA's normalize and lambda 1
+    dict(name="ties_default_density", mk={
+        "merge_method": "ties", "base_model": "base",
+        "models": _models(("ft0", {"weight": 0.7}), ("ft1", {"weight": 0.5}), ("ft2", {"weight": 0.3}))}),
+    dict(name="breadcrumbs_default_gamma", mk={
+        "merge_method": "breadcrumbs", "base_model": "base",
+        "models": _models(("ft0", {"weight": 0.6, "density": 0.8}), ("ft1", {"weight": 0.4, "density": 0.9}))}),
+    dict(name="della_default_density", mk={
+        "merge_method": "della", "base_model": "base",
+        "models": _models(("ft0", {"weight": 0.8}), ("ft1", {"weight": 0.6}))}),
     # stochastic: one model, so merged - base = mask * tau * rescale can be read off
     dict(name="dare_linear", stochastic=True, mk={
         "merge_method": "dare_linear", "base_model": "base", "models": _models(("ft0", {"weight": 1.0, "density": 0.5}))}),
@@ -169,47 +180,17 @@ def _subst(obj, paths: dict):
     return obj
 
 
-def mergesmith_recipe(case: dict, mode_params: dict | None = None) -> dict:
-    """The mergekit recipe plus the mergekit-mode parameters of mergesmith (top-level `parameters`)."""
+def mergesmith_recipe(case: dict, mergekit_defaults: bool = True) -> dict:
+    """The mergekit recipe as it is, with ``defaults: mergekit`` (each method's ``mergekit_params``: mergekit's
+    defaults and settings, ``mergesmith methods NAME``) unless the paper's defaults are compared."""
     if "ms_recipe" in case:
         return copy.deepcopy(case["ms_recipe"])
     rec = copy.deepcopy(case["mk"])
-    extra = dict(mode_params or {})
-    extra.update(case.get("ms", {}))
-    if extra:
-        rec.setdefault("parameters", {})
-        for k, v in extra.items():
-            rec["parameters"].setdefault(k, v)
+    if mergekit_defaults:
+        rec["defaults"] = "mergekit"
+    if case.get("ms"):
+        rec.setdefault("parameters", {}).update(case["ms"])
     return rec
-
-
-# mergesmith parameters that select mergekit's behaviour, per method: copied from each method's
-# ``mergekit=`` note (``mergesmith methods NAME``). Methods not listed are identical by default.
-MK_MODE: dict[str, dict] = {
-    "ties": {"scope": "tensor", "exact_topk": True, "weighted_elect": True, "zero_sign": "positive", "normalize": True},
-    "dare_linear": {"rescale": "l1"},
-    "dare_ties": {"ties_density": 1.0, "rescale": "l1", "weighted_elect": True, "zero_sign": "positive", "normalize": False},
-    "della": {"rescale": "l1", "lambda": 1.0},
-    "della_linear": {"rescale": "l1"},
-    "breadcrumbs": {"scope": "tensor", "lambda": 1.0},
-    "breadcrumbs_ties": {"scope": "tensor", "lambda": 1.0},
-    "model_stock": {"cos_mode": "cosine", "clamp": False},
-    "sce": {"normalize": True},
-}
-
-
-def mergekit_mode_params(method: str) -> dict:
-    """The MK_MODE entry of ``method``, keeping only parameters the method declares (warns otherwise)."""
-    from mergesmith.methods.base import get_method
-
-    spec = get_method(method)
-    out = {}
-    for k, v in MK_MODE.get(spec.name, {}).items():
-        if spec.param(k) is None:
-            print(f"warning: {spec.name} has no parameter '{k}' (mergekit mode); skipped")
-            continue
-        out[k] = v
-    return out
 
 
 def load_state(folder: Path) -> dict:
@@ -405,11 +386,11 @@ def main(argv=None) -> int:
         row = {"case": c["name"], "method": method, "stochastic": bool(c.get("stochastic"))}
         try:
             get_method(method)
-            mode = {} if args.paper_defaults else mergekit_mode_params(method)
-            ms = _subst(mergesmith_recipe(c, mode), paths)
+            ms = _subst(mergesmith_recipe(c, not args.paper_defaults), paths)
             ms_name = "mergesmith_paper_defaults.yml" if args.paper_defaults else "mergesmith.yml"
             (d / ms_name).write_text(yaml.safe_dump(ms, sort_keys=False))
-            row["ms_params"] = mergesmith_recipe(c, mode).get("parameters", {})
+            row["ms_params"] = {**get_method(method).mergekit_params, **ms.get("parameters", {})} \
+                if not args.paper_defaults else ms.get("parameters", {})
             t0 = time.time()
             run_recipe(ms, d / "ms_out", seed=args.seed)
             row["ms_s"] = time.time() - t0

@@ -6,14 +6,16 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from .methods.base import MergeError, Params, TensorContext, get_method
-from .recipe import resolve_params, validate_param_names
+from .recipe import DEFAULTS, default_layer, resolve_params, validate_param_names
 
 
-def method_params(method: str, num_models: int, name: str = "tensor", *, layer_t: float = 0.0, **params) -> Params:
+def method_params(method: str, num_models: int, name: str = "tensor", *, layer_t: float = 0.0,
+                  defaults: str = "paper", **params) -> Params:
     """Resolve ``params`` (scalars, per-model lists, gradients, filters) for one tensor of ``method``.
 
     A per-model parameter given as a list of length ``num_models`` is taken as one value per model;
-    any other value applies to every model.
+    any other value applies to every model. ``defaults="mergekit"``: the parameters not given take
+    mergekit 0.1.5's settings (``MethodSpec.mergekit_params``) instead of the paper's defaults.
     """
     spec = get_method(method)
     validate_param_names(spec, params, "")
@@ -28,7 +30,9 @@ def method_params(method: str, num_models: int, name: str = "tensor", *, layer_t
                 per_model[i][k] = v[i]
         else:
             glob[k] = v
-    return resolve_params(spec, name, layer_t, [glob], [[d] for d in per_model])
+    if defaults not in DEFAULTS:
+        raise MergeError(f"defaults: '{defaults}' is not one of {', '.join(DEFAULTS)}")
+    return resolve_params(spec, name, layer_t, [glob, default_layer(spec, defaults)], [[d] for d in per_model])
 
 
 def merge_tensors(
@@ -39,6 +43,7 @@ def merge_tensors(
     name: str = "tensor",
     seed: int = 0,
     stats: Any = None,
+    defaults: str = "paper",
     **params,
 ) -> torch.Tensor:
     """Merge one tensor with a registered method (float32 arithmetic, result in the input dtype).
@@ -47,7 +52,7 @@ def merge_tensors(
     """
     spec = get_method(method)
     _check_counts(spec, len(models), base is not None)
-    p = method_params(method, len(models), name=name, **params)
+    p = method_params(method, len(models), name=name, defaults=defaults, **params)
     dtype = (base if base is not None else models[0]).dtype
     b = base.to(torch.float32) if base is not None else None
     ms = [m.to(torch.float32) for m in models]
@@ -78,13 +83,15 @@ def merge_state_dicts(
     dtype: str | None = None,
     device: str = "cpu",
     embed_policy: str = "error",
+    defaults: str = "paper",
     **params,
 ) -> dict[str, torch.Tensor]:
     """Merge in memory through the same planner and engine as a recipe.
 
     ``models``/``base``: state dicts, nn.Modules, or checkpoint paths. ``params``: the method's
     parameters; a per-model parameter given as a list with one entry per model is split across models,
-    and any value may be a gradient list or filter list as in recipes. Returns the merged state dict.
+    and any value may be a gradient list or filter list as in recipes; ``defaults="mergekit"`` gives the
+    parameters not set mergekit 0.1.5's values. Returns the merged state dict.
     """
     from .engine import DictSink, execute
     from .io.checkpoint import open_checkpoint
@@ -115,7 +122,7 @@ def merge_state_dicts(
     for i, m in enumerate(models):
         entries.append({"model": ref(m, f"model_{i}") if not isinstance(m, str) else m, "parameters": per_model[i]})
     data: dict[str, Any] = {"merge_method": method, "models": entries, "parameters": glob, "random_seed": seed,
-                            "embed_policy": embed_policy}
+                            "embed_policy": embed_policy, "defaults": defaults}
     if base is not None:
         data["base_model"] = ref(base, "base") if not isinstance(base, str) else base
     if dtype is not None:

@@ -60,6 +60,10 @@ def merge(
     shard_size: str = typer.Option("2GB", "--shard-size", "--out-shard-size", help="maximum output shard size, e.g. 400MB, 5GB"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing non-empty output folder"),
     seed: Optional[int] = typer.Option(None, "--seed", "--random-seed", help="random seed (overrides the recipe's)"),
+    defaults: Optional[str] = typer.Option(None, "--defaults",
+                                           help="parameter defaults: paper (the default) or mergekit (mergekit 0.1.5's "
+                                                "defaults and settings, e.g. TIES per tensor, DARE's L1 rescale; "
+                                                "overrides the recipe's `defaults:`)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
     stages_dir: Optional[Path] = typer.Option(None, "--intermediate-dir", "-I",
                                               help="multi-stage recipes: folder of the named stages (default OUT-stages)"),
@@ -83,7 +87,7 @@ def merge(
     def go():
         result = run_recipe(
             recipe, out, dry_run=dry_run, device=device, threads=threads, shard_size=shard_size,
-            overwrite=overwrite, seed=seed, progress=not quiet, stages_dir=stages_dir,
+            overwrite=overwrite, seed=seed, progress=not quiet, stages_dir=stages_dir, defaults=defaults,
         )
         if dry_run:
             typer.echo(result.describe())

@@ -15,7 +15,7 @@ import torch
 from .io.checkpoint import Checkpoint, open_checkpoint
 from .layers import layer_index, replace_layer_index
 from .methods.base import MergeError, MethodSpec, Params, get_method
-from .recipe import DTYPES, Recipe, resolve_params, validate_param_names
+from .recipe import DTYPES, Recipe, default_layer, resolve_params, validate_param_names
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 PRE_LAYER_HINTS = ("embed", "wte", "wpe", "word_embeddings", "position_embeddings", "token_type_embeddings", "shared.")
@@ -229,6 +229,7 @@ class Planner:
                 if "dtype" in cfg or "transformers_version" in cfg:
                     cfg["dtype"] = name
         self._warn_config_differences(ref)
+        self._warn_paper_defaults(spec)
         aligned = [j.align for j in jobs if j.align is not None]
         if aligned and cfg is not None:
             cfg["vocab_size"] = aligned[0].size
@@ -326,6 +327,23 @@ class Planner:
                                  "top-k); set `scope` to choose")
             self._validate_jobs(spec, jobs)
 
+    def _warn_paper_defaults(self, spec: MethodSpec) -> None:
+        """One warning when the recipe leaves unset a parameter whose paper default differs from mergekit's
+        (e.g. TIES's density 0.2 vs 1.0): a mergekit user then learns of ``defaults: mergekit``."""
+        r = self.recipe
+        if r.defaults != "paper" or not spec.mergekit_params:
+            return
+        given = set(r.parameters) | {k for m in r.models or [] for k in m.parameters}
+        given |= {k for sl in r.slices or [] for k in sl.parameters}
+        given |= {k for sl in r.slices or [] for src in sl.sources for k in src.parameters}
+        differ = [(k, spec.param(k).default, v) for k, v in spec.mergekit_params.items()
+                  if k not in given and spec.param(k).default != v]
+        if differ:
+            paper = ", ".join(f"{k} {d}" for k, d, _ in differ)
+            mk = ", ".join(f"{k} {v}" for k, _, v in differ)
+            self.warnings.append(f"{spec.name}: parameters not set take the paper's defaults ({paper}); "
+                                 f"`defaults: mergekit` (or --defaults mergekit) gives mergekit's ({mk})")
+
     def _validate_param_names(self, spec: MethodSpec) -> None:
         r = self.recipe
         validate_param_names(spec, r.parameters, "in `parameters`", self.warnings)
@@ -388,7 +406,8 @@ class Planner:
                 shape, rows = (align.size,) + tuple(meta.shape[1:]), None
             else:
                 shape, rows = self._common_shape(name, [(i, names[i]) for i in all_idx])
-            params = resolve_params(spec, name, _t_of(layer, n_layers), [r.parameters], model_params)
+            params = resolve_params(spec, name, _t_of(layer, n_layers), [r.parameters, default_layer(spec, r.defaults)],
+                                    model_params)
             base = InputRef(base_idx, names[base_idx], rows) if base_idx is not None else None
             models = [InputRef(i, names[i], rows) for i in model_idx]
             jobs.append(TensorJob(name, shape, out_dtype or meta.dtype, spec.name, base, models, params, layer, n_layers,
@@ -539,7 +558,8 @@ class Planner:
         else:
             shape, rows = self._common_shape(name, refs)
         model_params = [[srcs[k].parameters, s.parameters] for k in non_base]
-        params = resolve_params(spec, name, t, [s.parameters, self.recipe.parameters], model_params)
+        params = resolve_params(spec, name, t, [s.parameters, self.recipe.parameters,
+                                                default_layer(spec, self.recipe.defaults)], model_params)
         base = InputRef(refs[base_pos][0], refs[base_pos][1], rows) if base_pos is not None else None
         models = [InputRef(refs[k][0], refs[k][1], rows) for k in non_base]
         return TensorJob(out_name, shape, out_dtype or meta.dtype, spec.name, base, models, params, out_layer, None,

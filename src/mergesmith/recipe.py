@@ -61,6 +61,15 @@ class SliceSource(_Strict):
     parameters: dict[str, Any] = Field(default_factory=dict)
 
 
+DEFAULTS = ("paper", "mergekit")
+
+
+def default_layer(spec: MethodSpec, defaults: str) -> dict:
+    """The lowest-precedence parameter layer of a recipe with ``defaults``: mergekit's settings of the method
+    for ``mergekit``, nothing (each parameter's own default, the paper's) for ``paper``."""
+    return dict(spec.mergekit_params) if defaults == "mergekit" else {}
+
+
 class Slice(_Strict):
     sources: list[SliceSource]
     base_model: Optional[str] = None
@@ -81,6 +90,9 @@ class Recipe(_Strict):
     chat_template: Optional[str] = None
     seed: int = Field(default=0, alias="random_seed")
     name: Optional[str] = None
+    # which parameter defaults apply: the papers' (mergesmith's) or mergekit 0.1.5's (MethodSpec.mergekit_params:
+    # its defaults and settings, so a model card's recipe gives the model the card describes)
+    defaults: str = "paper"
     embed_policy: str = "error"  # error | truncate: how to treat vocabulary-size mismatches
     layer_pattern: Optional[str] = None  # regex with one group = layer index, overrides auto-detection
 
@@ -103,6 +115,8 @@ class Recipe(_Strict):
             v = getattr(self, key)
             if v is not None and v not in DTYPES:
                 raise ValueError(f"{key}: unknown dtype '{v}' (use float32, float16 or bfloat16)")
+        if self.defaults not in DEFAULTS:
+            raise ValueError(f"defaults: '{self.defaults}' is not one of {', '.join(DEFAULTS)}")
         if self.embed_policy not in ("error", "truncate"):
             raise ValueError("embed_policy must be 'error' or 'truncate'")
         if self.tokenizer is not None and self.tokenizer_source is not None:

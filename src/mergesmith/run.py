@@ -14,12 +14,17 @@ from .io.card import write_extras
 from .io.writer import ShardedWriter, parse_size
 from .methods.base import MergeError
 from .plan import Plan, Planner
-from .recipe import Recipe, load_recipe
+from .recipe import DEFAULTS, Recipe, load_recipe
 
 
-def plan_recipe(recipe: Any, seed: int | None = None) -> Plan:
-    """Validate a recipe and build its plan (reads headers only)."""
+def plan_recipe(recipe: Any, seed: int | None = None, defaults: str | None = None) -> Plan:
+    """Validate a recipe and build its plan (reads headers only); ``defaults`` (paper / mergekit) replaces the
+    recipe's ``defaults:``."""
     rec = load_recipe(recipe)
+    if defaults is not None:
+        if defaults not in DEFAULTS:
+            raise MergeError(f"defaults: '{defaults}' is not one of {', '.join(DEFAULTS)}")
+        rec = rec.model_copy(update={"defaults": defaults})
     return Planner(rec, seed=seed).build()
 
 
@@ -35,6 +40,7 @@ def run_recipe(
     seed: int | None = None,
     progress: bool = False,
     stages_dir: str | Path | None = None,
+    defaults: str | None = None,
 ) -> Plan:
     """Merge a recipe into ``out`` (an HF folder). Returns the executed (or, with dry_run, planned) Plan; for a
     multi-stage recipe (several YAML documents, ``multi``) a :class:`StagesPlan`."""
@@ -46,10 +52,10 @@ def run_recipe(
     docs = _documents(recipe)
     if docs is not None:
         return _run_stages(docs, out, stages_dir, dry_run=dry_run, device=device, threads=threads,
-                           shard_size=shard_size, overwrite=overwrite, seed=seed, progress=progress)
+                           shard_size=shard_size, overwrite=overwrite, seed=seed, progress=progress, defaults=defaults)
     if not dry_run:
         check_output_dir(out, overwrite)
-    plan = plan_recipe(recipe, seed=seed)
+    plan = plan_recipe(recipe, seed=seed, defaults=defaults)
     if dry_run:
         return plan
     write_plan(plan, out, device=device, threads=threads, shard_size=size, overwrite=overwrite, progress=progress)
@@ -95,7 +101,7 @@ def _run_stages(docs: list[dict], out: Path, stages_dir, *, dry_run: bool, **kw)
             continue
         if dry_run:
             try:
-                plan = plan_recipe(body, seed=kw.get("seed"))
+                plan = plan_recipe(body, seed=kw.get("seed"), defaults=kw.get("defaults"))
             except MergeError as e:
                 lines.append(f"stage {name}: {folder} (planned once the stages it uses are built; now: {e})")
                 continue

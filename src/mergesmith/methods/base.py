@@ -214,6 +214,9 @@ class MethodSpec:
     max_models: int | None = None
     stats: GlobalStats | Callable[[Params], GlobalStats | None] | None = None
     mergekit: str = ""  # how to reproduce mergekit's behaviour, if it differs
+    # the parameter values that reproduce mergekit 0.1.5 (its defaults and its choices where it differs from
+    # the paper): the lowest-precedence layer of a recipe with ``defaults: mergekit``
+    mergekit_params: dict = field(default_factory=dict)
     # may the engine split big tensors into row chunks (dim 0)? A bool, or a function of the tensor's
     # parameters; None: yes for element/row granularity without statistics
     chunkable: bool | Callable[[Params, str, tuple], bool] | None = None
@@ -289,6 +292,9 @@ class MethodSpec:
                 lines.append(f"    {p.name:<18} {p.scope:<6} {p.type.__name__:<5} {d}{ch}  {p.help}")
         if self.mergekit:
             lines.append("  mergekit:    " + self.mergekit.strip())
+        if self.mergekit_params:
+            mk = ", ".join(f"{k}: {v}" for k, v in self.mergekit_params.items())
+            lines.append(f"  defaults: mergekit  ->  {mk}")
         if self.notes:
             lines.append("  notes:       " + self.notes.strip())
         return "\n".join(lines)
@@ -312,6 +318,7 @@ def register(
     max_models: int | None = None,
     stats=None,
     mergekit: str = "",
+    mergekit_params: dict | None = None,
     chunkable: bool | Callable[[Params, str, tuple], bool] | None = None,
     notes: str = "",
     example: dict | None = None,
@@ -325,10 +332,13 @@ def register(
     """Decorator that registers a tensor-level merge function under ``name``."""
 
     def deco(fn: MergeFn) -> MergeFn:
+        unknown = set(mergekit_params or {}) - {p.name for p in params}
+        if unknown:
+            raise RuntimeError(f"merge method {name!r}: mergekit_params {sorted(unknown)} are not its parameters")
         spec = MethodSpec(
             name=name, fn=fn, paper=paper, math=math, base=base, granularity=granularity,
             params=tuple(params), aliases=tuple(aliases), min_models=min_models, max_models=max_models,
-            stats=stats, mergekit=mergekit, chunkable=chunkable, notes=notes,
+            stats=stats, mergekit=mergekit, mergekit_params=dict(mergekit_params or {}), chunkable=chunkable, notes=notes,
             example=dict(example or {}), validate=validate, sums=sums,
             sum_phases=sum_phases, finish_sums=finish_sums, concurrent_tensors=concurrent_tensors,
             raw_inputs=raw_inputs,

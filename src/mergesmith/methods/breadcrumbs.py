@@ -151,6 +151,7 @@ PAPER = "Davari & Belilovsky, Model Breadcrumbs, ECCV 2024 (arXiv 2312.06795)"
     granularity="row",
     params=(*_params(), G.normalize_param(False, consensus=False), G.int8_mask_param()),
     mergekit="mergekit `breadcrumbs` = scope: tensor, lambda: 1 (and gamma: 0.01 is its default).",
+    mergekit_params={"density": 1.0, "gamma": 0.01, "scope": "tensor", "lambda": 1.0},
     example={"density": 0.5, "gamma": 0.05},
 )
 def breadcrumbs(ctx, base, models, p):
@@ -174,6 +175,7 @@ def breadcrumbs(ctx, base, models, p):
         G.int8_mask_param(),
     ),
     mergekit="mergekit `breadcrumbs_ties` = scope: tensor, lambda: 1 (normalize false is its default too).",
+    mergekit_params={"density": 1.0, "gamma": 0.01, "scope": "tensor", "lambda": 1.0},
     example={"density": 0.5, "gamma": 0.05},
 )
 def breadcrumbs_ties(ctx, base, models, p):

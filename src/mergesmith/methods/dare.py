@@ -93,6 +93,7 @@ MERGEKIT_TIES = "ties_density: 1, rescale: l1, weighted_elect: true, zero_sign: 
         G.int8_mask_param(),
     ),
     mergekit="mergekit `dare_linear` = rescale: l1 (its default rescale=true matches the L1 norm).",
+    mergekit_params={"density": 1.0, "rescale": "l1"},
     notes="p = 0 (density 1) is the identity on each task vector. Seeded per (seed, tensor, model).",
     example={"density": 0.5},
 )
@@ -122,6 +123,8 @@ def dare_linear(ctx, base, models, p):
     ),
     stats=_TIES.stats_for,
     mergekit=f"mergekit `dare_ties` = {MERGEKIT_TIES}.",
+    mergekit_params={"density": 1.0, "ties_density": 1.0, "rescale": "l1", "weighted_elect": True, "zero_sign": "positive",
+                     "normalize": False},
     notes="Default = MergeLM's DARE followed by full TIES (second magnitude trim over the whole model).",
     example={"density": 0.5},
 )

@@ -204,6 +204,7 @@ PAPER = "Deep et al., DELLA-Merging (MagPrune), 2024 (arXiv 2406.11617)"
         G.int8_mask_param(),
     ),
     mergekit="mergekit `della` = rescale: l1 (and its epsilon default is 0.15, lambda 1.0).",
+    mergekit_params={"density": 1.0, "epsilon": 0.15, "lambda": 1.0, "rescale": "l1"},
     example={},
 )
 def della(ctx, base, models, p):
@@ -227,6 +228,7 @@ def della(ctx, base, models, p):
         G.int8_mask_param(),
     ),
     mergekit="mergekit `della_linear` = rescale: l1 (epsilon default 0.15 there).",
+    mergekit_params={"density": 1.0, "epsilon": 0.15, "rescale": "l1"},
     example={},
 )
 def della_linear(ctx, base, models, p):

@@ -47,6 +47,7 @@ def interpolation_ratio(cos: torch.Tensor, n: int, clamp: bool) -> torch.Tensor:
     ),
     min_models=2,
     mergekit="mergekit `model_stock` = cos_mode: cosine, clamp: false (it does not clamp t).",
+    mergekit_params={"cos_mode": "cosine", "clamp": False},
     notes="meant for a few fine-tunes of one task from the same anchor (e.g. two seeds), not multi-task merging.",
     example={},
     chunkable=lambda p, name, shape: bool(p["filter_wise"]),

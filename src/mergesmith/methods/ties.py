@@ -52,6 +52,8 @@ MERGEKIT = "scope: tensor, exact_topk: true, weighted_elect: true, zero_sign: po
     ),
     stats=_PIPE.stats_for,
     mergekit=f"mergekit `ties` = {MERGEKIT}; set density explicitly (mergekit's default is 1.0).",
+    mergekit_params={"density": 1.0, "scope": "tensor", "exact_topk": True, "weighted_elect": True, "zero_sign": "positive",
+                     "normalize": True},
     notes="scope: global runs up to three streaming statistics passes (thresholds, majority sign) before merging.",
     example={"density": 0.5},
 )
