@@ -232,6 +232,11 @@ def test_output_dtype_and_config(tiny_zoo, tmp_path):
     assert all(v.dtype == torch.bfloat16 for v in sd.values())
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["torch_dtype"] == "bfloat16"
+    # mergekit also reads torch-style names
+    plan = plan_recipe(recipe("linear", None, [z["ft0"], z["ft1"]], dtype="torch.float16"))
+    assert {j.dtype for j in plan.jobs} == {torch.float16}
+    with pytest.raises(MergeError, match="unknown dtype 'torch.int3'"):
+        plan_recipe(recipe("linear", None, [z["ft0"]], dtype="torch.int3"))
 
 
 def test_bin_inputs_with_weights_only(tiny_zoo, tmp_path):

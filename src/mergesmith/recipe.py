@@ -113,6 +113,9 @@ class Recipe(_Strict):
             raise ValueError("give exactly one of `models:` or `slices:`")
         for key in ("dtype", "out_dtype"):
             v = getattr(self, key)
+            if isinstance(v, str) and v.startswith("torch.") and v[len("torch."):] in DTYPES:
+                setattr(self, key, v[len("torch."):])  # mergekit reads `torch.bfloat16` too
+                continue
             if v is not None and v not in DTYPES:
                 raise ValueError(f"{key}: unknown dtype '{v}' (use float32, float16 or bfloat16)")
         if self.defaults not in DEFAULTS:
