@@ -147,6 +147,9 @@ CASES: list[dict] = [
     dict(name="ties_default_density", mk={
         "merge_method": "ties", "base_model": "base",
         "models": _models(("ft0", {"weight": 0.7}), ("ft1", {"weight": 0.5}), ("ft2", {"weight": 0.3}))}),
+    dict(name="ties_base_listed", mk={  # model cards list the base among the models, without parameters
+        "merge_method": "ties", "base_model": "base", "parameters": {"int8_mask": True},
+        "models": _models(("base", None), ("ft0", {"weight": 0.5, "density": 0.5}), ("ft1", {"weight": 0.3, "density": 0.5}))}),
     dict(name="breadcrumbs_default_gamma", mk={
         "merge_method": "breadcrumbs", "base_model": "base",
         "models": _models(("ft0", {"weight": 0.6, "density": 0.8}), ("ft1", {"weight": 0.4, "density": 0.9}))}),
