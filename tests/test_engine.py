@@ -239,6 +239,19 @@ def test_output_dtype_and_config(tiny_zoo, tmp_path):
         plan_recipe(recipe("linear", None, [z["ft0"]], dtype="torch.int3"))
 
 
+def test_unindexed_shards_skip_mistrals_consolidated_file(tmp_path):
+    """A folder of several safetensors without an index reads them all, except consolidated.safetensors (the
+    same weights under mistral-inference names, beside the HF shards in Mistral's repos)."""
+    from safetensors.torch import save_file
+
+    from mergesmith.io.checkpoint import open_checkpoint
+
+    save_file({"model.a": torch.ones(2)}, str(tmp_path / "model-00001-of-00002.safetensors"))
+    save_file({"model.b": torch.zeros(3)}, str(tmp_path / "model-00002-of-00002.safetensors"))
+    save_file({"layers.0.attention.wq.weight": torch.ones(2)}, str(tmp_path / "consolidated.safetensors"))
+    assert sorted(open_checkpoint(str(tmp_path)).keys()) == ["model.a", "model.b"]
+
+
 def test_bin_inputs_with_weights_only(tiny_zoo, tmp_path):
     z = tiny_zoo("llama")
     sd = load_state(z["ft0"])

@@ -267,7 +267,10 @@ def open_folder_or_file(ref: str | os.PathLike) -> Checkpoint:
     elif (path / "model.safetensors").exists():
         ckpt = SafetensorsCheckpoint(str(ref), [path / "model.safetensors"])
     elif sorted(path.glob("*.safetensors")) and not (path / "adapter_config.json").exists():
-        ckpt = SafetensorsCheckpoint(str(ref), sorted(path.glob("*.safetensors")))
+        files = sorted(path.glob("*.safetensors"))
+        # Mistral's repos also hold consolidated.safetensors (the same weights under mistral-inference names)
+        files = [f for f in files if not f.name.startswith("consolidated")] or files
+        ckpt = SafetensorsCheckpoint(str(ref), files)
     elif bin_index.exists():
         wm = _read_json(bin_index).get("weight_map", {})
         ckpt = TorchBinCheckpoint(str(ref), sorted({path / v for v in wm.values()}))
