@@ -13,6 +13,9 @@ from conftest import cli, load_state, on_torch_path, spy_kernels
 from mergesmith import merge_state_dicts
 from mergesmith.engine import DictSink, execute
 from mergesmith.methods.base import MergeError, Param, register
+from mergesmith.io.checkpoint import open_checkpoint
+from mergesmith.plan import Planner
+from mergesmith.recipe import Recipe
 from mergesmith.run import plan_recipe, run_recipe
 
 
@@ -297,6 +300,24 @@ def test_gradient_parameters_interpolate_over_layers(tiny_zoo):
     assert w["model.layers.1.mlp.up_proj.weight"] == [0.5, 0.5]
     assert w["model.layers.2.mlp.up_proj.weight"] == [1.0, 1.0]
     assert w["model.embed_tokens.weight"] == [0.0, 0.0]  # outside the stack: t = 0 (mergekit)
+
+
+def test_gradients_run_over_each_layer_stacks_own_depth():
+    """A model with two layer stacks (a VLM's 4 text layers and 2 vision blocks, as Qwen2.5-VL stores them):
+    a gradient runs over each stack's depth (mergekit's per-module layer counts), not over the deepest one's."""
+    g = torch.Generator().manual_seed(0)
+    names = [f"model.language_model.layers.{i}.mlp.up_proj.weight" for i in range(4)]
+    names += [f"model.visual.blocks.{i}.attn.qkv.weight" for i in range(2)] + ["model.visual.merger.mlp.0.weight"]
+    base = {n: torch.randn(3, 2, generator=g) for n in names}
+    ft = {n: base[n] + 1.0 for n in names}
+    plan = Planner(Recipe.model_validate({"merge_method": "task_arithmetic", "base_model": "b",
+                                          "models": [{"model": "f", "parameters": {"weight": [0.0, 1.0]}}]}),
+                   opener=lambda r: open_checkpoint({"b": base, "f": ft}[r], label=r)).build()
+    w = {j.out_name: j.params["weight"][0] for j in plan.jobs}
+    assert [w[f"model.language_model.layers.{i}.mlp.up_proj.weight"] for i in range(4)] == pytest.approx([0, 1 / 3, 2 / 3, 1])
+    assert [w[f"model.visual.blocks.{i}.attn.qkv.weight"] for i in range(2)] == [0.0, 1.0]
+    assert w["model.visual.merger.mlp.0.weight"] == 0.0  # outside both stacks
+    assert {j.num_layers for j in plan.jobs if "blocks" in j.out_name} == {2}
 
 
 # --- bad input: one clear line, before any weight is read -----------------------------------------------

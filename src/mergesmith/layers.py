@@ -1,7 +1,9 @@
 """Resolve a tensor's transformer-block index from its name.
 
 Covers Llama/Mistral/Qwen (`model.layers.N.`), GPT-2 (`transformer.h.N.`), BERT/ViT (`encoder.layer.N.`),
-T5-like (`block.N.`), timm/others (`blocks.N.`) and CLIP (`resblocks.N.`).
+T5-like (`block.N.`), timm/others (`blocks.N.`) and CLIP (`resblocks.N.`). A model may hold several stacks
+(a VLM's text layers and vision blocks, T5's encoder and decoder): :func:`layer_stack` names the one a tensor
+belongs to, so a gradient runs over that stack's own depth (as mergekit's per-module layer counts do).
 """
 from __future__ import annotations
 
@@ -25,3 +27,23 @@ def replace_layer_index(name: str, new_index: int, pattern: str | re.Pattern | N
     if not m:
         return name
     return name[: m.start(1)] + str(new_index) + name[m.end(1) :]
+
+
+def layer_stack(name: str, pattern: str | re.Pattern | None = None) -> str | None:
+    """The stack a block tensor belongs to: its name up to the block index (``model.layers.``,
+    ``visual.blocks.``); None outside any stack."""
+    rx = re.compile(pattern) if isinstance(pattern, str) else (pattern or LAYER_PATTERN)
+    m = rx.search(name)
+    return name[: m.start(1)] if m else None
+
+
+def stack_depths(names, pattern: str | re.Pattern | None = None) -> dict[str, int]:
+    """{stack: number of blocks (largest index + 1)} over the tensor ``names`` of one checkpoint."""
+    rx = re.compile(pattern) if isinstance(pattern, str) else (pattern or LAYER_PATTERN)
+    depth: dict[str, int] = {}
+    for name in names:
+        m = rx.search(name)
+        if m:
+            stack = name[: m.start(1)]
+            depth[stack] = max(depth.get(stack, 0), int(m.group(1)) + 1)
+    return depth

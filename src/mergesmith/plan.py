@@ -13,7 +13,7 @@ from typing import Any, Callable
 import torch
 
 from .io.checkpoint import Checkpoint, open_checkpoint
-from .layers import layer_index, replace_layer_index
+from .layers import layer_index, layer_stack, replace_layer_index, stack_depths
 from .methods.base import MergeError, MethodSpec, Params, get_method
 from .recipe import DTYPES, Recipe, default_layer, resolve_params, validate_param_names
 
@@ -387,17 +387,21 @@ class Planner:
         ref_i = base_idx if base_idx is not None else model_idx[0]
         ref = self.inputs[ref_i]
         n_layers = num_layers_of(ref, r.layer_pattern)
+        depths = stack_depths(ref.keys(), r.layer_pattern)
         jobs = []
         for name in self._output_names(ref):
             meta = ref.meta(name)
             layer = layer_index(name, r.layer_pattern)
+            n = n_layers
+            if len(depths) > 1 and layer is not None:  # several stacks (a VLM's text and vision): its own depth
+                n = depths[layer_stack(name, r.layer_pattern)]
             if meta.dtype not in FLOAT_DTYPES:
-                jobs.append(TensorJob(name, meta.shape, meta.dtype, None, None, [InputRef(ref_i, name)], Params(), layer, n_layers))
+                jobs.append(TensorJob(name, meta.shape, meta.dtype, None, None, [InputRef(ref_i, name)], Params(), layer, n))
                 continue
             all_idx = ([base_idx] if base_idx is not None else []) + model_idx
             if name.endswith(BUFFER_SUFFIXES) and any(name not in self.inputs[i] for i in all_idx):
                 self.warnings.append(f"{name}: a buffer not every input stores; copied from {ref.label}")
-                jobs.append(TensorJob(name, meta.shape, meta.dtype, None, None, [InputRef(ref_i, name)], Params(), layer, n_layers))
+                jobs.append(TensorJob(name, meta.shape, meta.dtype, None, None, [InputRef(ref_i, name)], Params(), layer, n))
                 continue
             names = {i: tensor_name(self.inputs[i], name) for i in all_idx}
             self._check_dtypes(name, list(names.items()), out_dtype)
@@ -406,11 +410,11 @@ class Planner:
                 shape, rows = (align.size,) + tuple(meta.shape[1:]), None
             else:
                 shape, rows = self._common_shape(name, [(i, names[i]) for i in all_idx])
-            params = resolve_params(spec, name, _t_of(layer, n_layers), [r.parameters, default_layer(spec, r.defaults)],
+            params = resolve_params(spec, name, _t_of(layer, n), [r.parameters, default_layer(spec, r.defaults)],
                                     model_params)
             base = InputRef(base_idx, names[base_idx], rows) if base_idx is not None else None
             models = [InputRef(i, names[i], rows) for i in model_idx]
-            jobs.append(TensorJob(name, shape, out_dtype or meta.dtype, spec.name, base, models, params, layer, n_layers,
+            jobs.append(TensorJob(name, shape, out_dtype or meta.dtype, spec.name, base, models, params, layer, n,
                                   align))
         cfg = self._config_with_vocab(ref, jobs)
         return jobs, ref, cfg
