@@ -1,0 +1,52 @@
+"""Vision-language models (tiny random Qwen2.5-VL, built locally): a merge loads with transformers, and a
+per-layer gradient runs over each layer stack's own depth (text layers, vision blocks), as mergekit's
+per-module layer counts do."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import load_state
+from mergesmith.run import run_recipe
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def vlm(tmp_path_factory):
+    try:
+        cfg = transformers.AutoConfig.for_model(
+            "qwen2_5_vl",
+            text_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+                             num_key_value_heads=2, vocab_size=128,
+                             rope_scaling={"type": "mrope", "mrope_section": [2, 1, 1]}),
+            vision_config=dict(depth=2, hidden_size=16, intermediate_size=24, num_heads=2, out_hidden_size=32,
+                               fullatt_block_indexes=[1], window_size=16))
+    except (KeyError, ValueError) as e:  # a transformers without Qwen2.5-VL
+        pytest.skip(f"no qwen2_5_vl config here: {e}")
+    root = tmp_path_factory.mktemp("vlm")
+    for k in range(2):
+        torch.manual_seed(k)
+        transformers.AutoModelForImageTextToText.from_config(cfg).save_pretrained(root / f"m{k}")
+    return root
+
+
+def test_vlm_slerp_gradient_per_stack_and_output_loads(vlm, tmp_path):
+    out = tmp_path / "out"
+    run_recipe({"merge_method": "slerp", "base_model": str(vlm / "m0"), "models": [{"model": str(vlm / "m1")}],
+                "parameters": {"t": [0.0, 1.0]}, "dtype": "float32"}, out)
+    m0, m1, got = load_state(vlm / "m0"), load_state(vlm / "m1"), load_state(out)
+    assert set(got) == set(m0)
+    text = sorted({k.split(".layers.")[0] for k in got if ".layers." in k})
+    assert len(text) == 1
+    last_text = [k for k in got if k.startswith(f"{text[0]}.layers.2.") and k.endswith("weight")]
+    first_text = [k for k in got if k.startswith(f"{text[0]}.layers.0.") and k.endswith("weight")]
+    last_vision = [k for k in got if ".blocks.1." in k and k.endswith("weight")]
+    assert last_text and first_text and last_vision
+    for k in last_text + last_vision:  # t = 1 at each stack's last block (vision: 2 blocks, text: 3 layers)
+        torch.testing.assert_close(got[k], m1[k])
+    for k in first_text:
+        torch.testing.assert_close(got[k], m0[k])
+    model = transformers.AutoModelForImageTextToText.from_pretrained(out)
+    with torch.no_grad():
+        assert model(input_ids=torch.tensor([[1, 5, 9]])).logits.shape == (1, 3, 128)
