@@ -883,3 +883,17 @@ def test_config_differences_between_inputs_are_warned(tmp_path):
     assert json.loads((tmp_path / "out" / "config.json").read_text())["max_position_embeddings"] == 64
     plan = run_recipe(recipe("linear", None, [tmp_path / "a", tmp_path / "a"]), tmp_path / "same")
     assert not any("inputs differ in config" in w for w in plan.warnings)
+
+
+def test_weights_summing_to_zero_at_some_layer_is_a_planning_error(tiny_zoo, tmp_path):
+    """A weight gradient that makes the weights sum to 0 at one layer (normalize: true) is found in planning,
+    with the tensor named, before any weight is read (it failed mid-merge before)."""
+    z = tiny_zoo("llama")
+    r = recipe("linear", None, [z["ft0"], z["ft1"]])
+    r["models"][0]["parameters"] = {"weight": [1.0, 0.0]}
+    r["models"][1]["parameters"] = {"weight": [0.0, 0.0]}
+    _bad(tmp_path, r, r"linear: the weights sum to 0 with normalize=true.*\(at model\.layers\.2\.")
+    t = recipe("task_arithmetic", z["base"], [z["ft0"], z["ft1"]], parameters={"normalize": True})
+    t["models"][0]["parameters"] = {"weight": [1.0, -1.0]}
+    t["models"][1]["parameters"] = {"weight": [0.0, 1.0]}
+    _bad(tmp_path, t, r"task_arithmetic: the weights sum to 0.*\(at model\.layers\.2\.")

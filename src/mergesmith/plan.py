@@ -187,6 +187,7 @@ class Planner:
         self._open: dict[str, int] = {}
         self.inputs: list[Checkpoint] = []
         self.warnings: list[str] = []
+        self._module: tuple[str, list[str]] | None = None  # (this module, the recipe's modules): modules.py
 
     # -- inputs -------------------------------------------------------------------------------------
     def _input(self, ref: Any) -> int:
@@ -205,7 +206,9 @@ class Planner:
         self._vocab = None
         if r.tokenizer_donor == "union" or r.vocab_pad or r.vocab_tokens:
             self._vocab = self._output_vocab()  # built before the jobs: every job's rows depend on it
-        if r.slices is not None:
+        if r.modules is not None:
+            jobs, ref, cfg = self._plan_modules(spec, out_dtype)
+        elif r.slices is not None:
             jobs, ref, cfg = self._plan_slices(spec, out_dtype)
         else:
             jobs, ref, cfg = self._plan_models(spec, out_dtype)
@@ -256,6 +259,8 @@ class Planner:
         r = self.recipe
         refs = ([r.base_model] if r.base_model is not None else []) + [e.model for e in r.models or []]
         refs += [src.model for sl in r.slices or [] for src in sl.sources]  # a frankenmerge's sources, in order
+        for m in (r.modules or {}).values():
+            refs += [e.model for e in m.models or []] + [src.model for sl in m.slices or [] for src in sl.sources]
         order = list(dict.fromkeys(self._input(m) for m in refs))
         tok = r.tokenizer_donor
         source = None if tok == "union" else order[0] if tok in (None, "base") else self._input(tok)
@@ -307,8 +312,12 @@ class Planner:
         """Method-specific parameter checks for every tensor, and the statistics pass's own check."""
         merge_params = [j.params for j in jobs if j.method is not None]
         if spec.validate is not None:
-            for p in merge_params:
-                spec.validate(p)
+            for j in jobs:
+                if j.method is not None:
+                    try:
+                        spec.validate(j.params)
+                    except MergeError as e:
+                        raise MergeError(f"{e} (at {j.out_name})") from None
         gs = spec.stats_for(merge_params[0]) if merge_params else None
         if gs is None:
             return
@@ -336,6 +345,10 @@ class Planner:
         given = set(r.parameters) | {k for m in r.models or [] for k in m.parameters}
         given |= {k for sl in r.slices or [] for k in sl.parameters}
         given |= {k for sl in r.slices or [] for src in sl.sources for k in src.parameters}
+        for m in (r.modules or {}).values():
+            given |= set(m.parameters) | {k for e in m.models or [] for k in e.parameters}
+            given |= {k for sl in m.slices or [] for k in sl.parameters}
+            given |= {k for sl in m.slices or [] for src in sl.sources for k in src.parameters}
         differ = [(k, spec.param(k).default, v) for k, v in spec.mergekit_params.items()
                   if k not in given and spec.param(k).default != v]
         if differ:
@@ -419,8 +432,44 @@ class Planner:
         cfg = self._config_with_vocab(ref, jobs)
         return jobs, ref, cfg
 
+    def _plan_modules(self, spec: MethodSpec, out_dtype):
+        """mergekit's ``modules:`` (modules.py): each module planned as a ``models:`` merge of its own tensors,
+        with the inputs, warnings and output vocabulary of this planner; the config (vocabulary size) from the
+        text decoder's (T5: the decoder's; else the first module's)."""
+        from .modules import module_of, sub_recipes
+
+        subs = sub_recipes(self.recipe)
+        names = [n for n, _, _ in subs]
+        jobs, configs, seen = [], {}, set()
+        for name, sub, end in subs:
+            p = Planner(sub, opener=self.opener, seed=self.seed)
+            p.inputs, p._open, p.warnings, p._vocab = self.inputs, self._open, self.warnings, self._vocab
+            p._module = (name, names)
+            p._validate_param_names(spec)
+            mjobs, ref, cfg = p._plan_models(spec, out_dtype)
+            self._vocab = self._vocab or p._vocab
+            depth = max((j.num_layers or 0 for j in mjobs if j.layer is not None), default=0)
+            if end is not None and end != depth:
+                raise MergeError(f"modules: {name}: layer_range [0, {end}] does not span its layer stack of {depth} "
+                                 f"layers; frankenmerges of one module are not supported")
+            if not mjobs:
+                raise MergeError(f"modules: {name}: no tensor of {ref.label} belongs to it")
+            jobs += mjobs
+            seen |= set(ref.keys())
+            configs[name] = (ref, cfg)
+        stray = sorted(n for n in seen if module_of(n, names) is None)
+        if stray:
+            raise MergeError(f"modules: {len(stray)} tensors belong to none of the recipe's modules ({', '.join(names)}), "
+                             f"e.g. {stray[0]}; add the module they belong to")
+        main = next((m for m in ("text_decoder", "decoder") if m in configs), names[0])  # the vocabulary's module
+        return jobs, configs[main][0], configs[main][1]
+
     def _output_names(self, ref: Checkpoint) -> list[str]:
         names = ref.keys()
+        if self._module is not None:
+            from .modules import module_of
+
+            names = [n for n in names if module_of(n, self._module[1]) == self._module[0]]
         if _tied(ref) and "lm_head.weight" in names and any("embed_tokens" in n or n.endswith("wte.weight") for n in names):
             self.warnings.append("tie_word_embeddings is set: lm_head.weight is not written (it stays tied)")
             names = [n for n in names if n != "lm_head.weight"]

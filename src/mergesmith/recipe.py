@@ -77,10 +77,26 @@ class Slice(_Strict):
     residual_weight: Optional[float] = None  # accepted for mergekit compatibility; unused there too
 
 
+class Module(_Strict):
+    """One entry of mergekit's ``modules:`` (multi-module models: a VLM's text decoder, vision tower and
+    projector; T5's encoder and decoder): its own ``models`` (or one slice over its whole layer stack) and
+    ``parameters`` (above the top-level ones)."""
+    models: Optional[list[ModelEntry]] = None
+    slices: Optional[list[Slice]] = None
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if (self.models is None) == (self.slices is None):
+            raise ValueError("a module gives exactly one of `models:` or `slices:`")
+        return self
+
+
 class Recipe(_Strict):
     merge_method: str
     models: Optional[list[ModelEntry]] = None
     slices: Optional[list[Slice]] = None
+    modules: Optional[dict[str, Module]] = None
     base_model: Optional[str] = None
     parameters: dict[str, Any] = Field(default_factory=dict)
     dtype: Optional[str] = None
@@ -103,14 +119,14 @@ class Recipe(_Strict):
             if "seed" in data and "random_seed" not in data:
                 data = dict(data)
                 data["random_seed"] = data.pop("seed")
-            if "modules" in data:
-                raise ValueError("the `modules:` form (multi-module architectures) is not supported yet; use `models:` or `slices:`")
         return data
 
     @model_validator(mode="after")
     def _check(self):
-        if (self.models is None) == (self.slices is None):
-            raise ValueError("give exactly one of `models:` or `slices:`")
+        if sum(x is not None for x in (self.models, self.slices, self.modules)) != 1:
+            raise ValueError("give exactly one of `models:`, `slices:` or `modules:`")
+        if self.modules is not None and not self.modules:
+            raise ValueError("`modules:` names no module")
         for key in ("dtype", "out_dtype"):
             v = getattr(self, key)
             if isinstance(v, str) and v.startswith("torch.") and v[len("torch."):] in DTYPES:
@@ -132,7 +148,7 @@ class Recipe(_Strict):
             pad = self.tokenizer.get("pad_to_multiple_of")
             if pad is not None and (not isinstance(pad, int) or isinstance(pad, bool) or pad < 1):
                 raise ValueError(f"tokenizer.pad_to_multiple_of must be a whole number >= 1, got {pad!r}")
-        for s in self.slices or []:
+        for s in (self.slices or []) + [sl for m in (self.modules or {}).values() for sl in m.slices or []]:
             for src in s.sources:
                 a, b = src.layer_range
                 if a < 0 or b <= a:

@@ -24,6 +24,12 @@ from . import _gta as G
 from .base import MergeError, Param, register
 
 
+def _check_weights(p) -> None:
+    """At planning, per tensor (a weight gradient may reach a zero sum at some layer only)."""
+    if p["normalize"] and abs(sum(p["weight"])) < 1e-12:
+        raise MergeError("linear: the weights sum to 0 with normalize=true; set normalize: false or change the weights")
+
+
 @register(
     "linear",
     aliases=("average", "simple_average", "model_soup", "weighted_average"),
@@ -37,14 +43,14 @@ from .base import MergeError, Param, register
     ),
     mergekit="identical to mergekit `linear` (give every model a weight).",
     raw_inputs=G.fused_shape,
+    validate=_check_weights,
 )
 def linear(ctx, base, models, p):
     w = p["weight"]
     total = None
     if p["normalize"]:
+        _check_weights(p)
         total = sum(w)
-        if abs(total) < 1e-12:
-            raise MergeError("linear: the weights sum to 0 with normalize=true; set normalize: false or change the weights")
     if G.fused_inputs(models[0], models):
         return G.kernel_blocks(models, ctx.out_dtype, lambda xs, out: _F.linear(xs, w, total, out))
     if ctx.raw:  # handed as stored (raw_inputs) but not for the kernel: float32 copies

@@ -32,6 +32,12 @@ def _sums(ctx, base, models, p):
     return gram(models, base)  # Gram of the x_i, without forming them
 
 
+def _check_weights(p) -> None:
+    """At planning, per tensor (a weight gradient may reach a zero sum at some layer only)."""
+    if p["normalize_weights"] and len(p["weight"]) > 1 and abs(sum(p["weight"])) < 1e-12:
+        raise MergeError("multislerp: the weights sum to 0 with normalize_weights=true; change the weights")
+
+
 @register(
     "multislerp",
     aliases=("multi_slerp",),
@@ -49,6 +55,7 @@ def _sums(ctx, base, models, p):
     notes="with a base the inputs are task vectors (theta_i - theta_0) and theta_0 is added back.",
     example={},
     sums=_sums,
+    validate=_check_weights,
 )
 def multislerp(ctx, base, models, p):
     if len(models) == 1:

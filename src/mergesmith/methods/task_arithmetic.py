@@ -20,6 +20,12 @@ from .base import MergeError, Param, register
 _PIPE = G.Pipeline("task_arithmetic")
 
 
+def _check_weights(p) -> None:
+    """At planning, per tensor (a weight gradient may reach a zero sum at some layer only)."""
+    if p["normalize"] and abs(sum(p["weight"])) < 1e-8:
+        raise MergeError("task_arithmetic: the weights sum to 0 with normalize=true")
+
+
 @register(
     "task_arithmetic",
     aliases=("ta", "task_vector"),
@@ -34,8 +40,8 @@ _PIPE = G.Pipeline("task_arithmetic")
     ),
     raw_inputs=_PIPE.raw_inputs,
     mergekit="identical to mergekit `task_arithmetic` (density 1).",
+    validate=_check_weights,
 )
 def task_arithmetic(ctx, base, models, p):
-    if p["normalize"] and abs(sum(p["weight"])) < 1e-8:
-        raise MergeError("task_arithmetic: the weights sum to 0 with normalize=true")
+    _check_weights(p)
     return _PIPE.merge(ctx, base, models, p)
