@@ -294,7 +294,7 @@ def test_slices_passthrough_frankenmerge(tiny_zoo, tmp_path):
 def test_gradient_parameters_interpolate_over_layers(tiny_zoo):
     z = tiny_zoo("llama")
     plan = plan_recipe(recipe("linear", None, [z["ft0"], z["ft1"]],
-                              parameters={"weight": [0.0, 1.0]}))
+                              parameters={"weight": [0.0, 1.0], "normalize": False}))
     w = {j.out_name: j.params["weight"] for j in plan.jobs}
     assert w["model.layers.0.mlp.up_proj.weight"] == [0.0, 0.0]
     assert w["model.layers.1.mlp.up_proj.weight"] == [0.5, 0.5]
