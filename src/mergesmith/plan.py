@@ -541,6 +541,11 @@ class Planner:
             non_base = [k for k in range(len(srcs)) if k != base_pos]
             self._check_counts(spec, len(non_base), base_pos is not None, f" (slice {si})")
             for k, src in enumerate(srcs):
+                stacks = stack_depths(self.inputs[idx[k]].keys(), pattern)
+                if len(stacks) > 1:  # a VLM's text layers and vision blocks: slices would re-index both
+                    raise MergeError(f"slice {si}: {src.model} has several layer stacks ({', '.join(sorted(stacks))}); "
+                                     f"top-level slices are for single-stack models: give the stacks as `modules:` "
+                                     f"(as mergekit requires)")
                 n = num_layers_of(self.inputs[idx[k]], pattern)
                 a, b = src.layer_range
                 if n is None or b > n:

@@ -1,6 +1,7 @@
-"""Vision-language models (tiny random Qwen2.5-VL, built locally): a merge loads with transformers, and a
-per-layer gradient runs over each layer stack's own depth (text layers, vision blocks), as mergekit's
-per-module layer counts do."""
+"""Multi-module models (tiny random Qwen2.5-VL and T5, built locally): a merge loads with transformers, a
+per-layer gradient runs over each layer stack's own depth (text layers, vision blocks; encoder, decoder), as
+mergekit's per-module layer counts do, and mergekit's `modules:` form merges each module with its own
+models and parameters (modules.py)."""
 from __future__ import annotations
 
 import pytest
@@ -107,3 +108,44 @@ def test_modules_recipe_errors(vlm, tmp_path):
         with pytest.raises(MergeError, match=match):
             run_recipe(recipe, tmp_path / "never")
         assert not (tmp_path / "never").exists()
+
+
+def test_top_level_slices_on_a_multi_stack_model_are_refused(vlm, tmp_path):
+    """Top-level slices re-index every stack by the same layer numbers: on a VLM (text layers and vision blocks)
+    that breaks the model, so it is a planning error pointing to `modules:` (mergekit refuses it too)."""
+    from mergesmith.methods.base import MergeError
+
+    with pytest.raises(MergeError, match="has several layer stacks .* give the stacks as `modules:`"):
+        run_recipe({"merge_method": "passthrough", "slices": [{"sources": [{"model": str(vlm / "m0"), "layer_range": [0, 2]}]},
+                                                              {"sources": [{"model": str(vlm / "m1"), "layer_range": [1, 3]}]}]},
+                   tmp_path / "never")
+    assert not (tmp_path / "never").exists()
+
+
+def test_t5_modules_encoder_decoder_shared(tmp_path):
+    """T5's modules (mergekit's t5 architecture): encoder, decoder and shared, each with its own parameters;
+    the encoder's 2 blocks and the decoder's 3 each get their own gradient."""
+    cfg = transformers.T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=2, num_decoder_layers=3,
+                                num_heads=2)
+    for k in range(2):
+        torch.manual_seed(k)
+        transformers.T5ForConditionalGeneration(cfg).save_pretrained(tmp_path / f"m{k}")
+    m0, m1 = str(tmp_path / "m0"), str(tmp_path / "m1")
+    grad = [{"model": m0, "parameters": {"weight": [1.0, 0.0]}}, {"model": m1, "parameters": {"weight": [0.0, 1.0]}}]
+    both = [{"model": m0}, {"model": m1}]
+    out = tmp_path / "out"
+    run_recipe({"merge_method": "linear", "dtype": "float32", "modules": {
+        "encoder": {"models": grad}, "decoder": {"models": grad},
+        "shared": {"models": both, "parameters": {"weight": 0.5}}}}, out)
+    a, b, got = load_state(tmp_path / "m0"), load_state(tmp_path / "m1"), load_state(out)
+    assert set(got) == set(a)
+    for stack, last in (("encoder", 1), ("decoder", 2)):
+        for k in got:
+            if k.startswith(f"{stack}.block.0."):
+                torch.testing.assert_close(got[k], a[k])
+            elif k.startswith(f"{stack}.block.{last}."):
+                torch.testing.assert_close(got[k], b[k])
+    torch.testing.assert_close(got["shared.weight"], (a["shared.weight"] + b["shared.weight"]) / 2)
+    model = transformers.T5ForConditionalGeneration.from_pretrained(out)
+    with torch.no_grad():
+        assert model(input_ids=torch.tensor([[1, 2]]), decoder_input_ids=torch.tensor([[0]])).logits.shape == (1, 1, 64)
