@@ -149,3 +149,24 @@ def test_t5_modules_encoder_decoder_shared(tmp_path):
     model = transformers.T5ForConditionalGeneration.from_pretrained(out)
     with torch.no_grad():
         assert model(input_ids=torch.tensor([[1, 2]]), decoder_input_ids=torch.tensor([[0]])).logits.shape == (1, 1, 64)
+
+
+def test_modules_warnings_once_and_paper_default_warning_sees_module_parameters(vlm):
+    """A top-level parameter the method ignores is validated with every module's parameters: one warning, not
+    one per module; parameters set in modules count as set for the paper-vs-mergekit warning."""
+    from mergesmith.run import plan_recipe
+
+    rec = _modules(vlm)
+    rec["parameters"] = {"density": 0.5}  # not a slerp parameter (TIES's): ignored with a warning
+    plan = plan_recipe(rec)
+    assert sum("density" in w and "ignored" in w for w in plan.warnings) == 1
+    mk = {"density": 1.0, "scope": "tensor", "exact_topk": True, "weighted_elect": True, "zero_sign": "positive",
+          "normalize": True}
+    ties = {"merge_method": "ties", "base_model": str(vlm / "m0"), "dtype": "float32",
+            "modules": {m: {"models": [{"model": str(vlm / "m1")}], "parameters": dict(mk)}
+                        for m in ("text_decoder", "vision_tower", "multi_modal_projector")}}
+    assert not any("paper's defaults" in w for w in plan_recipe(ties).warnings)
+    for m in ties["modules"].values():
+        del m["parameters"]["exact_topk"]
+    w = [w for w in plan_recipe(ties).warnings if "paper's defaults" in w]
+    assert len(w) == 1 and "exact_topk False" in w[0] and "density" not in w[0]

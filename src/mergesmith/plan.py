@@ -238,7 +238,7 @@ class Planner:
             cfg["vocab_size"] = aligned[0].size
         built = self._vocab.tokenizer if self._vocab is not None and self._vocab.built else None
         return Plan(method=spec, inputs=self.inputs, jobs=jobs, seed=self.seed, config=cfg, recipe=r,
-                    tokenizer_donor=donor, warnings=self.warnings, tokenizer=built)
+                    tokenizer_donor=donor, warnings=list(dict.fromkeys(self.warnings)), tokenizer=built)
 
     def _warn_config_differences(self, ref: Checkpoint) -> None:
         """Inputs whose configs differ in what the weights do not show (context length, RoPE, attention
@@ -325,7 +325,7 @@ class Planner:
             gs.check_plan(merge_params)
         except MergeError as e:
             r = self.recipe
-            explicit = "scope" in r.parameters or any("scope" in sl.parameters for sl in r.slices or [])
+            explicit = any("scope" in d for d in r.parameter_dicts(per_model=False))
             if explicit or not any(p.name == "scope" for p in spec.params):
                 raise
             # a per-layer density (mergekit's gradients, as in its own examples) with the default whole-model
@@ -342,13 +342,7 @@ class Planner:
         r = self.recipe
         if r.defaults != "paper" or not spec.mergekit_params:
             return
-        given = set(r.parameters) | {k for m in r.models or [] for k in m.parameters}
-        given |= {k for sl in r.slices or [] for k in sl.parameters}
-        given |= {k for sl in r.slices or [] for src in sl.sources for k in src.parameters}
-        for m in (r.modules or {}).values():
-            given |= set(m.parameters) | {k for e in m.models or [] for k in e.parameters}
-            given |= {k for sl in m.slices or [] for k in sl.parameters}
-            given |= {k for sl in m.slices or [] for src in sl.sources for k in src.parameters}
+        given = {k for d in r.parameter_dicts() for k in d}
         differ = [(k, spec.param(k).default, v) for k, v in spec.mergekit_params.items()
                   if k not in given and spec.param(k).default != v]
         if differ:

@@ -158,6 +158,20 @@ class Recipe(_Strict):
                 raise ValueError(f"all sources of a slice need the same number of layers, got {sorted(lens)}")
         return self
 
+    def parameter_dicts(self, per_model: bool = True):
+        """Every ``parameters`` mapping of the recipe: top level, modules, slices and (``per_model``) models /
+        sources."""
+        yield self.parameters
+        groups = [(self.models, self.slices)] + [(m.models, m.slices) for m in (self.modules or {}).values()]
+        yield from (m.parameters for m in (self.modules or {}).values())
+        for models, slices in groups:
+            for sl in slices or []:
+                yield sl.parameters
+                if per_model:
+                    yield from (src.parameters for src in sl.sources)
+            if per_model:
+                yield from (e.parameters for e in models or [])
+
     @property
     def vocab_pad(self) -> Optional[int]:
         """``tokenizer.pad_to_multiple_of``: vocabulary rows rounded up to a multiple of it (mergekit)."""
