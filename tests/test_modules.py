@@ -170,3 +170,44 @@ def test_modules_warnings_once_and_paper_default_warning_sees_module_parameters(
         del m["parameters"]["exact_topk"]
     w = [w for w in plan_recipe(ties).warnings if "paper's defaults" in w]
     assert len(w) == 1 and "exact_topk False" in w[0] and "density" not in w[0]
+
+
+def test_vlm_inputs_in_both_transformers_layouts_merge(vlm, tmp_path):
+    """A fine-tune saved in the current transformers layout (model.language_model.*, model.visual.*) merges with a
+    base in the legacy one (model.*, visual.*): tensors matched by name layout (io.layouts), the output in the
+    base's names, equal to the merge of the two legacy checkpoints."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    new = tmp_path / "m1_new"
+    shutil.copytree(vlm / "m1", new)
+    sd = load_file(str(new / "model.safetensors"))
+    renamed = {("model.language_model." + k[len("model."):]) if k.startswith("model.") else
+               ("model." + k) if k.startswith("visual.") else k: v for k, v in sd.items()}
+    assert any(k.startswith("model.language_model.") for k in renamed)
+    save_file(renamed, str(new / "model.safetensors"), metadata={"format": "pt"})
+    assert "vision_config" in json.loads((new / "config.json").read_text())
+    rec = {"merge_method": "task_arithmetic", "base_model": str(vlm / "m0"), "dtype": "float32",
+           "models": [{"model": str(vlm / "m1"), "parameters": {"weight": 0.5}}]}
+    run_recipe(rec, tmp_path / "legacy")
+    rec["models"][0]["model"] = str(new)
+    run_recipe(rec, tmp_path / "mixed")
+    a, b = load_state(tmp_path / "legacy"), load_state(tmp_path / "mixed")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("legacy, current", [
+    ("language_model.model.layers.0.mlp.up_proj.weight", "model.language_model.layers.0.mlp.up_proj.weight"),
+    ("language_model.lm_head.weight", "lm_head.weight"),
+    ("vision_tower.vision_model.encoder.layers.1.fc1.weight", "model.vision_tower.vision_model.encoder.layers.1.fc1.weight"),
+    ("multi_modal_projector.linear_1.weight", "model.multi_modal_projector.linear_1.weight"),
+    ("model.layers.2.self_attn.q_proj.weight", "model.language_model.layers.2.self_attn.q_proj.weight"),
+    ("visual.blocks.0.attn.qkv.weight", "model.visual.blocks.0.attn.qkv.weight"),
+    ("lm_head.weight", "lm_head.weight"),
+])
+def test_layout_canonical_names(legacy, current):
+    from mergesmith.io.layouts import canonical
+
+    assert canonical(legacy) == current and canonical(current) == current
