@@ -93,14 +93,10 @@ def test_modules_recipe_errors(vlm, tmp_path):
         (_modules(vlm, projector="-"), "tensors belong to none of the recipe's modules"),
         ({**_modules(vlm), "modules": {**_modules(vlm)["modules"], "vision_towr": {"models": [{"model": str(vlm / "m0")}]}}},
          "unknown module 'vision_towr'"),
-        (_modules(vlm, text={"slices": [{"sources": [{"model": str(vlm / "m0"), "layer_range": [0, 2]},
-                                                    {"model": str(vlm / "m1"), "layer_range": [0, 2]}]}],
-                             "parameters": {"t": 0.5}}),
-         r"layer_range \[0, 2\] does not span its layer stack of 3"),
-        (_modules(vlm, text={"slices": [{"sources": [{"model": str(vlm / "m0"), "layer_range": [0, 2]}]},
-                                        {"sources": [{"model": str(vlm / "m1"), "layer_range": [1, 3]}]}],
-                             "parameters": {"t": 0.5}}),
-         "frankenmerges of one module are not supported"),
+        (_modules(vlm, vision={"slices": [{"sources": [{"model": str(vlm / "m0"), "layer_range": [0, 1]},
+                                                      {"model": str(vlm / "m1"), "layer_range": [0, 1]}]}],
+                               "parameters": {"t": 0.5}}),
+         r"layer_range \[0, 1\] does not span its layer stack of 2"),
         (_modules(vlm, vision={"models": [{"model": str(vlm / "m0")}], "slices": []}), "exactly one of `models:` or `slices:`"),
         ({**_modules(vlm), "models": [{"model": str(vlm / "m0")}]}, "exactly one of `models:`, `slices:` or `modules:`"),
     ]
@@ -211,3 +207,39 @@ def test_layout_canonical_names(legacy, current):
     from mergesmith.io.layouts import canonical
 
     assert canonical(legacy) == current and canonical(current) == current
+
+
+def test_text_decoder_frankenmerge_inside_modules(vlm, tmp_path):
+    """A frankenmerge of a VLM's text decoder (`modules: {text_decoder: {slices: ...}}`): text layers
+    rebuilt from the slices, the vision tower and projector merged as given, text_config.num_hidden_layers
+    follows; the output loads. Other modules' stacks are not rebuilt (clear error)."""
+    import json
+
+    from mergesmith.methods.base import MergeError
+
+    m0, m1 = str(vlm / "m0"), str(vlm / "m1")
+    rec = {"merge_method": "passthrough", "dtype": "float32", "modules": {
+        "text_decoder": {"slices": [{"sources": [{"model": m0, "layer_range": [0, 2]}]},
+                                    {"sources": [{"model": m1, "layer_range": [1, 3]}]}]},
+        "vision_tower": {"models": [{"model": m0}]},
+        "multi_modal_projector": {"models": [{"model": m0}]}}}
+    out = tmp_path / "out"
+    run_recipe(rec, out)
+    a, b, got = load_state(vlm / "m0"), load_state(vlm / "m1"), load_state(out)
+    text = sorted({k.split(".layers.")[0] for k in a if ".layers." in k})[0]
+    assert {int(k.split(".layers.")[1].split(".")[0]) for k in got if k.startswith(text + ".layers.")} == {0, 1, 2, 3}
+    for k in a:
+        if k.startswith(f"{text}.layers.1."):
+            torch.testing.assert_close(got[k], a[k])
+            torch.testing.assert_close(got[k.replace(".layers.1.", ".layers.2.")], b[k])  # m1's layer 1 at 2
+        elif "visual." in k:
+            torch.testing.assert_close(got[k], a[k])
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["text_config"]["num_hidden_layers"] == 4 and cfg["vision_config"]["depth"] == 2
+    model = transformers.AutoModelForImageTextToText.from_pretrained(out)
+    with torch.no_grad():
+        assert model(input_ids=torch.tensor([[1, 5, 9]])).logits.shape == (1, 3, 128)
+    rec["modules"]["vision_tower"] = {"slices": [{"sources": [{"model": m0, "layer_range": [0, 1]}]},
+                                                 {"sources": [{"model": m1, "layer_range": [0, 2]}]}]}
+    with pytest.raises(MergeError, match="supported for the text decoder only"):
+        run_recipe(rec, tmp_path / "never")

@@ -14,9 +14,10 @@ parts that mark it in Hugging Face checkpoints (the names of mergekit's architec
 
 at the start of a name or after a dot (``model.visual.blocks.0...`` is in the vision tower). Each tensor must
 belong to exactly one module of the recipe: tensors of none are a planning error (mergekit drops them, and the
-output would not load). A module's ``slices:`` may only be one slice over its whole layer stack (the form
-mergekit's documentation uses); frankenmerges inside modules are refused. Gradients run over each stack's own
-depth (layers.stack_depths).
+output would not load). A module's ``slices:`` are either one slice over its whole layer stack (the form
+mergekit's documentation uses: the same merge as ``models:``) or, for the text decoder, a frankenmerge of its
+layers (the config's ``text_config.num_hidden_layers`` and per-layer lists follow); other modules' stacks are
+not rebuilt. Gradients run over each stack's own depth (layers.stack_depths).
 """
 from __future__ import annotations
 
@@ -62,21 +63,35 @@ def module_of(tensor: str, names: list[str]) -> str | None:
     return hits[0] if hits else None
 
 
+FRANKEN = ("text_decoder", "decoder")  # modules whose stack slices may rebuild (its config key is known)
+
+
+def _whole_stack(mod) -> bool:
+    """One slice whose sources all start at layer 0 over the same range: mergekit's documented form, the same
+    merge as ``models:`` (its end is checked against the stack's depth when planned)."""
+    return len(mod.slices) == 1 and len({tuple(s.layer_range) for s in mod.slices[0].sources}) == 1 \
+        and mod.slices[0].sources[0].layer_range[0] == 0
+
+
 def sub_recipes(recipe: Recipe) -> list[tuple[str, Recipe, int | None]]:
-    """(module name, the recipe of that module as a ``models:`` merge, the layer_range end its slice gave or
-    None). A module's parameters rank above the top-level ones; a slice's above the module's."""
+    """(module name, the recipe of that module, the layer_range end its whole-stack slice gave or None): a
+    ``models:`` merge, or for the text decoder's frankenmerge a ``slices:`` one. A module's parameters rank above
+    the top-level ones; a slice's above the module's."""
     check_names(list(recipe.modules))
     shared = recipe.model_dump(by_alias=True, exclude={"models", "slices", "modules", "parameters", "name"})
     out = []
     for name, mod in recipe.modules.items():
         params = {**recipe.parameters, **mod.parameters}
         base, end = recipe.base_model, None
+        if mod.slices is not None and name in FRANKEN:  # slices of the text decoder: any, as at top level
+            out.append((name, Recipe.model_validate({**shared, "parameters": params,
+                                                     "slices": [sl.model_dump() for sl in mod.slices]}), None))
+            continue
         if mod.slices is not None:
-            if len(mod.slices) != 1 or len({tuple(src.layer_range) for src in mod.slices[0].sources}) != 1 \
-                    or mod.slices[0].sources[0].layer_range[0] != 0:
-                raise MergeError(f"modules: {name}: slices inside a module must be one slice over the whole layer "
-                                 f"stack (layer_range [0, depth] for every source); frankenmerges of one module "
-                                 f"are not supported")
+            if not _whole_stack(mod):
+                raise MergeError(f"modules: {name}: slices that rebuild the layer stack are supported for the text "
+                                 f"decoder only ({', '.join(FRANKEN)}); give this module one slice over its whole "
+                                 f"stack, or `models:`")
             sl = mod.slices[0]
             params.update(sl.parameters)
             base = sl.base_model or base

@@ -455,12 +455,12 @@ class Planner:
             p.inputs, p._open, p.warnings, p._vocab = self.inputs, self._open, self.warnings, self._vocab
             p._module = (name, names)
             p._validate_param_names(spec)
-            mjobs, ref, cfg = p._plan_models(spec, out_dtype)
+            mjobs, ref, cfg = p._plan_slices(spec, out_dtype) if sub.slices is not None else p._plan_models(spec, out_dtype)
             self._vocab = self._vocab or p._vocab
             depth = max((j.num_layers or 0 for j in mjobs if j.layer is not None), default=0)
             if end is not None and end != depth:
                 raise MergeError(f"modules: {name}: layer_range [0, {end}] does not span its layer stack of {depth} "
-                                 f"layers; frankenmerges of one module are not supported")
+                                 f"layers; only the text decoder's stack can be rebuilt by slices")
             if not mjobs:
                 raise MergeError(f"modules: {name}: no tensor of {ref.label} belongs to it")
             jobs += mjobs
@@ -474,11 +474,7 @@ class Planner:
         return jobs, configs[main][0], configs[main][1]
 
     def _output_names(self, ref: Checkpoint) -> list[str]:
-        names = ref.keys()
-        if self._module is not None:
-            from .modules import module_of
-
-            names = [n for n in names if module_of(n, self._module[1]) == self._module[0]]
+        names = self._names(ref)
         if _tied(ref) and "lm_head.weight" in names and any("embed_tokens" in n or n.endswith("wte.weight") for n in names):
             self.warnings.append("tie_word_embeddings is set: lm_head.weight is not written (it stays tied)")
             names = [n for n in names if n != "lm_head.weight"]
@@ -550,12 +546,12 @@ class Planner:
             non_base = [k for k in range(len(srcs)) if k != base_pos]
             self._check_counts(spec, len(non_base), base_pos is not None, f" (slice {si})")
             for k, src in enumerate(srcs):
-                stacks = stack_depths(self.inputs[idx[k]].keys(), pattern)
+                stacks = stack_depths(self._names(self.inputs[idx[k]]), pattern)
                 if len(stacks) > 1:  # a VLM's text layers and vision blocks: slices would re-index both
                     raise MergeError(f"slice {si}: {src.model} has several layer stacks ({', '.join(sorted(stacks))}); "
                                      f"top-level slices are for single-stack models: give the stacks as `modules:` "
                                      f"(as mergekit requires)")
-                n = num_layers_of(self.inputs[idx[k]], pattern)
+                n = num_layers_of(self.inputs[idx[k]], pattern) if self._module is None else max(stacks.values(), default=None)
                 a, b = src.layer_range
                 if n is None or b > n:
                     raise MergeError(f"slice {si}: layer_range [{a}, {b}] is out of range for {src.model} ({n} layers)")
@@ -570,7 +566,7 @@ class Planner:
                 ref_ck = self.inputs[idx[ref_k]]
                 src_layer = srcs[ref_k].layer_range[0] + off
                 layer_from.append((idx[ref_k], src_layer))
-                for name in ref_ck.keys():
+                for name in self._names(ref_ck):
                     if layer_index(name, pattern) != src_layer:
                         continue
                     out_name = replace_layer_index(name, out_layer, pattern)
@@ -602,11 +598,28 @@ class Planner:
         cfg = self._config_with_vocab(ref, jobs)
         if cfg is not None:
             n_ref = num_layers_of(ref, pattern)
-            for key in ("num_hidden_layers", "n_layer", "num_layers"):
-                if key in cfg:
-                    cfg[key] = total
-            _relayer_config(cfg, n_ref, [(self.inputs[i].config or {}, layer) for i, layer in layer_from])
+            target, sub = cfg, None
+            if self._module is not None and isinstance(cfg.get("text_config"), dict):  # a VLM's text decoder
+                sub = "text_config"
+                target = cfg[sub] = dict(cfg[sub])
+                n_ref = target.get("num_hidden_layers", n_ref)
+            keys = ("num_hidden_layers", "n_layer", "num_layers")
+            if self._module is not None and self._module[0] == "decoder":  # T5 / Whisper: the decoder's own count
+                keys = ("num_decoder_layers", "decoder_layers")
+            for key in keys:
+                if key in target:
+                    target[key] = total
+            _relayer_config(target, n_ref, [((self.inputs[i].config or {}).get(sub, {}) if sub else
+                                             self.inputs[i].config or {}, layer) for i, layer in layer_from])
         return jobs, ref, cfg
+
+    def _names(self, ck: Checkpoint) -> list[str]:
+        """The tensor names of ``ck`` this planner merges: all, or those of its module (modules.py)."""
+        if self._module is None:
+            return ck.keys()
+        from .modules import module_of
+
+        return [n for n in ck.keys() if module_of(n, self._module[1]) == self._module[0]]
 
     def _slice_job(self, spec, s, srcs, refs, base_pos, non_base, name, out_name, t, out_layer, out_dtype):
         ref_i, ref_name = refs[base_pos if base_pos is not None else 0]
