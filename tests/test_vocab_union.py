@@ -356,3 +356,42 @@ def test_union_input_without_tokenizer_files_takes_the_base_vocabulary(zoo, tmp_
     assert got[EMB].shape == (66, 32)  # linear averages the listed base too (as mergekit)
     torch.testing.assert_close(got[EMB][:64], (b[EMB] + f0[EMB][:64] + br[EMB]) / 3)
     torch.testing.assert_close(got[EMB][64:], f0[EMB][64:])  # only ft0 has them: its rows for all
+
+
+def test_lora_adapter_that_added_tokens_brings_its_vocabulary(zoo, tmp_path):
+    """`base+adapter` where training added tokens: the adapter folder holds the tokenizer (+2 tokens) and full
+    resized embed_tokens / lm_head (modules_to_save). That input's vocabulary is the adapter's (its tokenizer,
+    vocab_size from the resized rows), so a union merge gives the new tokens their rows."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mergesmith.io.checkpoint import open_checkpoint
+
+    model = AutoModelForCausalLM.from_pretrained(zoo["base"])
+    model.resize_token_embeddings(66)
+    model.config.vocab_size = 66
+    pm = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["embed_tokens", "lm_head"]))
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "modules_to_save" in n or "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    adapter = tmp_path / "adapter"
+    pm.save_pretrained(adapter)
+    tok = AutoTokenizer.from_pretrained(zoo["base"])
+    tok.add_tokens(["<|im_start|>", "<|im_end|>"], special_tokens=True)
+    tok.save_pretrained(adapter)
+    ck = open_checkpoint(f"{zoo['base']}+{adapter}")
+    assert ck.meta(EMB).shape[0] == 66 and ck.config["vocab_size"] == 66 and ck.folder == adapter
+    out = tmp_path / "out"
+    run_recipe({"merge_method": "linear", "dtype": "float32", "tokenizer_source": "union",
+                "models": [{"model": str(zoo["base"])}, {"model": f"{zoo['base']}+{adapter}"}]}, out)
+    b, got = load_state(zoo["base"]), load_state(out)
+    emb = ck.get(EMB)
+    from safetensors.torch import load_file
+
+    saved = load_file(str(adapter / "adapter_model.safetensors"))
+    torch.testing.assert_close(emb, saved["base_model.model.model.embed_tokens.modules_to_save.weight"])  # the trained copy
+    assert got[EMB].shape == (66, 32) and len(AutoTokenizer.from_pretrained(out).get_vocab()) == 66
+    torch.testing.assert_close(got[EMB][:64], (b[EMB] + emb[:64]) / 2)
+    torch.testing.assert_close(got[EMB][64:], emb[64:])  # only the adapter has them: its rows for both

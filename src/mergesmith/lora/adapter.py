@@ -177,7 +177,12 @@ class LoraAdapter:
             parts = name.split(".")
             idx = [i for i, p in enumerate(parts) if p.startswith("lora_") or p.startswith("trainable_tokens")]
             if not idx:
-                self.replacements[_replacement_target(name)] = key
+                if "original_module" in parts:  # modules_to_save's untrained copy (newer PEFT saves it too)
+                    continue
+                target = _replacement_target(name)
+                # a modules_to_save copy (trained) wins over the resized embedding layer PEFT also saves in full
+                if target not in self.replacements or "modules_to_save" in parts:
+                    self.replacements[target] = key
                 continue
             i = idx[-1]
             part, module, rest = parts[i], ".".join(parts[:i]), parts[i + 1:]
@@ -258,11 +263,12 @@ class LoraAdapter:
 
 
 def _replacement_target(name: str) -> str:
-    """Base tensor name of a full tensor stored in an adapter (modules_to_save copy or base_layer)."""
+    """Base tensor name of a full tensor stored in an adapter (modules_to_save copy, base_layer, or a resized
+    embedding layer saved whole)."""
     parts = name.split(".")
-    if "modules_to_save" in parts:  # M.modules_to_save.<adapter>.weight
+    if "modules_to_save" in parts:  # M.modules_to_save.<adapter>.weight, or M.modules_to_save.weight (newer PEFT)
         i = parts.index("modules_to_save")
-        parts = parts[:i] + parts[i + 2:]
+        parts = parts[:i] + parts[i + (2 if len(parts) - i > 2 else 1):]
     return ".".join(p for p in parts if p != "base_layer")
 
 

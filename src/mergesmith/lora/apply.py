@@ -72,6 +72,12 @@ class AdaptedCheckpoint(Checkpoint):
             raise MergeError(f"{len(adapters)} adapter(s) but {len(opts.weights)} weight(s)")
         self.base, self.adapters, self.opts, self.replace = base, adapters, opts, replace
         self.config, self.folder = base.config, base.folder
+        from ..io.vocab import vocabulary_fingerprint
+
+        for a in adapters:  # an adapter saved with its own tokenizer (tokens added in training) is the vocabulary
+            folder = getattr(a, "folder", None)
+            if folder is not None and vocabulary_fingerprint(folder) is not None:
+                self.folder = Path(folder)
         self.metas = dict(base.metas)
         keys = base.keys()
         self.replaced: dict[str, list[tuple[int, str]]] = {}
@@ -85,6 +91,9 @@ class AdaptedCheckpoint(Checkpoint):
                 raise MergeError(f"adapters replace '{name}' with tensors of different shapes {sorted(shapes)}")
             shape = shapes.pop()
             self.metas[name] = TensorMeta(shape, base.meta(name).dtype)
+            if self.config and shape and base.meta(name).shape[1:] == shape[1:] and shape[0] != base.meta(name).shape[0] \
+                    and base.meta(name).shape[0] == self.config.get("vocab_size"):  # a resized embedding / head
+                self.config = {**self.config, "vocab_size": shape[0]}
         self.module_of: dict[str, tuple[str, str]] = {}  # weight name -> (module, layout)
         self.bias_of: dict[str, str] = {}
         layouts = {}
