@@ -203,6 +203,7 @@ class Planner:
         self.inputs: list[Checkpoint] = []
         self.warnings: list[str] = []
         self._module: tuple[str, list[str]] | None = None  # (this module, the recipe's modules): modules.py
+        self._fingerprints: dict[int, str | None] = {}  # input -> io.vocab.vocabulary_fingerprint
 
     # -- inputs -------------------------------------------------------------------------------------
     def _input(self, ref: Any) -> int:
@@ -294,8 +295,10 @@ class Planner:
             idx.append(self._input(r.base_model))
         if r.tokenizer_donor not in (None, "base", "union"):
             idx.append(self._input(r.tokenizer_donor))
-        prints = {vocab.vocabulary_fingerprint(self.inputs[i].folder) for i in dict.fromkeys(idx)}
-        return len(prints - {None}) <= 1
+        for i in idx:  # once per input and plan: embed_tokens and lm_head both ask
+            if i not in self._fingerprints:
+                self._fingerprints[i] = vocab.vocabulary_fingerprint(self.inputs[i].folder)
+        return len({self._fingerprints[i] for i in idx} - {None}) <= 1
 
     def _vocab_align(self, name: str, members: list[int], base: int | None, names: dict[int, str]):
         """The vocabulary re-indexing (io.vocab) of tensor ``name`` read from inputs ``members``, or None when it
