@@ -243,3 +243,42 @@ def test_text_decoder_frankenmerge_inside_modules(vlm, tmp_path):
                                                  {"sources": [{"model": m1, "layer_range": [0, 2]}]}]}
     with pytest.raises(MergeError, match="supported for the text decoder only"):
         run_recipe(rec, tmp_path / "never")
+
+
+VLM = ["text_decoder", "vision_tower", "multi_modal_projector"]
+
+
+@pytest.mark.parametrize("name, module", [
+    ("model.layers.0.self_attn.q_proj.weight", "text_decoder"),  # Qwen2-VL, legacy names
+    ("visual.blocks.3.attn.qkv.weight", "vision_tower"),
+    ("visual.merger.mlp.0.weight", "multi_modal_projector"),
+    ("model.language_model.layers.0.mlp.up_proj.weight", "text_decoder"),  # Qwen2.5-VL, current names
+    ("model.visual.merger.ln_q.weight", "multi_modal_projector"),
+    ("model.visual.deepstack_merger_list.1.norm.weight", "multi_modal_projector"),  # Qwen3-VL
+    ("lm_head.weight", "text_decoder"),
+    ("language_model.model.embed_tokens.weight", "text_decoder"),  # LLaVA / Gemma 3 / Mistral 3, legacy
+    ("vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight", "vision_tower"),
+    ("multi_modal_projector.mm_input_projection_weight", "multi_modal_projector"),
+    ("model.vision_tower.vision_model.post_layernorm.weight", "vision_tower"),  # current
+    ("model.multi_modal_projector.linear_1.weight", "multi_modal_projector"),
+    ("model.connector.modality_projection.proj.weight", "multi_modal_projector"),  # Idefics3 / SmolVLM
+    ("model.vision_model.encoder.layers.0.self_attn.k_proj.weight", "vision_tower"),
+])
+def test_module_of_real_vlm_names(name, module):
+    from mergesmith.modules import module_of
+
+    assert module_of(name, VLM) == module
+
+
+@pytest.mark.parametrize("name, module", [
+    ("encoder.block.0.layer.0.SelfAttention.q.weight", "encoder"),  # T5
+    ("decoder.block.1.layer.1.EncDecAttention.k.weight", "decoder"),
+    ("shared.weight", "shared"),
+    ("lm_head.weight", "shared"),
+    ("model.encoder.conv1.weight", "encoder"),  # Whisper
+    ("model.decoder.embed_positions.weight", "decoder"),
+])
+def test_module_of_encoder_decoder_names(name, module):
+    from mergesmith.modules import module_of
+
+    assert module_of(name, ["encoder", "decoder", "shared"]) == module

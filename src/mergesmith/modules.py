@@ -5,7 +5,8 @@ or Whisper's encoder and decoder) merged module by module, each with its own ``m
 mergekit takes a module's tensors from its architecture files; here a module name maps to the tensor-name
 parts that mark it in Hugging Face checkpoints (the names of mergekit's architecture files):
 
-    multi_modal_projector  multi_modal_projector.*, visual.merger.*, visual.deepstack_merger_list.*, mm_projector.*
+    multi_modal_projector  multi_modal_projector.*, visual.merger.*, visual.deepstack_merger_list.*, mm_projector.*,
+                           connector.* (Idefics3 / SmolVLM)
     vision_tower           vision_tower.*, vision_model.*, visual.* (the projector's tensors excepted)
     vision_model           the same (mergekit's name for Llama 4's)
     text_decoder           every other tensor of the model
@@ -26,7 +27,7 @@ from typing import Callable
 from .methods.base import MergeError
 from .recipe import ModelEntry, Recipe
 
-PROJECTOR = ("multi_modal_projector.", "visual.merger.", "visual.deepstack_merger_list.", "mm_projector.")
+PROJECTOR = ("multi_modal_projector.", "visual.merger.", "visual.deepstack_merger_list.", "mm_projector.", "connector.")
 VISION = ("vision_tower.", "vision_model.", "visual.")
 
 
