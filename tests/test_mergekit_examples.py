@@ -36,14 +36,15 @@ def hub(tmp_path_factory):
     return root
 
 
+@pytest.mark.parametrize("defaults", ["paper", "mergekit"])
 @pytest.mark.parametrize("example", sorted(p.name for p in EXAMPLES.glob("*.yml")))
-def test_example_runs_unchanged(example, hub, tmp_path, monkeypatch):
+def test_example_runs_unchanged(example, defaults, hub, tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM
 
     monkeypatch.setenv("HF_HUB_CACHE", str(hub))
     docs = list(yaml.safe_load_all((EXAMPLES / example).read_text()))
     recipe = next((d for d in docs if "name" not in d), docs[-1])  # a multi-stage file: its final merge
-    assert cli("merge", EXAMPLES / example, tmp_path / "out", "-q") == 0
+    assert cli("merge", EXAMPLES / example, tmp_path / "out", "-q", "--defaults", defaults) == 0
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
     if recipe["merge_method"] == "passthrough":  # 24 + 20 layers
