@@ -111,6 +111,7 @@ def test_paper_defaults_that_differ_from_mergekits_are_named_once(tiny_zoo):
     w = [x for x in plan_recipe(_recipe(z)).warnings if "paper's defaults" in x]
     assert len(w) == 1 and "density 0.2" in w[0] and "density 1.0" in w[0] and "defaults: mergekit" in w[0]
     assert not any("paper's defaults" in x for x in plan_recipe(_recipe(z, defaults="mergekit")).warnings)
+    assert not any("paper's defaults" in x for x in plan_recipe(_recipe(z, defaults="paper")).warnings)  # chosen
     set_all = {"density": 0.5, "scope": "global", "exact_topk": False, "weighted_elect": False,
                "zero_sign": "majority", "normalize": True}
     assert not any("paper's defaults" in x for x in plan_recipe(_recipe(z, parameters=set_all)).warnings)

@@ -358,8 +358,8 @@ class Planner:
         """One warning when the recipe leaves unset a parameter whose paper default differs from mergekit's
         (e.g. TIES's density 0.2 vs 1.0): a mergekit user then learns of ``defaults: mergekit``."""
         r = self.recipe
-        if r.defaults != "paper" or not spec.mergekit_params:
-            return
+        if r.defaults != "paper" or "defaults" in r.model_fields_set or not spec.mergekit_params:
+            return  # mergekit's, or the paper's chosen explicitly
         given = {k for d in r.parameter_dicts() for k in d}
         differ = [(k, spec.param(k).default, v) for k, v in spec.mergekit_params.items()
                   if k not in given and spec.param(k).default != v]
