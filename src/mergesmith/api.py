@@ -6,7 +6,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from .methods.base import MergeError, Params, TensorContext, get_method
-from .recipe import DEFAULTS, default_layer, resolve_params, validate_param_names
+from .recipe import check_defaults, default_layer, resolve_params, validate_param_names
 
 
 def method_params(method: str, num_models: int, name: str = "tensor", *, layer_t: float = 0.0,
@@ -30,9 +30,8 @@ def method_params(method: str, num_models: int, name: str = "tensor", *, layer_t
                 per_model[i][k] = v[i]
         else:
             glob[k] = v
-    if defaults not in DEFAULTS:
-        raise MergeError(f"defaults: '{defaults}' is not one of {', '.join(DEFAULTS)}")
-    return resolve_params(spec, name, layer_t, [glob, default_layer(spec, defaults)], [[d] for d in per_model])
+    return resolve_params(spec, name, layer_t, [glob, default_layer(spec, check_defaults(defaults))],
+                          [[d] for d in per_model])
 
 
 def merge_tensors(

@@ -12,18 +12,22 @@ import re
 LAYER_PATTERN = re.compile(r"(?:^|\.)(?:layers|h|layer|blocks|block|resblocks)\.(\d+)(?:\.|$)")
 
 
+def _search(name: str, pattern: str | re.Pattern | None) -> re.Match | None:
+    """The block-index match in ``name``: ``pattern`` (a regex whose first group is the index) or the default."""
+    rx = re.compile(pattern) if isinstance(pattern, str) else (pattern or LAYER_PATTERN)
+    return rx.search(name)
+
+
 def layer_index(name: str, pattern: str | re.Pattern | None = None) -> int | None:
     """Block index of tensor ``name`` or None when it lies outside the layer stack (embeddings, final
     norm, lm_head). ``pattern``: a regex whose first group is the index, overriding the default."""
-    rx = re.compile(pattern) if isinstance(pattern, str) else (pattern or LAYER_PATTERN)
-    m = rx.search(name)
+    m = _search(name, pattern)
     return int(m.group(1)) if m else None
 
 
 def replace_layer_index(name: str, new_index: int, pattern: str | re.Pattern | None = None) -> str:
     """``name`` with its block index replaced by ``new_index`` (used by slices/frankenmerges)."""
-    rx = re.compile(pattern) if isinstance(pattern, str) else (pattern or LAYER_PATTERN)
-    m = rx.search(name)
+    m = _search(name, pattern)
     if not m:
         return name
     return name[: m.start(1)] + str(new_index) + name[m.end(1) :]
@@ -32,17 +36,15 @@ def replace_layer_index(name: str, new_index: int, pattern: str | re.Pattern | N
 def layer_stack(name: str, pattern: str | re.Pattern | None = None) -> str | None:
     """The stack a block tensor belongs to: its name up to the block index (``model.layers.``,
     ``visual.blocks.``); None outside any stack."""
-    rx = re.compile(pattern) if isinstance(pattern, str) else (pattern or LAYER_PATTERN)
-    m = rx.search(name)
+    m = _search(name, pattern)
     return name[: m.start(1)] if m else None
 
 
 def stack_depths(names, pattern: str | re.Pattern | None = None) -> dict[str, int]:
     """{stack: number of blocks (largest index + 1)} over the tensor ``names`` of one checkpoint."""
-    rx = re.compile(pattern) if isinstance(pattern, str) else (pattern or LAYER_PATTERN)
     depth: dict[str, int] = {}
     for name in names:
-        m = rx.search(name)
+        m = _search(name, pattern)
         if m:
             stack = name[: m.start(1)]
             depth[stack] = max(depth.get(stack, 0), int(m.group(1)) + 1)

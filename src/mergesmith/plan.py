@@ -160,25 +160,15 @@ TIED_TO = {"lm_head.weight": ("model.embed_tokens.weight", "transformer.wte.weig
                               "embed_tokens.weight", "model.language_model.embed_tokens.weight")}
 
 
-def _layout_index(ck: Checkpoint) -> dict[str, str]:
-    """{canonical name: stored name} of a VLM checkpoint (io.layouts), made once per checkpoint."""
-    idx = getattr(ck, "_layout_index", None)
-    if idx is None:
-        idx = {layouts.canonical(n): n for n in ck.keys()}
-        ck._layout_index = idx
-    return idx
-
-
 def tensor_name(ck: Checkpoint, name: str) -> str:
     """``name``; in a VLM stored in the other transformers layout, the same tensor's name there (io.layouts);
     or for an output head an input with tied embeddings does not store (``lm_head.weight`` with
     ``tie_word_embeddings`` not false), the embedding it is tied to, as mergekit's ``tied_names`` do."""
     if name in ck:
         return name
-    if layouts.is_vlm(ck.config):  # the same tensor in the other transformers layout of VLM names
-        other = _layout_index(ck).get(layouts.canonical(name))
-        if other is not None:
-            return other
+    other = layouts.stored_name(ck, name)  # a VLM's tensor in the other transformers layout of names
+    if other is not None:
+        return other
     if _tie_setting(ck) is not False:
         for alias in TIED_TO.get(name, ()):
             if alias in ck:

@@ -64,6 +64,13 @@ class SliceSource(_Strict):
 DEFAULTS = ("paper", "mergekit")
 
 
+def check_defaults(value: str) -> str:
+    """``value`` if it names a defaults set (recipe key, --defaults, ``defaults=`` in the API), else the error."""
+    if value not in DEFAULTS:
+        raise MergeError(f"defaults: '{value}' is not one of {', '.join(DEFAULTS)}")
+    return value
+
+
 def default_layer(spec: MethodSpec, defaults: str) -> dict:
     """The lowest-precedence parameter layer of a recipe with ``defaults``: mergekit's settings of the method
     for ``mergekit``, nothing (each parameter's own default, the paper's) for ``paper``."""
@@ -134,8 +141,7 @@ class Recipe(_Strict):
                 continue
             if v is not None and v not in DTYPES:
                 raise ValueError(f"{key}: unknown dtype '{v}' (use float32, float16 or bfloat16)")
-        if self.defaults not in DEFAULTS:
-            raise ValueError(f"defaults: '{self.defaults}' is not one of {', '.join(DEFAULTS)}")
+        check_defaults(self.defaults)
         if self.embed_policy not in ("error", "truncate"):
             raise ValueError("embed_policy must be 'error' or 'truncate'")
         if self.tokenizer is not None and self.tokenizer_source is not None:

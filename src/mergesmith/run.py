@@ -14,7 +14,7 @@ from .io.card import write_extras
 from .io.writer import ShardedWriter, parse_size
 from .methods.base import MergeError
 from .plan import Plan, Planner
-from .recipe import DEFAULTS, Recipe, load_recipe
+from .recipe import Recipe, check_defaults, load_recipe
 
 
 def plan_recipe(recipe: Any, seed: int | None = None, defaults: str | None = None) -> Plan:
@@ -22,9 +22,7 @@ def plan_recipe(recipe: Any, seed: int | None = None, defaults: str | None = Non
     recipe's ``defaults:``."""
     rec = load_recipe(recipe)
     if defaults is not None:
-        if defaults not in DEFAULTS:
-            raise MergeError(f"defaults: '{defaults}' is not one of {', '.join(DEFAULTS)}")
-        rec = rec.model_copy(update={"defaults": defaults})
+        rec = rec.model_copy(update={"defaults": check_defaults(defaults)})
     return Planner(rec, seed=seed).build()
 
 

@@ -10,6 +10,7 @@ found in both (transformers reads either), so an input of the other layout is ma
 from __future__ import annotations
 
 import re
+import weakref
 
 _RULES = (
     (re.compile(r"^language_model\.lm_head\."), "lm_head."),
@@ -32,3 +33,17 @@ def canonical(name: str) -> str:
 def is_vlm(config: dict | None) -> bool:
     return isinstance(config, dict) and isinstance(config.get("vision_config"), dict)
 
+
+
+_INDEX: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # checkpoint -> {canonical name: stored name}
+
+
+def stored_name(ck, name: str) -> str | None:
+    """The name under which VLM checkpoint ``ck`` stores the tensor ``name`` has in the other layout; None when
+    ``ck`` is no VLM or has no such tensor. Its names' canonical forms are made once per checkpoint."""
+    if not is_vlm(ck.config):
+        return None
+    idx = _INDEX.get(ck)
+    if idx is None:
+        idx = _INDEX[ck] = {canonical(n): n for n in ck.keys()}
+    return idx.get(canonical(name))

@@ -185,15 +185,15 @@ def vocabulary_fingerprint(folder: Path | None) -> str | None:
     return h.hexdigest() if found else None
 
 
-def _strip_past(tok, size: int, label: str):
-    """``tok`` without its tokens at ids >= ``size`` (the model's vocab_size; tokens it has no rows for), as
-    mergekit strips the base tokenizer: fast BPE tokenizers only (their tokens, added tokens and the merges
-    that use them); the same object when there is nothing to strip."""
+def _strip_past(tok, size: int, label: str) -> bool:
+    """Remove from ``tok``, in place, its tokens at ids >= ``size`` (the model's vocab_size; tokens it has no rows
+    for), as mergekit strips the base tokenizer: fast BPE tokenizers only (their tokens, added tokens and the
+    merges that use or make them). Whether there was anything to strip."""
     import json
 
     extra = {t for t, i in tok.get_vocab().items() if i >= size}
     if not extra:
-        return tok
+        return False
     if not tok.is_fast:
         raise MergeError(f"vocabulary alignment: the tokenizer of {label} has tokens past its vocab_size {size} and "
                          f"no fast version to strip them from")
@@ -214,7 +214,7 @@ def _strip_past(tok, size: int, label: str):
 
     spec["model"]["merges"] = [m for m in spec["model"]["merges"] if keep(m)]
     tok._tokenizer = Tokenizer.from_str(json.dumps(spec))
-    return tok
+    return True
 
 
 def _vocab_size(ck, tok) -> int:
@@ -254,18 +254,18 @@ def aligned_vocab(inputs: list, order: list[int], base: int, source: int | None 
     load = order + ([source] if source is not None and source not in order else [])
     top = base if source is None else source
     toks, warnings = {}, []
-    for i in load:
+    for i in dict.fromkeys([base, *load]):  # the base first: inputs without tokenizer files take its vocabulary
         toks[i] = _tokenizer(inputs[i].folder, inputs[i].label, required=i in (base, top))
         if toks[i] is None:  # mergekit: "Unable to load tokenizer ... Assuming same as base"
             warnings.append(f"{inputs[i].label}: no tokenizer files; its vocabulary is taken to be "
                             f"{inputs[base].label}'s")
-            toks[i] = toks[base] if base in toks else _tokenizer(inputs[base].folder, inputs[base].label)
+            toks[i] = toks[base]
     sizes = {i: _vocab_size(inputs[i], toks[i]) for i in load}
-    strip = any(idx >= sizes[top] for idx in toks[top].get_vocab().values())
-    if strip:  # in place: every later use (the fallback of inputs without tokenizer files too) sees it stripped
+    # in place: every later use (the fallback of inputs without tokenizer files too) sees it stripped
+    strip = _strip_past(toks[top], sizes[top], inputs[top].label)
+    if strip:
         warnings.append(f"{inputs[top].label}: tokens past its vocab_size {sizes[top]} dropped from the output "
                         f"tokenizer (no embedding rows)")
-        _strip_past(toks[top], sizes[top], inputs[top].label)
     out = toks[source] if source is not None else _union(toks, sizes, order, base)
     new = [t for t in dict.fromkeys(add_tokens) if t not in out.get_vocab()]
     if new:

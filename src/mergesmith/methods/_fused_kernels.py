@@ -624,7 +624,7 @@ def combine(taus, base, kind, below, w, unit_w, consensus, elect_count, weighted
         m = min(SUB, n - a)
         for i in range(len(taus)):
             trim_into(T[i], taus[i][a:a + m], kind[i], below[i])
-        if bits:
+        if bits:  # two calls: one numba variable cannot hold both the int16 and the float32 slice types
             widen_bf16(base[a:a + m], B)
             dv, nalt = merge_sub(T, m, B[:m], out[a:a + m], a, w, unit_w, consensus, elect_count,
                                  weighted_elect, agg, fill, deferred, norm, lam, scale, alt_idx, alt_val, nalt,
