@@ -170,8 +170,12 @@ a = json.loads(sys.argv[1])
 from mergesmith.run import run_recipe
 w, c = time.perf_counter(), time.process_time()
 run_recipe(a["recipe"], a["out"], threads=a["threads"], progress=False)
+# VmHWM: this process's own peak; ru_maxrss also counts the pages of the parent it was forked from (a
+# parent that built the checkpoints first made every child report ~1 GB)
+peak = next((int(l.split()[1]) / 1024 for l in open("/proc/self/status") if l.startswith("VmHWM")),
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 print(json.dumps({"wall": time.perf_counter() - w, "cpu": time.process_time() - c,
-                  "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                  "rss_mb": peak}))
 """
 
 

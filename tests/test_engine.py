@@ -414,6 +414,30 @@ def test_failure_mid_merge_leaves_no_output(tiny_zoo, tmp_path):
     assert os.listdir(tmp_path) == []  # neither the output nor the temporary folder remains
 
 
+def test_too_little_disk_space_is_an_error_before_any_weight_is_read(tiny_zoo, tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from mergesmith.io import checkpoint
+
+    z = tiny_zoo("llama")
+    r = recipe("linear", None, [z["ft0"], z["ft1"]])
+    need = run_recipe(r, tmp_path / "unused", dry_run=True).output_bytes
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**12, 10**12 - need + 1, need - 1))
+
+    def boom(*a, **k):
+        raise AssertionError("weights were read")
+
+    monkeypatch.setattr(checkpoint.SafetensorsCheckpoint, "get", boom)
+    with pytest.raises(MergeError, match=r"not enough disk space for the merged model .*out.*GB free"):
+        run_recipe(r, tmp_path / "out")
+    assert os.listdir(tmp_path) == []  # neither the output nor the temporary folder
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**12, 10**12 - need, need))
+    with pytest.raises(AssertionError, match="weights were read"):  # exactly enough: the merge starts
+        run_recipe(r, tmp_path / "out")
+
+
 def test_existing_output_needs_overwrite(tiny_zoo, tmp_path):
     z = tiny_zoo("llama")
     out = tmp_path / "out"

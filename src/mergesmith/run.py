@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .io.atomic import check_output_dir, staging
+from .io.atomic import check_free_space, check_output_dir, staging
 from .io.card import write_extras
 from .io.writer import ShardedWriter, parse_size
 from .methods.base import MergeError
@@ -121,6 +121,7 @@ def write_plan(plan: Plan, out: Path, *, device="cpu", threads=None, shard_size:
     from .engine import execute
 
     with staging(out, overwrite, check=False) as tmp:
+        check_free_space(tmp, plan.output_bytes, f"the merged model {out}")
         started = time.time()
         writer = ShardedWriter(tmp, plan.entries(), shard_size, metadata={"mergesmith_method": plan.method.name})
         try:

@@ -22,6 +22,15 @@ def check_output_dir(out: Path, overwrite: bool) -> None:
         raise MergeError(f"parent folder of {out} does not exist")
 
 
+def check_free_space(folder: Path, nbytes: int, what: str) -> None:
+    """Fail before any weight is read when the disk of ``folder`` has less than ``nbytes`` free (a 7B merge
+    writes ~14 GB: running out of space half-way would waste the whole run)."""
+    free = shutil.disk_usage(folder).free
+    if free < nbytes:
+        raise MergeError(f"not enough disk space for {what}: it writes {nbytes / 1e9:.2f} GB, "
+                         f"{free / 1e9:.2f} GB free on the disk of {folder}")
+
+
 def replace_dir(tmp: Path, out: Path, overwrite: bool) -> None:
     """Move the finished ``tmp`` folder to ``out`` (replacing it when ``overwrite``)."""
     if out.exists():
