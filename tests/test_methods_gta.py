@@ -697,6 +697,7 @@ def test_radix_select_equals_kthvalue():
     ("ties", {"density": 0.5, "elect": "count", "agg": "sum", "weight": [2.0, 0.5, 1.0]}),
     ("dare_ties", {"density": 0.7, "ties_density": 0.6, "lambda": 0.5, "zero_sign": "positive", "weight": [1.0, 3.0, 0.5]}),
     ("task_arithmetic", {"weight": [1.0, -0.5, 2.0], "lambda": 0.7, "normalize": True}),
+    ("task_arithmetic", {"lambda": 1.0}),  # unit weights, no scale: the kernel's plain-sum loops
 ])
 @pytest.mark.parametrize("data", ["quantized", "continuous"])
 @pytest.mark.parametrize("kernels", ["fused", "torch"])

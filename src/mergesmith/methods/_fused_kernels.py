@@ -388,6 +388,39 @@ def fma32(typingctx, a, b, c):
     return sig, codegen
 
 
+@intrinsic
+def f32_bits(typingctx, u):
+    """The float32 whose bit pattern is the uint32 ``u`` (a bitcast: widening bf16 bits inside a loop)."""
+    sig = types.float32(types.uint32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return sig, codegen
+
+
+@njit(**opts)
+def acc_tau(x, B, tot, m, first, wi, weigh):
+    """tot[:m] = 0 + tau (``first``) or tot[:m] + tau, tau = (float32(x) - B) [* wi] for the bf16 bits ``x`` of
+    one model: ``merge_sub``'s sum of untrimmed task vectors (its float32 operations, in its order) in one
+    pass per model, the task vector never stored."""
+    zero = np.float32(0.0)
+    sh = np.uint32(16)
+    lo = np.uint32(0xFFFF)
+    if first and weigh:
+        for j in range(m):
+            tot[j] = zero + (f32_bits((np.uint32(x[j]) & lo) << sh) - B[j]) * wi
+    elif first:
+        for j in range(m):
+            tot[j] = zero + (f32_bits((np.uint32(x[j]) & lo) << sh) - B[j])
+    elif weigh:
+        for j in range(m):
+            tot[j] = tot[j] + (f32_bits((np.uint32(x[j]) & lo) << sh) - B[j]) * wi
+    else:
+        for j in range(m):
+            tot[j] = tot[j] + (f32_bits((np.uint32(x[j]) & lo) << sh) - B[j])
+
+
 @njit(**opts)
 def linear(ms, w, unit_w, total, normalize, out):
     """out = (... fma(m_1, w_1, fma(m_0, w_0, 0)) ...) [/ total] on float32 blocks: the torch path's float32
@@ -431,6 +464,14 @@ def finish(tot, m, same, S, agg, div, norm, scale, lam, bs, os_):
     agg 3 by ``norm``, agg 4 (and 1, sum) not at all."""
     one = np.float32(1.0)
     zero = np.float32(0.0)
+    if not same and (agg == 4 or agg == 1):  # a sum (task arithmetic): loops without per-element branches
+        if scale:
+            for j in range(m):
+                os_[j] = tot[j] * lam + bs[j]
+        else:
+            for j in range(m):
+                os_[j] = tot[j] + bs[j]
+        return
     for j in range(m):
         t = tot[j]
         if same:
@@ -651,9 +692,18 @@ def combine_bf16(models, base, seeds, start, thr, dd, drop, kind, below, w, unit
     W = np.empty(SUB, np.uint32)  # its stream words
     votes = 0
     nalt = 0
+    # a plain weighted sum (task arithmetic): each model added in one pass, as merge_sub would
+    summed = not consensus and not drop
+    for i in range(len(models)):
+        summed = summed and kind[i] == 0
     for a in range(0, n, SUB):
         m = min(SUB, n - a)
         widen_bf16(base[a:a + m], B)
+        if summed:
+            for i in range(len(models)):
+                acc_tau(models[i][a:a + m], B, tot, m, i == 0, w[i], not unit_w)
+            finish(tot, m, False, S, 3 if norm != np.float32(0.0) else 4, div, norm, scale, lam, B[:m], out[a:a + m])
+            continue
         for i in range(len(models)):
             if kind[i] == 0:  # kept whole: straight into T
                 widen_sub_drop(models[i][a:a + m], B, T[i], W, seeds[i], start + a, thr[i], dd[i], drop)
