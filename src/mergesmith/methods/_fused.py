@@ -295,6 +295,14 @@ def linear(ms: list[np.ndarray], w, total: float | None, out: np.ndarray) -> Non
     _kernels().linear(tuple(ms), wf, bool(np.all(wf == 1)), np.float32(total or 1.0), total is not None, out)
 
 
+def linear_bf16(ms: list[np.ndarray], w, total: float | None, out: np.ndarray, out_bits: np.ndarray) -> None:
+    """:func:`linear` of flat blocks of stored bf16 bits (int16); the result in ``out`` (float32), or rounded to
+    bf16 in ``out_bits`` when that is not empty (see the kernel)."""
+    wf = np.asarray(w, np.float32)
+    _kernels().linear_bf16(tuple(ms), wf, bool(np.all(wf == 1)), np.float32(total or 1.0), total is not None, out,
+                           out_bits)
+
+
 def nearswap(m: np.ndarray, b: np.ndarray, t: float, out: np.ndarray) -> None:
     """out = NearSwap of float32 flat blocks ``m`` (the other model) and ``b`` (the base); see the kernel."""
     _kernels().nearswap(m, b, np.float32(t), out)

@@ -335,6 +335,39 @@ def row_keys32(src, B, x, xi, key, b, sub, wide, done):
 
 
 @njit(**opts)
+def linear_bf16(ms, w, unit_w, total, normalize, out, out_bits):
+    """:func:`linear` from the stored bf16 bits (int16) of the models, 1K sub-block by sub-block (the partial
+    sums stay in L1; no float32 copy of any input): the same float32 operations in the same order. With
+    ``out_bits`` (int16, not empty) the result goes there rounded to bf16 (``narrow_bf16``) and ``out`` is
+    not written."""
+    zero = np.float32(0.0)
+    sh = np.uint32(16)
+    lo = np.uint32(0xFFFF)
+    narrow = out_bits.size > 0
+    n = out_bits.size if narrow else out.size
+    O = np.empty(SUB if narrow else 0, np.float32)
+    for a in range(0, n, SUB):
+        m = min(SUB, n - a)
+        o = O[:m] if narrow else out[a:a + m]
+        for j in range(m):
+            o[j] = zero
+        for i in range(len(ms)):
+            x = ms[i][a:a + m]
+            wi = w[i]
+            if unit_w:
+                for j in range(m):
+                    o[j] = o[j] + f32_bits((np.uint32(x[j]) & lo) << sh)
+            else:
+                for j in range(m):
+                    o[j] = fma32(f32_bits((np.uint32(x[j]) & lo) << sh), wi, o[j])
+        if normalize:
+            for j in range(m):
+                o[j] = o[j] / total
+        if narrow:
+            narrow_bf16(o, out_bits[a:a + m])
+
+
+@njit(**opts)
 def consensus_ta(ts, b, lams, k, strict, lam, out):
     """Consensus TA on float32 blocks (``consensus.consensus_ta``'s torch ops, in their order): tau_i =
     ts[i] - b, T = tau_0 + tau_1 + ..., count = sum_i [|tau_i| >= lams[i] |T - tau_i|] (``>`` if
