@@ -1,6 +1,7 @@
 """TALL masks and Consensus Merging (TA and TIES): hand-computed goldens, identities, whole-model TIES."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -176,10 +177,10 @@ def test_consensus_ta_kernel_equals_the_torch_ops(tmp_path, monkeypatch, stored,
               "models": [{"model": str(tmp_path / f"m{i}")} for i in range(3)], "parameters": params}
     calls = []
     real = F.consensus_ta
-    monkeypatch.setattr(F, "consensus_ta", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(F, "consensus_ta", lambda ts, *a: calls.append(ts[0].dtype) or real(ts, *a))
     monkeypatch.setattr(S, "BLOCK", 64)  # several blocks per tensor, on two kernel threads
     run_recipe(recipe, tmp_path / "fused")
-    assert calls
+    assert set(calls) == {np.dtype(np.int16 if stored == "bfloat16" else np.float32)}  # bf16: the bits as stored
     monkeypatch.setenv("MERGESMITH_FUSED", "0")
     run_recipe(recipe, tmp_path / "torch")
     a, b = load_file(tmp_path / "fused" / "model.safetensors"), load_file(tmp_path / "torch" / "model.safetensors")

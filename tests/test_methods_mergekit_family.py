@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -135,7 +136,11 @@ def test_nearswap_block_kernel_equals_the_torch_form(stored, monkeypatch):
     directly): the same bytes as the torch form, with exact zeros, tiny and huge differences, inf and NaN."""
     from mergesmith import merge_state_dicts
 
+    import mergesmith.methods._fused as F
+
     calls = spy_kernels(monkeypatch, "nearswap")
+    real, dtypes = F.nearswap, set()
+    monkeypatch.setattr(F, "nearswap", lambda m, *a: dtypes.add(m.dtype) or real(m, *a))
     g = torch.Generator().manual_seed(21)
     base = torch.randn(700, 512, generator=g) * 0.02
     model = base + torch.randn(700, 512, generator=g) * torch.logspace(-9, 0, 512)  # |diff| across scales
@@ -151,6 +156,7 @@ def test_nearswap_block_kernel_equals_the_torch_form(stored, monkeypatch):
         ok = ~want.isnan()
         assert torch.equal(got[ok], want[ok]) and torch.equal(got[ok].signbit(), want[ok].signbit()), t
     assert calls, "the kernel did not run"
+    assert dtypes == {np.dtype(np.int16 if stored == torch.bfloat16 else np.float32)}  # bf16: the bits as stored
 
 
 # ------------------------------------------------------------------------------------ arcee_fusion

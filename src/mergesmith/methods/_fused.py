@@ -290,21 +290,16 @@ def consensus_ta(ts: list[np.ndarray], base: np.ndarray, lams, k: int, strict: b
 
 
 def linear(ms: list[np.ndarray], w, total: float | None, out: np.ndarray) -> None:
-    """out = sum_i w_i m_i [/ total] of float32 flat blocks (``total`` None: no division); see the kernel."""
+    """out = sum_i w_i m_i [/ total] of flat blocks: float32 values, or the bf16 bits (int16) of stored blocks
+    (``total`` None: no division); see the kernels ``linear`` and ``linear_bf16``."""
     wf = np.asarray(w, np.float32)
-    _kernels().linear(tuple(ms), wf, bool(np.all(wf == 1)), np.float32(total or 1.0), total is not None, out)
-
-
-def linear_bf16(ms: list[np.ndarray], w, total: float | None, out: np.ndarray, out_bits: np.ndarray) -> None:
-    """:func:`linear` of flat blocks of stored bf16 bits (int16); the result in ``out`` (float32), or rounded to
-    bf16 in ``out_bits`` when that is not empty (see the kernel)."""
-    wf = np.asarray(w, np.float32)
-    _kernels().linear_bf16(tuple(ms), wf, bool(np.all(wf == 1)), np.float32(total or 1.0), total is not None, out,
-                           out_bits)
+    kernel = _kernels().linear_bf16 if ms[0].dtype == np.int16 else _kernels().linear
+    kernel(tuple(ms), wf, bool(np.all(wf == 1)), np.float32(total or 1.0), total is not None, out)
 
 
 def nearswap(m: np.ndarray, b: np.ndarray, t: float, out: np.ndarray) -> None:
-    """out = NearSwap of float32 flat blocks ``m`` (the other model) and ``b`` (the base); see the kernel."""
+    """out = NearSwap of flat blocks ``m`` (the other model) and ``b`` (the base), float32 or bf16 bits (int16,
+    both); see the kernel."""
     _kernels().nearswap(m, b, np.float32(t), out)
 
 

@@ -9,7 +9,7 @@ import numpy as np
 from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 SUB = 1024  # elements per sub-block inside a kernel (a few KB per model: L1-resident)
 opts = dict(nogil=True, cache=True, boundscheck=False, fastmath=False, error_model="numpy")
@@ -335,20 +335,13 @@ def row_keys32(src, B, x, xi, key, b, sub, wide, done):
 
 
 @njit(**opts)
-def linear_bf16(ms, w, unit_w, total, normalize, out, out_bits):
+def linear_bf16(ms, w, unit_w, total, normalize, out):
     """:func:`linear` from the stored bf16 bits (int16) of the models, 1K sub-block by sub-block (the partial
-    sums stay in L1; no float32 copy of any input): the same float32 operations in the same order. With
-    ``out_bits`` (int16, not empty) the result goes there rounded to bf16 (``narrow_bf16``) and ``out`` is
-    not written."""
+    sums stay in L1; no float32 copy of any input): the same float32 operations in the same order."""
     zero = np.float32(0.0)
-    sh = np.uint32(16)
-    lo = np.uint32(0xFFFF)
-    narrow = out_bits.size > 0
-    n = out_bits.size if narrow else out.size
-    O = np.empty(SUB if narrow else 0, np.float32)
-    for a in range(0, n, SUB):
-        m = min(SUB, n - a)
-        o = O[:m] if narrow else out[a:a + m]
+    for a in range(0, out.size, SUB):
+        m = min(SUB, out.size - a)
+        o = out[a:a + m]
         for j in range(m):
             o[j] = zero
         for i in range(len(ms)):
@@ -356,33 +349,32 @@ def linear_bf16(ms, w, unit_w, total, normalize, out, out_bits):
             wi = w[i]
             if unit_w:
                 for j in range(m):
-                    o[j] = o[j] + f32_bits((np.uint32(x[j]) & lo) << sh)
+                    o[j] = o[j] + f32_at(x, j)
             else:
                 for j in range(m):
-                    o[j] = fma32(f32_bits((np.uint32(x[j]) & lo) << sh), wi, o[j])
+                    o[j] = fma32(f32_at(x, j), wi, o[j])
         if normalize:
             for j in range(m):
                 o[j] = o[j] / total
-        if narrow:
-            narrow_bf16(o, out_bits[a:a + m])
 
 
 @njit(**opts)
 def consensus_ta(ts, b, lams, k, strict, lam, out):
-    """Consensus TA on float32 blocks (``consensus.consensus_ta``'s torch ops, in their order): tau_i =
+    """Consensus TA on float32 blocks, or the bf16 bits (int16) of stored blocks (``f32_at``)
+    (``consensus.consensus_ta``'s torch ops, in their order): tau_i =
     ts[i] - b, T = tau_0 + tau_1 + ..., count = sum_i [|tau_i| >= lams[i] |T - tau_i|] (``>`` if
     ``strict``), out = b + (T * [count >= k]) * lam."""
     nm = len(ts)
     one = np.float32(1.0)
     zero = np.float32(0.0)
     for j in range(b.size):
-        bj = b[j]
-        s = ts[0][j] - bj
+        bj = f32_at(b, j)
+        s = f32_at(ts[0], j) - bj
         for i in range(1, nm):
-            s = s + (ts[i][j] - bj)
+            s = s + (f32_at(ts[i], j) - bj)
         c = 0
         for i in range(nm):
-            t = ts[i][j] - bj
+            t = f32_at(ts[i], j) - bj
             o = abs(s - t) * lams[i]
             if strict:
                 c += 1 if abs(t) > o else 0
@@ -393,19 +385,21 @@ def consensus_ta(ts, b, lams, k, strict, lam, out):
 
 @njit(**opts)
 def nearswap(m, b, t, out):
-    """NearSwap on float32 blocks: out = b + w (m - b), w = clamp(t * (1 / max(|m - b|, 1e-6)), 0, 1), the
+    """NearSwap on float32 blocks or bf16 bits (int16; ``f32_at``): out = b + w (m - b),
+    w = clamp(t * (1 / max(|m - b|, 1e-6)), 0, 1), the
     float32 operations of the torch path in its order (``t / x`` is ``x.reciprocal() * t`` in torch; NaN
     propagates through both clamps as in torch)."""
     eps = np.float32(1e-6)
     zero = np.float32(0.0)
     one = np.float32(1.0)
     for j in range(b.size):
-        d = m[j] - b[j]
+        bj = f32_at(b, j)
+        d = f32_at(m, j) - bj
         a = abs(d)
         a = eps if a < eps else a
         w = (one / a) * t
         w = zero if w < zero else (one if w > one else w)
-        out[j] = b[j] + w * d
+        out[j] = bj + w * d
 
 
 @intrinsic
@@ -432,26 +426,37 @@ def f32_bits(typingctx, u):
     return sig, codegen
 
 
+def f32_at(x, j):
+    """x[j] as float32: the element itself (float32 arrays) or the bf16 bits (int16 arrays) widened; numba
+    picks the form by the array's type, so one kernel source reads both."""
+    raise NotImplementedError("numba only")
+
+
+@overload(f32_at, inline="always")
+def _f32_at(x, j):
+    if x.dtype == types.int16:
+        return lambda x, j: f32_bits((np.uint32(x[j]) & np.uint32(0xFFFF)) << np.uint32(16))
+    return lambda x, j: x[j]
+
+
 @njit(**opts)
 def acc_tau(x, B, tot, m, first, wi, weigh):
     """tot[:m] = 0 + tau (``first``) or tot[:m] + tau, tau = (float32(x) - B) [* wi] for the bf16 bits ``x`` of
     one model: ``merge_sub``'s sum of untrimmed task vectors (its float32 operations, in its order) in one
     pass per model, the task vector never stored."""
     zero = np.float32(0.0)
-    sh = np.uint32(16)
-    lo = np.uint32(0xFFFF)
     if first and weigh:
         for j in range(m):
-            tot[j] = zero + (f32_bits((np.uint32(x[j]) & lo) << sh) - B[j]) * wi
+            tot[j] = zero + (f32_at(x, j) - B[j]) * wi
     elif first:
         for j in range(m):
-            tot[j] = zero + (f32_bits((np.uint32(x[j]) & lo) << sh) - B[j])
+            tot[j] = zero + (f32_at(x, j) - B[j])
     elif weigh:
         for j in range(m):
-            tot[j] = tot[j] + (f32_bits((np.uint32(x[j]) & lo) << sh) - B[j]) * wi
+            tot[j] = tot[j] + (f32_at(x, j) - B[j]) * wi
     else:
         for j in range(m):
-            tot[j] = tot[j] + (f32_bits((np.uint32(x[j]) & lo) << sh) - B[j])
+            tot[j] = tot[j] + (f32_at(x, j) - B[j])
 
 
 @njit(**opts)

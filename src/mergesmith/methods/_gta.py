@@ -509,31 +509,20 @@ def fused_shape(p: Params, shape: tuple) -> bool:
     return fused_size(math.prod(shape))
 
 
-_NO_BITS = np.empty(0, np.int16)
-_NO_OUT = np.empty(0, np.float32)
-
-
-def kernel_blocks(inputs: list[torch.Tensor], out_dtype, kernel: Callable, bits_kernel: Callable | None = None
-                  ) -> torch.Tensor:
+def kernel_blocks(inputs: list[torch.Tensor], out_dtype, kernel: Callable, reads_bits: bool = False) -> torch.Tensor:
     """``kernel(blocks, out)`` block by block over the kernel threads: ``blocks`` the float32 values (numpy) of
-    the block of each input (as stored: float32 views, or bf16 widened into per-thread scratch), ``out`` the
-    float32 output block; bf16 output (``out_dtype``) is rounded straight into the result. ``bits_kernel(blocks,
-    out, out_bits)``, where every input is stored in bf16, takes their bits (int16) instead and writes the
-    float32 ``out`` or, when not empty, the bf16 bits ``out_bits``."""
+    the block of each input (as stored: float32 views, or bf16 widened into per-thread scratch; with
+    ``reads_bits``, a kernel that widens in its own loop, the bf16 bits (int16) when every input is stored in
+    bf16), ``out`` the float32 output block; bf16 output (``out_dtype``) is rounded straight into the result."""
     narrow = out_dtype == torch.bfloat16
     out = buffers.empty(inputs[0].shape, torch.bfloat16 if narrow else torch.float32)
     # numpy views made once per tensor, as in Pipeline._merge_blocks (torch slicing costs ~us under the GIL)
     fo, flat = _F.host_array(out.view(-1)), [_F.host_array(t.reshape(-1)) for t in inputs]
-    if bits_kernel is not None and all(t.dtype == np.int16 for t in flat):
-        def bits_block(a: int, b: int) -> None:
-            bits_kernel([t[a:b] for t in flat], _NO_OUT if narrow else fo[a:b], fo[a:b] if narrow else _NO_BITS)
-
-        _S.run_blocks(out.numel(), _S.BLOCK, bits_block)
-        return out
+    bits = reads_bits and all(t.dtype == np.int16 for t in flat)
 
     def block(a: int, b: int) -> None:
         o = _F.scratch_np(-5, b - a) if narrow else fo[a:b]
-        kernel([_F.float32_block(t[a:b], slot=i) for i, t in enumerate(flat)], o)
+        kernel([t[a:b] for t in flat] if bits else [_F.float32_block(t[a:b], slot=i) for i, t in enumerate(flat)], o)
         if narrow:
             _F.narrow_into(o, fo[a:b])
 
