@@ -8,6 +8,8 @@ alternately: the *floor* (each whole tensor of the 4 inputs read into new memory
 the issue's definition, used for the targets since the first session) and the *I/O floor* (the same bytes
 in the engine's 4M-element row chunks, read into reused buffers: no page faults on fresh memory, which cost
 the whole-tensor floor 1-3 s here; the least these bytes take). `x io` is a method's wall over the I/O floor.
+Each floor times its reads and its write apart; for a method with k inputs it counts k/4 of the reads and
+the whole write (writing a byte costs several times more than reading one here: new page-cache pages).
 
     python benchmarks/speed.py [--methods linear,ties,...] [--repeat N] [--cache DIR] [--hidden 2048 --layers 8] [--device cuda]
 
@@ -101,32 +103,31 @@ from mergesmith.io.checkpoint import open_checkpoint
 from mergesmith.io.writer import ShardedWriter
 from mergesmith.run import run_recipe
 t0, c0 = time.time(), time.process_time()  # imports excluded: the figure is the merge itself
-if args["method"] == "__floor__":  # whole tensors, each read into new memory
-    cks = [open_checkpoint(p) for p in args["inputs"]]
-    names = cks[0].keys()
-    w = ShardedWriter(Path(args["out"]), {n: (cks[0].meta(n).shape, cks[0].meta(n).dtype) for n in names}, 2 * 10**9)
-    for n in names:
-        ts = [c.get(n) for c in cks]
-        w.write(n, ts[0])
-        del ts
-    w.close()
-elif args["method"] == "__io_floor__":  # the engine's row chunks, read into reused buffers: the bytes' own cost
+extra = {}
+if args["method"] in ("__floor__", "__io_floor__"):
+    # __floor__: whole tensors, each read into new memory; __io_floor__: the engine's row chunks, read into
+    # reused buffers (the bytes' own cost). Reading and writing are timed apart: a write costs more per byte
+    # than a read (new page-cache pages), so a method with fewer inputs gets floor = reads * inputs / 4 + write.
     from mergesmith.engine import CHUNK_ELEMENTS
     cks = [open_checkpoint(p) for p in args["inputs"]]
     names = cks[0].keys()
     w = ShardedWriter(Path(args["out"]), {n: (cks[0].meta(n).shape, cks[0].meta(n).dtype) for n in names}, 2 * 10**9)
+    t_read = t_write = 0.0
     for n in names:
         shape = cks[0].meta(n).shape
-        if len(shape) < 2:
-            w.write(n, cks[0].get(n))
-            continue
-        row = math.prod(shape[1:])
-        step = max(1, CHUNK_ELEMENTS // row)
-        for a in range(0, shape[0], step):
-            ts = [c.get(n, (a, a + step)) for c in cks]
-            w.write(n, ts[0], a * row * ts[0].element_size())
+        row = math.prod(shape[1:]) if len(shape) >= 2 else 0
+        step = max(1, CHUNK_ELEMENTS // row) if row and args["method"] == "__io_floor__" else None
+        for a in range(0, shape[0], step) if step else [None]:
+            t = time.time()
+            ts = [c.get(n) if a is None else c.get(n, (a, a + step)) for c in cks]
+            t_read += time.time() - t
+            t = time.time()
+            w.write(n, ts[0], 0 if a is None else a * row * ts[0].element_size())
+            t_write += time.time() - t
             del ts
+    t = time.time()
     w.close()
+    extra = {"read": t_read, "write": t_write + time.time() - t}
 else:
     run_recipe(args["recipe"], args["out"], threads=args.get("threads"), device=args.get("device", "cpu"))
 wall = time.time() - t0
@@ -136,7 +137,7 @@ gpu_mb = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() 
 peak = next((int(l.split()[1]) / 1024 for l in open("/proc/self/status") if l.startswith("VmHWM")),
             resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 print(json.dumps({"wall": wall, "cpu": time.process_time() - c0, "gpu_mb": gpu_mb,
-                  "rss_mb": peak}))
+                  "rss_mb": peak, **extra}))
 """
 
 
@@ -218,6 +219,12 @@ def sweep_stale(cache: Path, age_s: float = 3600.0) -> None:
             shutil.rmtree(d, ignore_errors=True)
 
 
+def scaled(floor: dict, inputs: int) -> float:
+    """A floor (4 inputs read, 1 output written) for ``inputs`` inputs: its reads scaled, its write and the
+    rest (opening files) kept."""
+    return floor["wall"] - floor["read"] * (1 - inputs / 4)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--methods", default=",".join(DEFAULT_METHODS))
@@ -249,8 +256,10 @@ def main() -> None:
     for label, best, tries in (("floor: read 4 inputs (whole tensors) + write 1 output", floor, floors),
                                ("I/O floor: the same bytes in the engine's row chunks, reused buffers", io_floor, io_floors)):
         walls = ", ".join(f"{r['wall']:.1f}" for r in tries)
-        print(f"{label}: {best['wall']:.1f} s (best of {walls} s), peak RSS {best['rss_mb']:.0f} MB")
-    print(f"model size {model_gb:.2f} GB (bf16); floors scaled to each method's input count; x io = wall / I/O floor")
+        print(f"{label}: {best['wall']:.1f} s (best of {walls} s; reads {best['read']:.1f} s, write "
+              f"{best['write']:.1f} s), peak RSS {best['rss_mb']:.0f} MB")
+    print(f"model size {model_gb:.2f} GB (bf16); floors: reads scaled to each method's input count, plus the write; "
+          f"x io = wall / I/O floor")
     gpu = a.device != "cpu"
     print(f"{'method':<18}{'inputs':>7}{'wall s':>9}{'floor s':>9}{'x floor':>9}{'x io':>7}{'RSS MB':>9}{'in GB/s':>9}"
           f"{'CPU s':>9}{'load':>11}" + (f"{'GPU MB':>9}" if gpu else ""))
@@ -273,8 +282,7 @@ def main() -> None:
         if "error" in r:
             print(f"{m:<18} error: {r['error']}")
             continue
-        fl = floor["wall"] * (r["inputs"] + 1) / 5  # floor (4 reads + 1 write) scaled to this input count
-        io = io_floor["wall"] * (r["inputs"] + 1) / 5
+        fl, io = scaled(floor, r["inputs"]), scaled(io_floor, r["inputs"])
         r["floor"], r["io_floor"] = fl, io
         print(f"{m:<18}{r['inputs']:>7}{r['wall']:>9.1f}{fl:>9.1f}{r['wall'] / fl:>9.2f}{r['wall'] / io:>7.2f}{r['rss_mb']:>9.0f}"
               f"{r['inputs'] * model_gb / r['wall']:>9.2f}{r['cpu']:>9.1f}{r['load'][0]:>6.1f}-{r['load'][1]:<4.1f}"
