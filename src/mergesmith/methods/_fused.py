@@ -138,8 +138,8 @@ def float32_block(a: np.ndarray, slot: int = 0) -> np.ndarray:
 def sub_into(m: np.ndarray, base32: np.ndarray, out: np.ndarray) -> None:
     """out = float32(m) - base32 for a flat block ``m`` of :func:`host_array`."""
     if m.dtype == np.int16:
-        _kernels().widen_sub_drop(m, base32, out, _NO_WORDS, np.uint64(0), np.int64(0), np.uint64(0), np.float32(1.0),
-                                  False)
+        _kernels().tau_trim(m, base32, out, _NO_WORDS, np.uint64(0), np.int64(0), np.uint64(0), np.float32(1.0),
+                            False, 0, np.float32(0.0))
     else:
         np.subtract(m, base32, out=out)
 

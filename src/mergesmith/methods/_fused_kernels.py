@@ -43,20 +43,33 @@ def window_sub(bits, lo32, uw, D, out, n):
 
 
 @njit(**opts)
-def widen_sub_drop(x, B, UF, W, seed, start, thr, d, drop):
-    """UF[:x.size] = float32(x) - B for bf16 bits x (the task vector), then, if ``drop``, DARE's
-    UF * [w < thr] / d with the words w of the stream of ``seed`` from element ``start`` (drawn into ``W``;
-    ``_sampling.drop_rescale_block_``): the widened bits, then one loop for the rest."""
-    widen_bf16(x, UF)
+def tau_trim(x, B, Ti, W, seed, start, thr, d, drop, kind, lb):
+    """Ti[:x.size] = trim(tau), tau = float32(x) - B for the bf16 bits ``x`` (DARE's tau * [w < thr] / d first
+    if ``drop``, words of stream ``seed`` from element ``start``), trim as :func:`trim_into` (kind 0 keep, 1
+    hardshrink at lb, 2 zero): the widening, the subtraction, the draw and :func:`trim_into` in one loop."""
+    m = x.size
+    one = np.float32(1.0)
+    zero = np.float32(0.0)
+    if kind == 2:
+        for j in range(m):
+            Ti[j] = zero
+        return
     if drop:
-        stream_words(W[:x.size], seed, start)
-        one = np.float32(1.0)
-        zero = np.float32(0.0)
-        for j in range(x.size):
-            UF[j] = ((UF[j] - B[j]) * (one if np.uint64(W[j]) < thr else zero)) / d
+        stream_words(W[:m], seed, start)
+        if kind == 1:
+            for j in range(m):
+                t = ((f32_at(x, j) - B[j]) * (one if np.uint64(W[j]) < thr else zero)) / d
+                Ti[j] = zero if (t >= -lb and t <= lb) else t
+        else:
+            for j in range(m):
+                Ti[j] = ((f32_at(x, j) - B[j]) * (one if np.uint64(W[j]) < thr else zero)) / d
+    elif kind == 1:
+        for j in range(m):
+            t = f32_at(x, j) - B[j]
+            Ti[j] = zero if (t >= -lb and t <= lb) else t
     else:
-        for j in range(x.size):
-            UF[j] = UF[j] - B[j]
+        for j in range(m):
+            Ti[j] = f32_at(x, j) - B[j]
 
 
 @njit(**opts)
@@ -72,7 +85,7 @@ def window_bf16(src, base, seed, start, thr, d, drop, lo, width, out):
     n = 0
     for a in range(0, src.size, SUB):
         m = min(SUB, src.size - a)
-        widen_sub_drop(src[a:a + m], base[a:a + m], UF, W, seed, start + a, thr, d, drop)
+        tau_trim(src[a:a + m], base[a:a + m], UF, W, seed, start + a, thr, d, drop, 0, np.float32(0.0))
         b, n = window_sub(UI[:m], np.int32(lo), np.uint32(width), D, out, n)
         below += b
     return below, n
@@ -90,7 +103,7 @@ def high_hist_bf16(src, base, seed, start, thr, d, drop, hist):
     for a in range(0, src.size, SUB):
         m = min(SUB, src.size - a)
         widen_bf16(base[a:a + m], B)
-        widen_sub_drop(src[a:a + m], B, UF, W, seed, start + a, thr, d, drop)
+        tau_trim(src[a:a + m], B, UF, W, seed, start + a, thr, d, drop, 0, np.float32(0.0))
         for j in range(m):
             hist[(U[j] & np.uint32(0x7FFFFFFF)) >> np.uint32(16)] += 1
 
@@ -726,8 +739,7 @@ def combine_bf16(models, base, seeds, start, thr, dd, drop, kind, below, w, unit
     n = base.size
     T, V, S, tot, div, cnt, R = work_buffers(len(models))
     B = np.empty(SUB, np.float32)  # the base's float32 values of the sub-block
-    UF = np.empty(SUB, np.float32)  # one model's task vector
-    W = np.empty(SUB, np.uint32)  # its stream words
+    W = np.empty(SUB, np.uint32)  # a model's stream words
     votes = 0
     nalt = 0
     # a plain weighted sum (task arithmetic): each model added in one pass, as merge_sub would
@@ -743,11 +755,7 @@ def combine_bf16(models, base, seeds, start, thr, dd, drop, kind, below, w, unit
             finish(tot, m, False, S, 3 if norm != np.float32(0.0) else 4, div, norm, scale, lam, B[:m], out[a:a + m])
             continue
         for i in range(len(models)):
-            if kind[i] == 0:  # kept whole: straight into T
-                widen_sub_drop(models[i][a:a + m], B, T[i], W, seeds[i], start + a, thr[i], dd[i], drop)
-            else:
-                widen_sub_drop(models[i][a:a + m], B, UF, W, seeds[i], start + a, thr[i], dd[i], drop)
-                trim_into(T[i], UF[:m], kind[i], below[i])
+            tau_trim(models[i][a:a + m], B, T[i], W, seeds[i], start + a, thr[i], dd[i], drop, kind[i], below[i])
         dv, nalt = merge_sub(T, m, B[:m], out[a:a + m], a, w, unit_w, consensus, elect_count,
                              weighted_elect, agg, fill, deferred, norm, lam, scale, alt_idx, alt_val, nalt,
                              V, S, tot, div, cnt, R)
