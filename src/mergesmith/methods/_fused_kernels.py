@@ -594,49 +594,66 @@ def merge_sub(T, m, bs, os_, a, w, unit_w, consensus, elect_count, weighted_elec
             s = S[j]
             s = one if s > 0 else (-one if s < 0 else (s if s != s else zero))
             S[j] = fz if s == zero else s
-    for j in range(m if deferred else 0):
-        s = S[j]
-        s = one if s > 0 else (-one if s < 0 else (s if s != s else zero))
-        nz += s == zero
-        S[j] = s
-    if deferred:
-        vi = 0
-        for j in range(m):  # an integer sum vectorizes (a float one is serial without fast-math)
-            vi += np.int32(S[j])
+    if deferred:  # the raw signs, their zeros and their integer sum in one pass (it vectorizes; a float
+        vi = 0    # sum would be serial without fast-math)
+        for j in range(m):
+            s = S[j]
+            s = one if s > 0 else (-one if s < 0 else (s if s != s else zero))
+            nz += s == zero
+            S[j] = s
+            vi += np.int32(s)
         dv += vi
     if nz:
         if deferred:
             for j in range(m):
-                R[j] = S[j]
-        for j in range(m):
-            S[j] = fz if S[j] == zero else S[j]
-    for j in range(m):
-        tot[j] = zero
-        div[j] = zero
+                s = S[j]
+                R[j] = s
+                S[j] = fz if s == zero else s
+        else:
+            for j in range(m):
+                S[j] = fz if S[j] == zero else S[j]
     if deferred:  # the agreeing-model counts only serve the deferred alternatives
         for j in range(m):
+            tot[j] = zero
+            div[j] = zero
             cnt[j] = zero
-    # disjoint merge (kernels.disjoint_merge_list)
+    else:
+        for j in range(m):
+            tot[j] = zero
+            div[j] = zero
+    # disjoint merge (kernels.disjoint_merge_list); with deferred signs, each model's agreement counted in the
+    # same loop (cnt: d * S > 0, d the weighted vote where the votes are weighted)
     for i in range(nm):
         wi = w[i]
         dw = wi if agg == 2 else one
         Ti = T[i]
-        if same:
+        if same and deferred:
+            for j in range(m):
+                d = Ti[j] * wi if weigh else Ti[j]
+                kept = d * S[j]
+                kept = zero if kept <= zero else kept
+                f = one if kept > zero else zero
+                tot[j] = tot[j] + kept
+                div[j] = div[j] + f * dw
+                cnt[j] = cnt[j] + f
+        elif same:
             for j in range(m):
                 d = Ti[j] * wi if weigh else Ti[j]
                 kept = d * S[j]
                 kept = zero if kept <= zero else kept
                 tot[j] = tot[j] + kept
                 div[j] = div[j] + (one if kept > zero else zero) * dw
+        elif deferred:
+            for j in range(m):
+                ag = one if Ti[j] * S[j] > zero else zero
+                tot[j] = tot[j] + (Ti[j] * wi) * ag
+                div[j] = div[j] + ag * dw
+                cnt[j] = cnt[j] + ag
         else:
             for j in range(m):
                 ag = one if Ti[j] * S[j] > zero else zero
                 tot[j] = tot[j] + (Ti[j] * wi) * ag
                 div[j] = div[j] + ag * dw
-        if deferred:
-            for j in range(m):
-                d = Ti[j] * wi if (same and weigh) else Ti[j]
-                cnt[j] = cnt[j] + (one if d * S[j] > zero else zero)
     finish(tot, m, same, S, agg, div, norm, scale, lam, bs, os_)
     if not deferred or nz == 0:
         return dv, nalt
