@@ -27,22 +27,22 @@ class Sampler(threading.Thread):
 
     def __init__(self):
         super().__init__(daemon=True, name="sampler")
-        self.ticks: dict[int, tuple[str, int, int]] = {}
+        self.ticks: dict[tuple[int, int], tuple[str, int, int]] = {}  # (tid, start time): a tid can be reused
         self.history: list[tuple[float, dict[str, int]]] = []
         self.stop = False
 
     def run(self) -> None:
-        names: dict[int, str] = {}
         while not self.stop:
-            names.update({t.native_id: t.name for t in threading.enumerate() if t.native_id})
+            names = {t.native_id: t.name for t in threading.enumerate() if t.native_id}  # live Python threads
             for tid in os.listdir("/proc/self/task"):
                 try:
                     stat = open(f"/proc/self/task/{tid}/stat").read()
                 except OSError:
                     continue
                 fields = stat[stat.rindex(")") + 2:].split()
-                self.ticks[int(tid)] = (names.get(int(tid), "native (not a Python thread)"), int(fields[11]),
-                                        int(fields[12]))
+                key = (int(tid), int(fields[19]))
+                name = names.get(key[0]) or self.ticks.get(key, ("native (not a Python thread)",))[0]
+                self.ticks[key] = (name, int(fields[11]), int(fields[12]))
             self.history.append((time.time(), {kind(n): u + s for n, u, s in self.ticks.values()}))
             time.sleep(0.02)
 
