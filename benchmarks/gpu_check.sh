@@ -4,6 +4,7 @@
 #   bash benchmarks/gpu_check.sh
 # 1. tests/test_device_cuda.py: every method on cuda == on cpu (tiny Llama), inputs really on the GPU.
 # 2. benchmarks/speed.py --device cuda, then the same methods on the CPU of the same machine.
+# 3. benchmarks/thread_cpu.py: where DELLA's CPU goes on that machine's cores (threads, cores busy over time).
 # PROFILE=method: also a py-spy profile of that method on cuda (py-spy's wheel in .whl/).
 set -o pipefail
 OUT=${OUT:-/tmp/gpu_out}
@@ -34,3 +35,8 @@ if [ -n "$PROFILE" ] && [ -x /tmp/site/bin/py-spy ]; then  # where the time of o
 fi
 echo "== speed.py --device cpu (same machine, all its cores)"
 timeout ${CPU_TIMEOUT:-120} python3 benchmarks/speed.py --methods "${CPU_METHODS:-linear,ties,dare_ties,della}" --json "$OUT/speed_cpu.json" 2>&1 | tee "$OUT/speed_cpu.log"
+# DELLA used ~3 of 16 cores there (ninth session): CPU per thread and cores busy over time, to see what serialises
+echo "== thread_cpu.py della, all cores and 4 threads"
+for t in "" 4; do
+  timeout ${SCALING_TIMEOUT:-60} python3 benchmarks/thread_cpu.py della ${t:+--threads $t} --timeline 2>&1 | tee -a "$OUT/scaling.log" | head -12
+done
