@@ -446,6 +446,13 @@ def test_too_little_disk_space_is_an_error_before_any_weight_is_read(tiny_zoo, t
     with pytest.raises(AssertionError, match="weights were read"):  # exactly enough: the merge starts
         run_recipe(r, tmp_path / "out")
 
+    def unknown(p):
+        raise OSError("statvfs not supported")
+
+    monkeypatch.setattr(shutil, "disk_usage", unknown)
+    with pytest.raises(AssertionError, match="weights were read"):  # a disk that does not say: no check
+        run_recipe(r, tmp_path / "out")
+
 
 def test_existing_output_needs_overwrite(tiny_zoo, tmp_path):
     z = tiny_zoo("llama")

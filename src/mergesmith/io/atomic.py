@@ -25,7 +25,10 @@ def check_output_dir(out: Path, overwrite: bool) -> None:
 def check_free_space(folder: Path, nbytes: int, what: str) -> None:
     """Fail before any weight is read when the disk of ``folder`` has less than ``nbytes`` free (a 7B merge
     writes ~14 GB: running out of space half-way would waste the whole run)."""
-    free = shutil.disk_usage(folder).free
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:  # a file system that does not say (some FUSE mounts): nothing to check against
+        return
     if free < nbytes:
         raise MergeError(f"not enough disk space for {what}: it writes {nbytes / 1e9:.2f} GB, "
                          f"{free / 1e9:.2f} GB free on the disk of {folder}")
