@@ -264,9 +264,6 @@ def row_keys32(src, B, x, xi, key, b, sub, wide, done):
     mask31 = np.int32(0x7FFFFFFF)
     zero = np.uint32(0)
     O = np.empty(n, np.uint32)  # one row's odd codes
-    bits = B.itemsize == 2  # B: the base's bf16 bits, widened per row here (no float32 copy of the block)
-    BW = np.empty(n if bits else 0, np.uint32)
-    BF = BW.view(np.float32)
     nw = 0
     nd = 0
     for i in range(r):
@@ -275,16 +272,8 @@ def row_keys32(src, B, x, xi, key, b, sub, wide, done):
         if sub:
             s = src[i * n:(i + 1) * n]
             bs = B[i * n:(i + 1) * n]
-            for j in range(n):
-                row[j] = np.int32((np.uint32(s[j]) & np.uint32(0xFFFF)) << np.uint32(16))
-            if bits:
-                for j in range(n):
-                    BW[j] = (np.uint32(bs[j]) & np.uint32(0xFFFF)) << np.uint32(16)
-                for j in range(n):
-                    xr[j] = xr[j] - BF[j]
-            else:
-                for j in range(n):
-                    xr[j] = xr[j] - bs[j]
+            for j in range(n):  # f32_at widens bf16 bits (the base's too, when given so) in the loop
+                xr[j] = f32_at(s, j) - f32_at(bs, j)
         hi = np.int32(0)
         lom = np.uint32(0xFFFFFFFF)
         for j in range(n):
