@@ -509,16 +509,16 @@ def fused_shape(p: Params, shape: tuple) -> bool:
     return fused_size(math.prod(shape))
 
 
-def kernel_blocks(inputs: list[torch.Tensor], out_dtype, kernel: Callable, reads_bits: bool = False) -> torch.Tensor:
-    """``kernel(blocks, out)`` block by block over the kernel threads: ``blocks`` the float32 values (numpy) of
-    the block of each input (as stored: float32 views, or bf16 widened into per-thread scratch; with
-    ``reads_bits``, a kernel that widens in its own loop, the bf16 bits (int16) when every input is stored in
-    bf16), ``out`` the float32 output block; bf16 output (``out_dtype``) is rounded straight into the result."""
+def kernel_blocks(inputs: list[torch.Tensor], out_dtype, kernel: Callable) -> torch.Tensor:
+    """``kernel(blocks, out)`` block by block over the kernel threads: ``blocks`` the block of each input as
+    numpy, the bf16 bits (int16) when every input is stored in bf16 (the kernels widen them in their own loop,
+    ``_fused_kernels.f32_at``), else float32 values (float32 views, or bf16 widened into per-thread scratch);
+    ``out`` the float32 output block; bf16 output (``out_dtype``) is rounded straight into the result."""
     narrow = out_dtype == torch.bfloat16
     out = buffers.empty(inputs[0].shape, torch.bfloat16 if narrow else torch.float32)
     # numpy views made once per tensor, as in Pipeline._merge_blocks (torch slicing costs ~us under the GIL)
     fo, flat = _F.host_array(out.view(-1)), [_F.host_array(t.reshape(-1)) for t in inputs]
-    bits = reads_bits and all(t.dtype == np.int16 for t in flat)
+    bits = all(t.dtype == np.int16 for t in flat)
 
     def block(a: int, b: int) -> None:
         o = _F.scratch_np(-5, b - a) if narrow else fo[a:b]

@@ -68,7 +68,7 @@ def consensus_ta(ctx, base, models, p):
     if G.fused_inputs(base, models):  # the float32 operations of the torch path in its order (bit-identical, tested)
         lams = [float(x) for x in p["mask_lambda"]]
         return G.kernel_blocks([base, *models], ctx.out_dtype, lambda xs, out: _F.consensus_ta(
-            xs[1:], xs[0], lams, p["k"], p["strict"], p["lambda"], out), reads_bits=True)
+            xs[1:], xs[0], lams, p["k"], p["strict"], p["lambda"], out))
     if ctx.raw:  # handed as stored (raw_inputs) but not for the kernel: float32 copies
         ctx, base, models = G.float32_inputs(ctx, base, models)
     return base + p["lambda"] * consensus_ta_delta(ctx, base, models, p)

@@ -12,8 +12,8 @@ normalize=True is an error (mergekit silently divides by zero).
 float32 arithmetic in a fixed order: acc = 0, then acc = fma(theta_i, w_i, acc) per model (one rounding per
 model: a fused multiply-add, as torch's ``add_(alpha=)`` and mergekit's ``addcmul_`` on the CPU, so the
 result equals mergekit 0.1.5's bit for bit), then the division. Tensors of two blocks or more run block by
-block on the kernel threads from the stored bits (``_fused.linear``, the same operations; bf16 bits read as stored), writing bf16
-output directly.
+block on the kernel threads from the stored bits (``_fused.linear``, the same operations; bf16 bits widened
+in its loop), writing bf16 output directly.
 """
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ def linear(ctx, base, models, p):
         _check_weights(p)
         total = sum(w)
     if G.fused_inputs(models[0], models):
-        return G.kernel_blocks(models, ctx.out_dtype, lambda xs, out: _F.linear(xs, w, total, out), reads_bits=True)
+        return G.kernel_blocks(models, ctx.out_dtype, lambda xs, out: _F.linear(xs, w, total, out))
     if ctx.raw:  # handed as stored (raw_inputs) but not for the kernel: float32 copies
         models = [m.to(torch.float32) for m in models]
     out = torch.zeros_like(models[0])

@@ -38,8 +38,7 @@ from .base import Param, register
 def nearswap(ctx, base, models, p):
     if G.fused_inputs(base, models):
         t = p["t"]
-        return G.kernel_blocks([base, models[0]], ctx.out_dtype, lambda xs, out: _F.nearswap(xs[1], xs[0], t, out),
-                               reads_bits=True)
+        return G.kernel_blocks([base, models[0]], ctx.out_dtype, lambda xs, out: _F.nearswap(xs[1], xs[0], t, out))
     if ctx.raw:  # handed as stored (raw_inputs) but not for the kernel: float32 copies
         ctx, base, models = G.float32_inputs(ctx, base, models)
     diff = models[0] - base
