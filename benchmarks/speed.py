@@ -147,9 +147,20 @@ def model_count(spec) -> int:
     return max(spec.min_models, min(n, 3))
 
 
-def run_one(method: str, paths: dict, threads: int | None, device: str = "cpu") -> dict:
+def bench_recipe(method: str, paths: dict, params: dict | None = None) -> dict:
+    """The benchmark's recipe for ``method`` over the checkpoints ``paths`` (base, ft0..ft2): its example
+    parameters, updated by PARAMS and ``params``."""
     from mergesmith.methods.base import get_method
 
+    spec = get_method(method)
+    recipe = {"merge_method": method, "models": [{"model": str(paths[f"ft{i}"])} for i in range(model_count(spec))],
+              "parameters": {**spec.example, **PARAMS.get(method, {}), **(params or {})}}
+    if spec.base != "none":
+        recipe["base_model"] = str(paths["base"])
+    return recipe
+
+
+def run_one(method: str, paths: dict, threads: int | None, device: str = "cpu") -> dict:
     with tempfile.TemporaryDirectory(dir=paths["base"].parent) as tmp:
         out = Path(tmp) / "out"
         args: dict = {"out": str(out), "threads": threads, "method": method, "device": device}
@@ -158,15 +169,8 @@ def run_one(method: str, paths: dict, threads: int | None, device: str = "cpu") 
             args["inputs"] = [str(paths[k]) for k in ("base", "ft0", "ft1", "ft2")]
             n_in = 4
         else:
-            spec = get_method(method)
-            n = model_count(spec)
-            models = [str(paths[f"ft{i}"]) for i in range(n)]
-            recipe = {"merge_method": method, "models": [{"model": m} for m in models],
-                      "parameters": {**spec.example, **PARAMS.get(method, {})}}
-            if spec.base != "none":
-                recipe["base_model"] = str(paths["base"])
-            args["recipe"] = recipe
-            n_in = n + (1 if spec.base != "none" else 0)
+            args["recipe"] = recipe = bench_recipe(method, paths)
+            n_in = len(recipe["models"]) + ("base_model" in recipe)
         res = subprocess.run([sys.executable, "-c", CHILD, json.dumps(args)], capture_output=True, text=True)
         if res.returncode != 0:
             return {"method": method, "error": res.stderr.strip().splitlines()[-1] if res.stderr.strip() else "failed"}

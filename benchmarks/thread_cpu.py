@@ -1,9 +1,8 @@
 """CPU seconds per thread of one merge of the speed benchmark's checkpoints (a script that prints figures).
 
-Runs one recipe in this process (base + 3 fine-tunes of ``benchmarks/speed.py``'s cache, or the base alone
-for passthrough) while a sampler thread reads every thread's user and system time from
-``/proc/self/task`` every 20 ms, then prints them per thread kind (kernel, read, write, numba warm-up,
-main). Linux only. Where the CPU of a merge goes, without a profiler's overhead:
+Runs one recipe in this process (``benchmarks/speed.py``'s recipe for the method, on its cached
+checkpoints) while a sampler thread reads every thread's user and system time from ``/proc/self/task``
+every 20 ms, then prints them per thread kind (kernel, read, write, numba warm-up, main). Linux only. Where the CPU of a merge goes, without a profiler's overhead:
 
     python benchmarks/thread_cpu.py della [--params '{"density": 0.5}'] [--threads 2] [--timeline]
 """
@@ -55,7 +54,7 @@ def kind(name: str) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("method")
-    ap.add_argument("--params", default="{}", help="method parameters (JSON) over the method's example")
+    ap.add_argument("--params", default="{}", help="method parameters (JSON) over speed.py's (its example + PARAMS)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--cache", default=os.environ.get("MERGESMITH_BENCH_CACHE",
                                                       str(Path.home() / ".cache" / "mergesmith" / "speedbench")))
@@ -65,19 +64,11 @@ def main() -> None:
 
     sampler = Sampler()
     sampler.start()
-    from mergesmith.methods.base import get_method
     from mergesmith.run import run_recipe
+    from speed import bench_recipe  # benchmarks/ is on the path: this script's folder
 
     cache = Path(a.cache) / a.shape
-    spec = get_method(a.method)
-    if a.method == "passthrough":
-        recipe = {"merge_method": a.method, "models": [{"model": str(cache / "base")}]}
-    else:
-        n = spec.max_models if spec.max_models is not None else 3
-        recipe = {"merge_method": a.method, "models": [{"model": str(cache / f"ft{i}")} for i in range(min(n, 3))],
-                  "parameters": {**spec.example, **json.loads(a.params)}}
-        if spec.base != "none":
-            recipe["base_model"] = str(cache / "base")
+    recipe = bench_recipe(a.method, {k: cache / k for k in ("base", "ft0", "ft1", "ft2")}, json.loads(a.params))
     before = dict(sampler.ticks)
     out = Path(tempfile.mkdtemp(dir=cache)) / "out"
     try:
