@@ -2,7 +2,8 @@
 
 Runs one recipe in this process (``benchmarks/speed.py``'s recipe for the method, on its cached
 checkpoints) while a sampler thread reads every thread's user and system time from ``/proc/self/task``
-every 20 ms, then prints them per thread kind (kernel, read, write, numba warm-up, main). Linux only. Where the CPU of a merge goes, without a profiler's overhead:
+every 20 ms, then prints them per thread kind (kernel, read, write, numba warm-up, main). Linux only.
+Where the CPU of a merge goes, without a profiler's overhead:
 
     python benchmarks/thread_cpu.py della [--params '{"density": 0.5}'] [--threads 2] [--timeline]
 """
