@@ -142,6 +142,16 @@ CASES: list[dict] = [
                    {"sources": [{"model": "ft2", "layer_range": [2, 3],
                                  "parameters": {"scale": [{"filter": "o_proj", "value": 0.5},
                                                           {"filter": "down_proj", "value": 0.25}, {"value": 1.0}]}}]}]}),
+    # RAM: the zoo's task vectors are dense (std 0.02), so an epsilon near it makes changes unique or shared
+    dict(name="ram", mk={"merge_method": "ram", "base_model": "base", "parameters": {"epsilon": 0.02},
+                         "models": _models(("ft0", None), ("ft1", None), ("ft2", None))}),
+    dict(name="ram_default_epsilon", mk={"merge_method": "ram", "base_model": "base",
+                                         "models": _models(("ft0", None), ("ft1", None))}),
+    dict(name="ramplus_tl", mk={"merge_method": "ramplus_tl", "base_model": "base",
+                                "parameters": {"epsilon": 0.03, "r": 0.5, "alpha": 1.0},
+                                "models": _models(("ft0", None), ("ft1", None), ("ft2", None))}),
+    dict(name="ramplus_tl_defaults", mk={"merge_method": "ramplus_tl", "base_model": "base", "parameters": {"epsilon": 0.02},
+                                         "models": _models(("base", None), ("ft0", None), ("ft1", None))}),
     # mergekit's own defaults (``defaults: mergekit``): no density (1.0: TIES elects signs only, DELLA prunes
     # nothing), breadcrumbs' gamma 0.01, DELLA's normalize and lambda 1
     dict(name="ties_default_density", mk={

@@ -34,7 +34,7 @@ DEFAULT_METHODS = [
     "linear", "task_arithmetic", "slerp", "nuslerp", "multislerp", "karcher", "ties", "dare_linear", "dare_ties",
     "della", "della_linear", "breadcrumbs", "breadcrumbs_ties", "model_stock", "sce", "nearswap", "arcee_fusion",
     "magmax", "emr", "consensus_ta", "consensus_ties", "pcb", "lines", "twin_merging", "passthrough", "tsv_m",
-    "iso_c", "iso_cts", "resm", "opcm",
+    "iso_c", "iso_cts", "resm", "opcm", "ram", "ramplus_tl", "ramplus",
 ]
 
 PARAMS = {  # sensible settings per method (others use the method's `example`)

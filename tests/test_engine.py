@@ -120,6 +120,7 @@ def test_chunked_execution_equals_whole_tensor(tiny_zoo):
     ("sce", {"select_topk": 0.5}),  # three: the radix selection of the variance threshold, then energies
     ("sce", {"select_topk": 0.3, "normalize": False}),
     ("arcee_fusion", {}),
+    ("ramplus_tl", {"epsilon": 0.02, "r": 0.5, "alpha": 1.0}),  # per-tensor overlap counts, then the apply
 ])
 def test_tensor_wise_methods_stream_big_tensors_in_two_phases(tiny_zoo, monkeypatch, method, params):
     """Tensors too big to hold whole are streamed: the sums phases over row chunks, then the apply chunks."""
@@ -549,6 +550,7 @@ def test_method_checks_run_at_planning(tiny_zoo, monkeypatch):
     ("pcb", {"ratio": 0.2}),                         # whole-model order statistics, then per element
     ("lines", {"beta": 0.5}),                        # one factor per tensor (its layer)
     ("lines", {"merge": "ties", "density": 0.3}),    # + the TIES statistics and alpha's L1 pass
+    ("ramplus", {"epsilon": 0.02, "r": 0.5}),        # whole-model overlap counts, then per element
 ])
 def test_chunked_statistics_and_apply_equal_whole(tiny_zoo, method, params):
     z = tiny_zoo("llama")

@@ -303,6 +303,18 @@ def nearswap(m: np.ndarray, b: np.ndarray, t: float, out: np.ndarray) -> None:
     _kernels().nearswap(m, b, np.float32(t), out)
 
 
+def ram(ts: list[np.ndarray], base: np.ndarray, eps: float, scales, out: np.ndarray) -> None:
+    """out = RAM (``scales`` None) or RAM+ (the float32 ``scales`` of the unique changes) of flat blocks:
+    float32 values or bf16 bits (int16, all); see the kernel."""
+    sc = np.ones(len(ts), np.float32) if scales is None else np.asarray(scales, np.float32)
+    _kernels().ram(tuple(ts), base, np.float32(eps), sc, scales is not None, out)
+
+
+def ram_counts(ts: list[np.ndarray], base: np.ndarray, eps: float, counts: np.ndarray) -> None:
+    """counts (int64 [N, 2]) += RAM+'s (shared, unique) changes per model in flat blocks; see the kernel."""
+    _kernels().ram_counts(tuple(ts), base, np.float32(eps), counts)
+
+
 _NO_BITS = np.empty(0, np.int16)
 _NO_BASE = np.empty(0, np.float32)
 

@@ -404,6 +404,53 @@ def nearswap(m, b, t, out):
         out[j] = bj + w * d
 
 
+@njit(**opts)
+def ram(ts, b, eps, scales, scaled, out):
+    """RAM / RAM+ on float32 blocks or bf16 bits (``f32_at``) (``ram.ram_combine``'s float32 operations, in
+    its order): tau_i = ts[i] - b counts as changed where |tau_i| > eps, c of them; out = b + tau_i * scales[i]
+    where c = 1 and ``scaled``, else b + (sum of the changed tau_i) / c (b + 0 where c = 0)."""
+    nm = len(ts)
+    zero = np.float32(0.0)
+    for j in range(b.size):
+        bj = f32_at(b, j)
+        s = zero
+        u = zero
+        c = 0
+        for i in range(nm):
+            t = f32_at(ts[i], j) - bj
+            if abs(t) > eps:
+                s = s + t
+                u = t * scales[i]
+                c += 1
+        if c == 1 and scaled:
+            out[j] = bj + u
+        elif c > 1:
+            out[j] = bj + s / np.float32(c)
+        else:
+            out[j] = bj + s
+
+
+@njit(**opts)
+def ram_counts(ts, b, eps, counts):
+    """RAM+'s overlap counts on float32 blocks or bf16 bits: counts[i, 0] += the elements model i changed
+    (|ts[i] - b| > eps) that another model changed too, counts[i, 1] += those it alone changed."""
+    nm = len(ts)
+    for j in range(b.size):
+        bj = f32_at(b, j)
+        c = 0
+        last = 0
+        for i in range(nm):
+            if abs(f32_at(ts[i], j) - bj) > eps:
+                c += 1
+                last = i
+        if c == 1:
+            counts[last, 1] += 1
+        elif c > 1:
+            for i in range(nm):
+                if abs(f32_at(ts[i], j) - bj) > eps:
+                    counts[i, 0] += 1
+
+
 @intrinsic
 def fma32(typingctx, a, b, c):
     """a * b + c rounded once (LLVM's ``llvm.fma.f32``: the FMA instruction, or its exact software form)."""

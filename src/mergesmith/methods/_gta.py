@@ -516,18 +516,37 @@ def kernel_blocks(inputs: list[torch.Tensor], out_dtype, kernel: Callable) -> to
     ``out`` the float32 output block; bf16 output (``out_dtype``) is rounded straight into the result."""
     narrow = out_dtype == torch.bfloat16
     out = buffers.empty(inputs[0].shape, torch.bfloat16 if narrow else torch.float32)
-    # numpy views made once per tensor, as in Pipeline._merge_blocks (torch slicing costs ~us under the GIL)
-    fo, flat = _F.host_array(out.view(-1)), [_F.host_array(t.reshape(-1)) for t in inputs]
-    bits = all(t.dtype == np.int16 for t in flat)
+    fo, read = _F.host_array(out.view(-1)), _block_reader(inputs)
 
     def block(a: int, b: int) -> None:
         o = _F.scratch_np(-5, b - a) if narrow else fo[a:b]
-        kernel([t[a:b] for t in flat] if bits else [_F.float32_block(t[a:b], slot=i) for i, t in enumerate(flat)], o)
+        kernel(read(a, b), o)
         if narrow:
             _F.narrow_into(o, fo[a:b])
 
     _S.run_blocks(out.numel(), _S.BLOCK, block)
     return out
+
+
+def kernel_sums(inputs: list[torch.Tensor], shape: tuple, kernel: Callable) -> np.ndarray:
+    """The sum over blocks of ``kernel(blocks, acc)``, which adds one block's counts into ``acc`` (a zeroed int64
+    array of ``shape``): blocks as :func:`kernel_blocks` hands them, over the kernel threads, each block into its
+    own ``acc``."""
+    n = inputs[0].numel()
+    read = _block_reader(inputs)
+    parts = np.zeros((max(1, -(-n // _S.BLOCK)),) + tuple(shape), np.int64)
+    _S.run_blocks(n, _S.BLOCK, lambda a, b: kernel(read(a, b), parts[a // _S.BLOCK]))
+    return parts.sum(0)
+
+
+def _block_reader(inputs: list[torch.Tensor]) -> Callable[[int, int], list]:
+    """(a, b) -> every input's flat block a:b as the kernels read it: the bf16 bits (int16) when every input is
+    stored in bf16, else float32 values (views, or bf16 widened into per-thread scratch)."""
+    # numpy views made once per tensor, as in Pipeline._merge_blocks (torch slicing costs ~us under the GIL)
+    flat = [_F.host_array(t.reshape(-1)) for t in inputs]
+    if all(t.dtype == np.int16 for t in flat):
+        return lambda a, b: [t[a:b] for t in flat]
+    return lambda a, b: [_F.float32_block(t[a:b], slot=i) for i, t in enumerate(flat)]
 
 
 def fused_inputs(base: torch.Tensor, models: list[torch.Tensor]) -> bool:
