@@ -30,6 +30,8 @@ MERGEKIT = {
     "nuslerp": {"nuslerp_flatten": True, "nuslerp_row_wise": False},
     "karcher": {"max_iter": 10, "tol": 1e-5},
     "sce": {"select_topk": 1.0, "normalize": True},
+    "ram": {"epsilon": 1e-5},
+    "ramplus_tl": {"r": 0.1, "alpha": 0.2, "epsilon": 1e-5},
 }
 
 

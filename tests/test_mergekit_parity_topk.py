@@ -31,3 +31,37 @@ def test_exact_topk_matches_stable_argsort_on_tie_heavy_tensors():
         m = topk_mask(x, d)
         assert int(m.sum()) == max(1, int(d * x.numel()))
         assert torch.equal(m, _reference(x, d))
+
+
+import pytest  # noqa: E402
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("stored", [torch.bfloat16, torch.float32])
+def test_exact_topk_block_path_equals_the_whole_tensor_path(stored, fused, monkeypatch):
+    """mergekit's TIES (exact top-k per tensor) on a tensor of several blocks runs block by block, trimming
+    strictly above the k-th largest |tau| and patching the kept ties afterwards: the same bytes as the
+    whole-tensor path (topk_mask), on tie-heavy bf16-like task vectors, zero ties, density 0 and 1 included."""
+    from conftest import on_torch_path
+
+    from mergesmith import merge_state_dicts
+    from mergesmith.methods._gta import Pipeline
+
+    g = torch.Generator().manual_seed(3)
+    base = (torch.randn(520, 512, generator=g) * 0.02).to(stored)
+    models = []
+    for i in range(3):
+        step = torch.randint(-3, 4, (520, 512), generator=g).float() * 2.0 ** -12  # few distinct |tau|: many ties
+        step[i * 100:(i + 1) * 100] = 0.0  # rows a model left unchanged: ties at zero
+        models.append({"w": (base.float() + step).to(stored)})
+    mk = dict(scope="tensor", exact_topk=True, weighted_elect=True, zero_sign="positive", normalize=True)
+    for dens in ([0.3, 0.55, 0.9], [0.0, 1.0, 0.2], [0.05, 0.05, 0.05]):
+        def run():
+            return merge_state_dicts("ties", models, base={"w": base}, density=dens, weight=[1.0, 0.5, 0.8], **mk)["w"]
+
+        got = run() if fused else on_torch_path(monkeypatch, run)
+        with monkeypatch.context() as m:
+            m.setattr(Pipeline, "blockable", lambda *a: False)
+            want = run()
+        assert got.dtype == want.dtype == stored
+        assert torch.equal(got, want), dens

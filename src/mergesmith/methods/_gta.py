@@ -137,6 +137,33 @@ def needs_selection(d: float) -> bool:
     return 0.0 < d < 1.0
 
 
+def exact_topk_thresholds(taus: list[torch.Tensor], densities) -> tuple[list, list]:
+    """mergekit's exact top-k trim (``kernels.topk_mask(exact=True)``: the k = max(1, floor(d n)) largest
+    |tau_i|, of the ties at the k-th largest value the lowest flat indices) as (per model: a threshold for
+    the block trim, which keeps |tau_i| >= it, i.e. strictly above the k-th largest value; the flat indices
+    of the kept ties, or None). Zero-valued ties are not listed: a kept zero changes no vote and no mean."""
+    from ._radix import kth_smallest
+
+    thresholds, ties = [], []
+    for t, d in zip(taus, densities):
+        d = float(d)
+        if not needs_selection(d):
+            thresholds.append(None)
+            ties.append(None)
+            continue
+        a = t.reshape(-1).abs()
+        n = a.numel()
+        k = max(1, int(d * n))
+        kth = kth_smallest(a, n - k + 1, nonneg=True)
+        above = float(torch.nextafter(torch.tensor(kth, dtype=torch.float32), torch.tensor(float("inf"))))
+        need = k - int((a > kth).sum())
+        tie = (a == kth).nonzero().reshape(-1)[:need] if kth > 0 and need > 0 else None
+        thresholds.append(above)
+        ties.append(tie)
+        del a
+    return thresholds, ties
+
+
 def tensor_threshold(x: torch.Tensor, density: float) -> float | None:
     """The official TIES threshold of one tensor (None = keep all): exact, by radix selection."""
     from ._radix import kth_smallest
@@ -339,10 +366,17 @@ class Pipeline:
             if ctx.raw:
                 ctx, base, models = float32_inputs(ctx, base, models)
             taus = self.deltas(ctx, base, models, p, trim=False)
-            if self.trim is not None and thresholds is None:  # tensor scope: the whole tensor's thresholds
+            patch = None
+            if self.trim is not None and thresholds is None and p.get("exact_topk"):  # mergekit's exact top-k
+                thresholds, ties = exact_topk_thresholds(taus, p[self.trim])
+                patch = self._tie_patch(base, taus, p, thresholds, ties, major)  # before taus change in place
+            elif self.trim is not None and thresholds is None:  # tensor scope: the whole tensor's thresholds
                 thresholds = [tensor_threshold(t, d) if needs_selection(d) else None
                               for t, d in zip(taus, p[self.trim])]
-            return self._merge_blocks(ctx, base, taus, p, thresholds, major)
+            out = self._merge_blocks(ctx, base, taus, p, thresholds, major)
+            if patch is not None:
+                out.view(-1)[patch[0]] = patch[1].to(out.dtype)
+            return out
         if ctx.raw:
             ctx, base, models = float32_inputs(ctx, base, models)
         taus = self.deltas(ctx, base, models, p, thresholds)
@@ -360,12 +394,10 @@ class Pipeline:
     def blockable(self, p: Params, base: torch.Tensor, major, thresholds) -> bool:
         """Whether trim, election and merge may run block by block: every step after the sparsifier is
         per element given the thresholds and the majority sign (not with l1/l2 rescaling after the
-        trim, mergekit's exact top-k, or a per-tensor majority sign)."""
+        trim or a per-tensor majority sign; mergekit's exact top-k patches its kept ties after the blocks)."""
         if not blocks_apply(base):
             return False
         if self.trim_rescale and p.get("rescale", "none") not in ("none", None):
-            return False
-        if p.get("exact_topk") and self._tensor_thresholds_needed(p, thresholds):
             return False
         if self.consensus and p.get("zero_sign", "positive") == "majority" and major is None:
             return False
@@ -388,6 +420,27 @@ class Pipeline:
             return _S.BLOCK
         row = max(1, base.shape[-1])
         return max(1, _S.BLOCK // row) * row
+
+    def _tie_patch(self, base: torch.Tensor, taus: list[torch.Tensor], p: Params, thresholds, ties, major):
+        """(flat indices, merged float32 values) where an exact top-k keeps some of the entries tied at its
+        threshold, which the blocks (trimming strictly above it) drop: the whole-tensor path's float32
+        operations on those coordinates only. None when no kept tie can change the merge."""
+        idx = [t for t in ties if t is not None and t.numel()]
+        if not idx:
+            return None
+        idx = torch.unique(torch.cat(idx))  # sorted
+        block = []
+        for t, thr, tie in zip(taus, thresholds, ties):
+            x = t.reshape(-1)[idx]
+            if thr is not None:  # keep |x| > thr (thr is the kept-above bound) and this model's kept ties
+                keep = x.abs() >= thr
+                if tie is not None and tie.numel():
+                    keep |= torch.isin(idx, tie)
+                x = torch.where(keep, x, 0.0)
+            block.append(x)
+        d = [float(x) for x in p[self.trim]]
+        block = [torch.zeros_like(x) if dd <= 0 else x for x, dd in zip(block, d)]
+        return idx, _scale(self.combine(block, p, major), p["lambda"]).add_(base.reshape(-1)[idx].to(torch.float32))
 
     def _tensor_thresholds_needed(self, p: Params, thresholds) -> bool:
         return self.trim is not None and thresholds is None and any(needs_selection(float(d)) for d in p[self.trim])
