@@ -99,6 +99,13 @@ def _validate(p) -> None:
 
 
 EPSILON = Param("epsilon", float, 1e-5, help="a change |tau_i| <= epsilon counts as unchanged")
+PLUS_MATH = "ram, with the unique changes of model i scaled by lambda_i = 1 + r clamp(shared_i / unique_i, 0, alpha), "
+
+
+def plus_params(r: float, alpha: float, r_help: str = "rescale strength") -> tuple[Param, ...]:
+    """RAM+'s parameters with these defaults."""
+    return (Param("r", float, r, help=r_help), Param("alpha", float, alpha, help="cap on the overlap ratio rho_i"),
+            EPSILON)
 
 
 @register(
@@ -143,15 +150,10 @@ def _tl_scales(counts: torch.Tensor, p) -> torch.Tensor:
     aliases=("ram_plus_tl",),
     paper="Yuan et al., Behavior Knowledge Merge in Reinforced Agentic Models (arXiv 2601.13572), RAM+ "
     "with the overlap ratio per tensor (mergekit's tensor-local variant)",
-    math="ram, with the unique changes of model i scaled by lambda_i = 1 + r clamp(shared_i / unique_i, 0, alpha), "
-    "counted in this tensor",
+    math=PLUS_MATH + "counted in this tensor",
     base="required",
     granularity="tensor",
-    params=(
-        Param("r", float, 0.1, help="rescale strength"),
-        Param("alpha", float, 0.2, help="cap on the overlap ratio rho_i"),
-        EPSILON,
-    ),
+    params=plus_params(0.1, 0.2),
     min_models=1,
     mergekit="identical to mergekit `ramplus_tl` (same parameters and defaults).",
     example={"epsilon": 0.01, "r": 0.5, "alpha": 1.0},
@@ -199,15 +201,10 @@ _STATS = RamStats()
     aliases=("ram_plus", "ram+"),
     paper="Yuan et al., Behavior Knowledge Merge in Reinforced Agentic Models (arXiv 2601.13572), RAM+; "
     "official code xiangchi-yuan/mrl (arm-r-v2)",
-    math="ram, with the unique changes of model i scaled by lambda_i = 1 + r clamp(shared_i / unique_i, 0, alpha), "
-    "counted over the whole model",
+    math=PLUS_MATH + "counted over the whole model",
     base="required",
     granularity="global",
-    params=(
-        Param("r", float, 0.2, help="rescale strength (the official code's rescale_factor - 1)"),
-        Param("alpha", float, 1.0, help="cap on the overlap ratio rho_i"),
-        EPSILON,
-    ),
+    params=plus_params(0.2, 1.0, "rescale strength (the official code's rescale_factor - 1)"),
     min_models=1,
     stats=_STATS,
     chunkable=True,
