@@ -162,3 +162,15 @@ def test_block_kernels_equal_the_torch_form(method, stored, monkeypatch):
     assert torch.equal(got[ok], want[ok]) and torch.equal(got[ok].signbit(), want[ok].signbit())
     assert "ram" in calls and (method == "ram" or "ram_counts" in calls)
     assert dtypes == {np.dtype(np.int16 if stored == torch.bfloat16 else np.float32)}  # bf16: the bits as stored
+
+
+@pytest.mark.parametrize("method", ["ramplus_tl", "ramplus"])
+def test_a_model_that_changed_nothing_or_only_shared_entries(method):
+    """unique_i = 0: lambda_i is finite (0 / 0 never happens) and scales nothing; epsilon 0 included."""
+    base = {"w": torch.zeros(2, 3)}
+    same = {"w": torch.zeros(2, 3)}  # no change at all
+    m1 = {"w": torch.tensor([[1.0, 2.0, 0.0], [0.0, 0.0, 4.0]])}
+    m2 = {"w": torch.tensor([[3.0, 0.0, 0.0], [0.0, 0.0, 0.0]])}  # its one change is shared with m1
+    out = merge_state_dicts(method, [m1, m2, same], base=base, epsilon=0.0, r=0.5, alpha=1.0)["w"]
+    # m1: 1 shared, 2 unique -> lambda 1.25
+    assert torch.equal(out, torch.tensor([[2.0, 2.5, 0.0], [0.0, 0.0, 5.0]]))

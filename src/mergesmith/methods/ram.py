@@ -20,7 +20,8 @@ official code's RAM+ ("arm-r-v2") is lambda_i = 1 + (R - 1) min(1, rho_i), rho_i
 model, with R = 1.2 in its README's RAM+ command: ``ramplus`` here with r = R - 1 = 0.2, alpha = 1
 (its defaults). We could not read the paper's own equation; mergekit's ``ramplus_tl`` writes the same
 form with r 0.1, alpha 0.2 (its defaults, kept). A model whose changes are all shared (unique_i = 0)
-gets lambda_i = 1 + r * alpha (it has no unique change to scale; the official code divides by zero).
+gets lambda_i = 1 + r * alpha, one that changed nothing 1 (neither has a unique change to scale; the official
+code divides by zero there).
 Shared elements are averaged as the mean of the changes (sum, then divide by c, as the official code);
 mergekit divides each change by c before summing (the same value to float rounding).
 """
@@ -127,11 +128,12 @@ def ram(ctx, base, models, p):
     return merge(ctx, base, models, p["epsilon"])
 
 
-def rescales(counts: torch.Tensor, r: float, alpha: float, epsilon: float, dtype=torch.float64) -> torch.Tensor:
-    """lambda_i = 1 + r clamp(shared_i / unique_i, 0, alpha) from int64 counts [N, 2] (unique_i = 0 counts
-    as ``epsilon``), computed in ``dtype``."""
-    shared, unique = counts[:, 0].to(dtype), counts[:, 1].to(dtype).clamp(min=epsilon)
-    return 1 + r * (shared / unique).clamp(0, alpha)
+def rescales(counts: torch.Tensor, r: float, alpha: float, dtype=torch.float64) -> torch.Tensor:
+    """lambda_i = 1 + r clamp(shared_i / unique_i, 0, alpha) from int64 counts [N, 2], computed in ``dtype``;
+    unique_i = 0 gives rho_i = alpha if shared_i > 0 (mergekit: shared_i / epsilon), else 0 (never 0 / 0)."""
+    shared, unique = counts[:, 0].to(dtype), counts[:, 1].to(dtype)
+    rho = torch.where(unique > 0, shared / unique.clamp(min=1), torch.where(shared > 0, float(alpha), 0.0))
+    return 1 + r * rho.clamp(0, alpha)
 
 
 # -- ramplus_tl: the counts per tensor (summed over the engine's row chunks of a big tensor) -----------
@@ -142,7 +144,7 @@ def _tl_sums(ctx, base, models, p):
 
 def _tl_scales(counts: torch.Tensor, p) -> torch.Tensor:
     # float32, as mergekit computes rho and lambda (int counts / a float32-clamped divisor)
-    return rescales(counts, p["r"], p["alpha"], p["epsilon"], torch.float32)
+    return rescales(counts, p["r"], p["alpha"], torch.float32)
 
 
 @register(
@@ -189,7 +191,7 @@ class RamStats(GlobalStats):
 def _global_scales(ctx, p) -> torch.Tensor:
     if ctx.stats is None or ctx.stats.get("counts") is None:
         raise MergeError("ramplus: needs the whole-model statistics pass (run through the engine or merge_state_dicts)")
-    lam = rescales(ctx.stats["counts"], p["r"], p["alpha"], p["epsilon"])  # float64, as the official code
+    lam = rescales(ctx.stats["counts"], p["r"], p["alpha"])  # float64, as the official code
     return lam.to(torch.float32)
 
 
