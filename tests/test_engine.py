@@ -121,6 +121,8 @@ def test_chunked_execution_equals_whole_tensor(tiny_zoo):
     ("sce", {"select_topk": 0.3, "normalize": False}),
     ("arcee_fusion", {}),
     ("ramplus_tl", {"epsilon": 0.02, "r": 0.5, "alpha": 1.0}),  # per-tensor overlap counts, then the apply
+    ("ties", {"density": 0.3, "scope": "tensor", "zero_sign": "positive"}),  # two selection phases, then the apply
+    ("ties", {"density": [0.3, 0.8, 0.5], "scope": "tensor", "exact_topk": True, "zero_sign": "positive"}),
 ])
 def test_tensor_wise_methods_stream_big_tensors_in_two_phases(tiny_zoo, monkeypatch, method, params):
     """Tensors too big to hold whole are streamed: the sums phases over row chunks, then the apply chunks."""
@@ -141,7 +143,7 @@ def test_tensor_wise_methods_stream_big_tensors_in_two_phases(tiny_zoo, monkeypa
     n_phases = spec.phases(job.params)
     assert spec.sums is not None and phases.count("sums") == n_phases * phases.count("apply") > 1
     assert [u.step for u in units if u.phase == "sums"] == sorted(u.step for u in units if u.phase == "sums")
-    assert n_phases == {"sce": 3 if params.get("select_topk", 1) < 1 else 1}.get(method, 1)
+    assert n_phases == {"sce": 3 if params.get("select_topk", 1) < 1 else 1, "ties": 2}.get(method, 1)
     ex.run()
     for k in whole.tensors:
         torch.testing.assert_close(ex.sink.tensors[k], whole.tensors[k], rtol=1e-5, atol=1e-6, msg=k)

@@ -65,3 +65,38 @@ def test_exact_topk_block_path_equals_the_whole_tensor_path(stored, fused, monke
             want = run()
         assert got.dtype == want.dtype == stored
         assert torch.equal(got, want), dens
+
+
+@pytest.mark.parametrize("chunk_elements", [300_000, 2_000])  # chunks of several blocks; chunks under one block
+@pytest.mark.parametrize("exact", [True, False])
+def test_per_tensor_trim_streamed_over_row_chunks_equals_the_whole_tensor(tmp_path, monkeypatch, exact, chunk_elements):
+    """A tensor too big to hold whole is trimmed per tensor from two histogram passes over its row chunks
+    (``_tensor_trim``): the k-th largest |tau| of the whole tensor, and for the exact top-k the ties each chunk
+    keeps (the lowest flat indices overall): the same bytes as the tensor held whole, on tie-heavy bf16 inputs."""
+    from safetensors.torch import save_file
+
+    import mergesmith.engine as E
+    from mergesmith.engine import DictSink, execute
+    from mergesmith.run import plan_recipe
+
+    g = torch.Generator().manual_seed(11)
+    base = torch.randn(2100, 512, generator=g) * 0.02
+    paths = []
+    for i in range(4):
+        step = torch.randint(-3, 4, base.shape, generator=g).float() * 2.0 ** -12 if i else 0.0
+        (tmp_path / f"m{i}").mkdir()
+        save_file({"w": (base + step).to(torch.bfloat16).contiguous()}, str(tmp_path / f"m{i}" / "model.safetensors"))
+        paths.append(str(tmp_path / f"m{i}"))
+    params = {"density": [0.3, 0.62, 0.05], "scope": "tensor", "zero_sign": "positive", "weighted_elect": True}
+    if exact:
+        params["exact_topk"] = True
+    recipe = {"merge_method": "ties", "base_model": paths[0], "models": [{"model": p} for p in paths[1:]],
+              "parameters": params, "dtype": "bfloat16"}
+    plan = plan_recipe(recipe)
+    whole, streamed = DictSink(plan), DictSink(plan)
+    execute(plan, whole)
+    monkeypatch.setattr(E, "PREFETCH_BYTES", 1024)  # every tensor counts as too big to hold whole
+    ex = E.Executor(plan, streamed, chunk_elements=chunk_elements)
+    assert [u.phase for u in ex._units(plan.jobs[0])].count("sums") > 2
+    ex.run()
+    assert torch.equal(streamed.tensors["w"], whole.tensors["w"])

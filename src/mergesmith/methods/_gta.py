@@ -26,6 +26,7 @@ import torch
 
 from ..io import buffers
 from . import _fused as _F
+from . import _tensor_trim as TT
 from . import _sampling as _S
 from . import kernels as K
 from .base import MergeError, Param, Params, TensorContext
@@ -155,10 +156,9 @@ def exact_topk_thresholds(taus: list[torch.Tensor], densities) -> tuple[list, li
         n = a.numel()
         k = max(1, int(d * n))
         kth = kth_smallest(a, n - k + 1, nonneg=True)
-        above = float(torch.nextafter(torch.tensor(kth, dtype=torch.float32), torch.tensor(float("inf"))))
         need = k - int((a > kth).sum())
         tie = (a == kth).nonzero().reshape(-1)[:need] if kth > 0 and need > 0 else None
-        thresholds.append(above)
+        thresholds.append(TT.above(kth))
         ties.append(tie)
         del a
     return thresholds, ties
@@ -231,6 +231,27 @@ class Pipeline:
         if self.consensus and p.get("zero_sign", "positive") == "majority" and "major" not in self.stat_steps(p):
             return False
         return True
+
+    def sum_phases(self, p: Params) -> int:
+        """Sums phases (``MethodSpec.sums``) of a tensor too big to hold whole: the per-tensor trim selected by
+        two histogram passes over its row chunks (``_tensor_trim``), where no other step needs the whole
+        tensor (a sparsifier before the trim, l1/l2 rescaling, a per-tensor majority sign)."""
+        if self.trim is None or self.sparsify is not None or p.get("scope") != "tensor":
+            return 0
+        if p.get("rescale", "none") not in ("none", None):
+            return 0
+        if self.consensus and p.get("zero_sign", "positive") == "majority":
+            return 0
+        return 2 if any(needs_selection(float(d)) for d in p[self.trim]) else 0
+
+    def sums(self, ctx: TensorContext, base: torch.Tensor, models: list[torch.Tensor], p: Params):
+        """One row chunk's part of sums phase ``ctx.phase`` (see :meth:`sum_phases`)."""
+        b = base.to(torch.float32)
+        taus = [m.to(torch.float32) - b for m in models]  # the apply's float32 task vectors of this chunk
+        return TT.collect(ctx.phase, ctx.chunk, taus, p[self.trim], ctx.sums)
+
+    def finish_sums(self, phase: int, previous, total, p: Params):
+        return TT.finish(phase, previous, total, p[self.trim], bool(p.get("exact_topk")))
 
     def validate(self, p: Params) -> None:
         if self.trim is not None and p.get("scope") == "global" and p.get("exact_topk"):
@@ -367,9 +388,12 @@ class Pipeline:
                 ctx, base, models = float32_inputs(ctx, base, models)
             taus = self.deltas(ctx, base, models, p, trim=False)
             patch = None
-            if self.trim is not None and thresholds is None and p.get("exact_topk"):  # mergekit's exact top-k
-                thresholds, ties = exact_topk_thresholds(taus, p[self.trim])
+            if ctx.sums is not None:  # a row chunk of a tensor selected over its chunks (``_tensor_trim``)
+                thresholds, ties = TT.chunk_ties(taus, ctx.sums, ctx.chunk)
                 patch = self._tie_patch(base, taus, p, thresholds, ties, major)  # before taus change in place
+            elif self.trim is not None and thresholds is None and p.get("exact_topk"):  # mergekit's exact top-k
+                thresholds, ties = exact_topk_thresholds(taus, p[self.trim])
+                patch = self._tie_patch(base, taus, p, thresholds, ties, major)
             elif self.trim is not None and thresholds is None:  # tensor scope: the whole tensor's thresholds
                 thresholds = [tensor_threshold(t, d) if needs_selection(d) else None
                               for t, d in zip(taus, p[self.trim])]
@@ -379,7 +403,17 @@ class Pipeline:
             return out
         if ctx.raw:
             ctx, base, models = float32_inputs(ctx, base, models)
-        taus = self.deltas(ctx, base, models, p, thresholds)
+        if ctx.sums is not None:  # a row chunk: the whole tensor's bounds, and this chunk's kept ties
+            untrimmed = self.deltas(ctx, base, models, p, trim=False)
+            bounds, ties = TT.chunk_ties(untrimmed, ctx.sums, ctx.chunk)
+            taus = []
+            for i, (t, tie) in enumerate(zip(untrimmed, ties)):
+                kept = self._trim(t, i, p, bounds)
+                if tie is not None:
+                    kept.view(-1)[tie] = t.reshape(-1)[tie]
+                taus.append(kept)
+        else:
+            taus = self.deltas(ctx, base, models, p, thresholds)
         if major == DEFERRED:
             if ctx.defer is None:
                 raise RuntimeError(f"{self.name}: the majority sign was deferred but ctx.defer is not set")
