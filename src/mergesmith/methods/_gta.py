@@ -26,6 +26,7 @@ import torch
 
 from ..io import buffers
 from . import _fused as _F
+from . import _tensor_norms as TN
 from . import _tensor_trim as TT
 from . import _sampling as _S
 from . import kernels as K
@@ -233,10 +234,14 @@ class Pipeline:
         return True
 
     def sum_phases(self, p: Params) -> int:
-        """Sums phases (``MethodSpec.sums``) of a tensor too big to hold whole: the per-tensor trim selected by
-        two histogram passes over its row chunks (``_tensor_trim``), where no other step needs the whole
-        tensor (a sparsifier before the trim, l1/l2 rescaling, a per-tensor majority sign)."""
-        if self.trim is None or self.sparsify is not None or p.get("scope") != "tensor":
+        """Sums phases (``MethodSpec.sums``) of a tensor too big to hold whole, where one per-tensor statistic
+        is all that needs the whole tensor: the sparsifier's l1/l2 rescale (its norms, one pass over the row
+        chunks: ``_tensor_norms``), or the per-tensor trim (two histogram passes: ``_tensor_trim``)."""
+        if self.sparsify is not None:
+            if self.trim_rescale or p.get("rescale", "none") not in ("l1", "l2"):
+                return 0
+            return 1 if self.chunkable(Params({**p, "rescale": "none"})) else 0
+        if self.trim is None or p.get("scope") != "tensor":
             return 0
         if p.get("rescale", "none") not in ("none", None):
             return 0
@@ -246,11 +251,15 @@ class Pipeline:
 
     def sums(self, ctx: TensorContext, base: torch.Tensor, models: list[torch.Tensor], p: Params):
         """One row chunk's part of sums phase ``ctx.phase`` (see :meth:`sum_phases`)."""
+        if self.sparsify is not None:
+            return TN.collect(self.sparsify, ctx, base, models, p)
         b = base.to(torch.float32)
         taus = [m.to(torch.float32) - b for m in models]  # the apply's float32 task vectors of this chunk
         return TT.collect(ctx.phase, ctx.chunk, taus, p[self.trim], ctx.sums)
 
     def finish_sums(self, phase: int, previous, total, p: Params):
+        if self.sparsify is not None:
+            return TN.finish(total, p)
         return TT.finish(phase, previous, total, p[self.trim], bool(p.get("exact_topk")))
 
     def validate(self, p: Params) -> None:
@@ -388,7 +397,7 @@ class Pipeline:
                 ctx, base, models = float32_inputs(ctx, base, models)
             taus = self.deltas(ctx, base, models, p, trim=False)
             patch = None
-            if ctx.sums is not None:  # a row chunk of a tensor selected over its chunks (``_tensor_trim``)
+            if isinstance(ctx.sums, TT.Trims):  # a row chunk of a tensor selected over its chunks
                 thresholds, ties = TT.chunk_ties(taus, ctx.sums, ctx.chunk)
                 patch = self._tie_patch(base, taus, p, thresholds, ties, major)  # before taus change in place
             elif self.trim is not None and thresholds is None and p.get("exact_topk"):  # mergekit's exact top-k
@@ -403,7 +412,7 @@ class Pipeline:
             return out
         if ctx.raw:
             ctx, base, models = float32_inputs(ctx, base, models)
-        if ctx.sums is not None:  # a row chunk: the whole tensor's bounds, and this chunk's kept ties
+        if isinstance(ctx.sums, TT.Trims):  # a row chunk: the whole tensor's bounds, and this chunk's kept ties
             untrimmed = self.deltas(ctx, base, models, p, trim=False)
             bounds, ties = TT.chunk_ties(untrimmed, ctx.sums, ctx.chunk)
             taus = []

@@ -86,6 +86,10 @@ def collect(phase: int, chunk: int, taus, densities, sel: list | None) -> ChunkP
     return ChunkParts({chunk: parts})
 
 
+class Trims(list):
+    """The selections of a tensor's models (None where nothing is selected), as ``ctx.sums``."""
+
+
 def finish(phase: int, sel: list | None, total: ChunkParts, densities, exact: bool) -> list:
     """The selections after phase ``phase`` from the chunks' parts (phase 0 makes them: the tensor's size is
     the count of its keys)."""
@@ -94,7 +98,7 @@ def finish(phase: int, sel: list | None, total: ChunkParts, densities, exact: bo
              for i in range(len(densities))]
     if phase == 0:
         numel = next(int(h.sum()) for h in hists if h is not None)
-        sel = selections(numel, densities, exact)
+        sel = Trims(selections(numel, densities, exact))
     for i, s in enumerate(sel):
         if s is None:
             continue

@@ -34,6 +34,7 @@ import torch
 from . import _fused
 from . import _gta as G
 from . import _rank as R
+from . import _tensor_norms as TN
 from . import kernels as K
 from .base import register
 
@@ -94,7 +95,7 @@ def breadcrumbs_sparsify(ctx, i: int, t: torch.Tensor, p) -> torch.Tensor:
     if n_bot == 0 and n_keep >= n:
         return t
     kept = t * band_mask(flat, n_bot, n_keep, stable=scope != "tensor").reshape(t.shape)
-    return K.rescale(t, kept, p["rescale"])
+    return K.rescale(t, kept, p["rescale"], factor=TN.factor(ctx, i))
 
 
 def breadcrumbs_block(ctx, i: int, p, row: int):
@@ -143,6 +144,9 @@ PAPER = "Davari & Belilovsky, Model Breadcrumbs, ECCV 2024 (arXiv 2312.06795)"
     "breadcrumbs",
     validate=_LINEAR.validate,
     chunkable=_LINEAR.chunkable,
+    sums=_LINEAR.sums,
+    sum_phases=_LINEAR.sum_phases,
+    finish_sums=_LINEAR.finish_sums,
     raw_inputs=_LINEAR.raw_inputs,
     aliases=("model_breadcrumbs",),
     paper=PAPER,
@@ -162,6 +166,9 @@ def breadcrumbs(ctx, base, models, p):
     "breadcrumbs_ties",
     validate=_TIES.validate,
     chunkable=_TIES.chunkable,
+    sums=_TIES.sums,
+    sum_phases=_TIES.sum_phases,
+    finish_sums=_TIES.finish_sums,
     raw_inputs=_TIES.raw_inputs,
     aliases=(),
     paper=PAPER + "; sign election from TIES (mergekit's combination)",

@@ -28,6 +28,7 @@ import torch
 
 from . import _gta as G
 from . import _sampling as S
+from . import _tensor_norms as TN
 from . import kernels as K
 from .base import register
 
@@ -47,7 +48,7 @@ def dare_sparsify(ctx, i: int, t: torch.Tensor, p) -> torch.Tensor:
             and t.is_contiguous()):
         return S.drop_rescale_(t, d, seed)
     mask = K.bernoulli_mask(t.shape, d, seed, device=t.device)
-    return K.rescale(t, t * mask, p["rescale"], keep_prob=d)
+    return K.rescale(t, t * mask, p["rescale"], keep_prob=d, factor=TN.factor(ctx, i))
 
 
 def dare_block(ctx, i: int, p, row: int):
@@ -80,6 +81,9 @@ MERGEKIT_TIES = "ties_density: 1, rescale: l1, weighted_elect: true, zero_sign: 
     "dare_linear",
     validate=_LINEAR.validate,
     chunkable=_LINEAR.chunkable,
+    sums=_LINEAR.sums,
+    sum_phases=_LINEAR.sum_phases,
+    finish_sums=_LINEAR.finish_sums,
     raw_inputs=_LINEAR.raw_inputs,
     aliases=("dare", "dare_ta", "dare_task_arithmetic"),
     paper="Yu et al., Language Models are Super Mario (DARE), ICML 2024 (arXiv 2311.03099)",
@@ -105,6 +109,9 @@ def dare_linear(ctx, base, models, p):
     "dare_ties",
     validate=_TIES.validate,
     chunkable=_TIES.chunkable,
+    sums=_TIES.sums,
+    sum_phases=_TIES.sum_phases,
+    finish_sums=_TIES.finish_sums,
     raw_inputs=_TIES.raw_inputs,
     aliases=("dare_ties_merging",),
     paper="Yu et al., Language Models are Super Mario (DARE), ICML 2024 (arXiv 2311.03099)",

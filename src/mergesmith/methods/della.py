@@ -36,6 +36,7 @@ from . import _fused
 from . import _gta as G
 from . import _rank as R
 from . import _sampling as S
+from . import _tensor_norms as TN
 from . import kernels as K
 from .base import MergeError, register
 
@@ -146,7 +147,7 @@ def magprune(ctx, i: int, t: torch.Tensor, p) -> torch.Tensor:
         return _magprune_fused_(t, d, eps, seed)
     q = magprune_probs(t, d, eps)
     mask = K.bernoulli_mask(t.shape, q, seed)
-    return K.rescale(t, t * mask, mode, keep_prob=q if mode == "inverse_keep_prob" else None)
+    return K.rescale(t, t * mask, mode, keep_prob=q if mode == "inverse_keep_prob" else None, factor=TN.factor(ctx, i))
 
 
 def magprune_block(ctx, i: int, p, row: int):
@@ -191,6 +192,9 @@ PAPER = "Deep et al., DELLA-Merging (MagPrune), 2024 (arXiv 2406.11617)"
     "della",
     validate=_DELLA.validate,
     chunkable=_DELLA.chunkable,
+    sums=_DELLA.sums,
+    sum_phases=_DELLA.sum_phases,
+    finish_sums=_DELLA.finish_sums,
     raw_inputs=_DELLA.raw_inputs,
     aliases=("della_merging",),
     paper=PAPER,
@@ -215,6 +219,9 @@ def della(ctx, base, models, p):
     "della_linear",
     validate=_LINEAR.validate,
     chunkable=_LINEAR.chunkable,
+    sums=_LINEAR.sums,
+    sum_phases=_LINEAR.sum_phases,
+    finish_sums=_LINEAR.finish_sums,
     raw_inputs=_LINEAR.raw_inputs,
     aliases=(),
     paper=PAPER,

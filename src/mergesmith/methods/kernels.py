@@ -81,15 +81,18 @@ def bernoulli_mask(shape, keep_prob: float | torch.Tensor, generator: torch.Gene
     return u < (keep_prob.to(torch.float32) if isinstance(keep_prob, torch.Tensor) else float(keep_prob))
 
 
-def rescale(original: torch.Tensor, pruned: torch.Tensor, mode: str, keep_prob=None) -> torch.Tensor:
+def rescale(original: torch.Tensor, pruned: torch.Tensor, mode: str, keep_prob=None, factor: float | None = None) -> torch.Tensor:
     """Rescale a pruned task vector.
 
     mode: ``inverse_keep_prob`` (the paper's 1/(1-p), per element when keep_prob is a tensor),
     ``l1`` / ``l2`` (match the norm of the original over the tensor, mergekit's default is l1;
-    skipped when a norm is below 1e-7), ``none``.
+    skipped when a norm is below 1e-7; ``factor``: the ratio of the norms when it comes from elsewhere, e.g.
+    summed over the row chunks of a streamed tensor, ``_tensor_norms``), ``none``.
     """
     if mode == "none":
         return pruned
+    if factor is not None and mode in ("l1", "l2"):
+        return pruned * factor
     if mode == "inverse_keep_prob":
         if keep_prob is None:
             raise ValueError("inverse_keep_prob rescale needs keep_prob")
