@@ -941,3 +941,22 @@ def test_weights_summing_to_zero_at_some_layer_is_a_planning_error(tiny_zoo, tmp
     t["models"][0]["parameters"] = {"weight": [1.0, -1.0]}
     t["models"][1]["parameters"] = {"weight": [0.0, 1.0]}
     _bad(tmp_path, t, r"task_arithmetic: the weights sum to 0.*\(at model\.layers\.2\.")
+
+
+def test_installed_command_ends_without_teardown_and_keeps_exit_codes(tiny_zoo, tmp_path):
+    """The console entry (``cli.console``) ends the process with os._exit after the command: the merged folder is
+    complete, printed output is flushed, and the exit codes are the command's."""
+    import subprocess
+    import sys
+
+    z = tiny_zoo("llama")
+    recipe_file = tmp_path / "r.yml"
+    recipe_file.write_text(yaml.safe_dump(recipe("linear", None, [z["ft0"], z["ft1"]])))
+    entry = [sys.executable, "-c", "from mergesmith.cli import console; console()"]
+    done = subprocess.run(entry + ["merge", str(recipe_file), str(tmp_path / "out"), "-q"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert load_state(tmp_path / "out").keys() == load_state(z["ft0"]).keys()
+    shown = subprocess.run(entry + ["methods", "ram"], capture_output=True, text=True)
+    assert shown.returncode == 0 and "Reinforced Agentic Models" in shown.stdout  # all of it, flushed
+    bad = subprocess.run(entry + ["merge", str(tmp_path / "missing.yml"), str(tmp_path / "o2")], capture_output=True, text=True)
+    assert bad.returncode == 2 and "error: recipe not found" in bad.stderr
