@@ -161,7 +161,6 @@ def exact_topk_thresholds(taus: list[torch.Tensor], densities) -> tuple[list, li
         tie = (a == kth).nonzero().reshape(-1)[:need] if kth > 0 and need > 0 else None
         thresholds.append(TT.above(kth))
         ties.append(tie)
-        del a
     return thresholds, ties
 
 

@@ -79,17 +79,17 @@ def merge(ctx, base, models, epsilon: float, scales=None) -> torch.Tensor:
 def ram_combine(base, taus, masks, count, scales=None) -> torch.Tensor:
     """theta_0 + the unique changes (times ``scales[i]``, a float32 per model, if given) + the mean of
     the shared ones."""
-    shared_sum = torch.zeros_like(base)
+    changed = torch.zeros_like(base)  # the sum of the changes: the mean of the shared ones is changed / c
     unique = torch.zeros_like(base)
     for i, (t, m) in enumerate(zip(taus, masks)):
         tm = torch.where(m, t, 0.0)  # not t * m: an unchanged NaN would spread
-        shared_sum += tm
+        changed += tm
         if scales is not None:
             unique += tm * scales[i]
     divisor = count.clamp(min=1).to(base.dtype)
     if scales is None:  # c = 1: the sum is the one change itself
-        return base + shared_sum / divisor
-    return base + torch.where(count == 1, unique, shared_sum / divisor)
+        return base + changed / divisor
+    return base + torch.where(count == 1, unique, changed / divisor)
 
 
 def _validate(p) -> None:
