@@ -54,3 +54,21 @@ def test_streamed_draws_are_reproducible(tiny_zoo, monkeypatch):
     a, *_ = _streamed(tiny_zoo, monkeypatch, "dare_ties", params, models=2)
     b, *_ = _streamed(tiny_zoo, monkeypatch, "dare_ties", params, models=2)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("mode", ["l1", "l2", "none"])
+def test_in_place_rescale_is_the_rescale_of_the_masked_copy(mode):
+    """kernels.rescale_ (mask in place, norms before and after) gives the bytes of rescale(t, t * keep, mode)."""
+    from mergesmith.methods import kernels as K
+    from mergesmith.methods import _sampling as S
+
+    g = torch.Generator().manual_seed(2)
+    for t, d in [(torch.randn(300, 70, generator=g), 0.4), (torch.randn(5000, generator=g) * 1e-9, 0.5),
+                 (-torch.rand(64, 64, generator=g), 0.0), (torch.randn(40, 40, generator=g), 1.0)]:
+        mask = K.bernoulli_mask(t.shape, d, 77)
+        want = K.rescale(t, t * mask, mode)
+        got = K.rescale_(t.clone(), lambda x: x.mul_(mask), mode)
+        assert torch.equal(got, want) and torch.equal(got.signbit(), want.signbit())
+        drawn = K.rescale_(t.clone(), lambda x: S.drop_(x, d, 77), mode)  # DARE's fused in-place draw
+        assert torch.equal(drawn, want) and torch.equal(drawn.signbit(), want.signbit())
+        assert torch.equal(K.rescale_(t.clone(), lambda x: x.mul_(mask), mode, factor=1.5), K.rescale(t, t * mask, mode, factor=1.5))

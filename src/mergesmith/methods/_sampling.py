@@ -232,6 +232,24 @@ class DropBlock:
         return min(self.d, 1.0), self.seed
 
 
+def drop_(t: torch.Tensor, d: float, seed: int) -> torch.Tensor:
+    """In place on a contiguous float32 CPU tensor: t <- t * keep with keep_k = u_k < d (the values of
+    ``t * bernoulli_mask(t.shape, d, seed)``: DARE's drop before an l1/l2 rescale), one pass per block."""
+    thr = word_threshold(d)
+    if thr >= 1 << 32:
+        return t
+    flat = t.view(-1).numpy()
+
+    def drop(a: int, b: int) -> None:
+        if _fused.enabled(b - a):  # x * [w < thr] / 1: exactly x * keep
+            _fused.drop_scale(flat[a:b], seed, a, thr, 1.0)
+        else:
+            np.multiply(flat[a:b], np.less(words(seed, a, b - a), np.uint32(thr)), out=flat[a:b])
+
+    run_blocks(flat.size, BLOCK, drop)
+    return t
+
+
 def drop_rescale_(t: torch.Tensor, d: float, seed: int) -> torch.Tensor:
     """In place on a contiguous float32 CPU tensor: t <- t * keep / d with keep_k = u_k < d, one fused
     pass per block (the same values as ``t * bernoulli_mask(...) / d``)."""

@@ -94,8 +94,8 @@ def breadcrumbs_sparsify(ctx, i: int, t: torch.Tensor, p) -> torch.Tensor:
     n_bot, n_keep = _band(p, i, n, scope)
     if n_bot == 0 and n_keep >= n:
         return t
-    kept = t * band_mask(flat, n_bot, n_keep, stable=scope != "tensor").reshape(t.shape)
-    return K.rescale(t, kept, p["rescale"], factor=TN.factor(ctx, i))
+    mask = band_mask(flat, n_bot, n_keep, stable=scope != "tensor").reshape(t.shape)
+    return K.rescale_(t, lambda x: x.mul_(mask), p["rescale"], factor=TN.factor(ctx, i))
 
 
 def breadcrumbs_block(ctx, i: int, p, row: int):

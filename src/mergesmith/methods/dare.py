@@ -44,9 +44,10 @@ def dare_sparsify(ctx, i: int, t: torch.Tensor, p) -> torch.Tensor:
     if d <= 0:
         return torch.zeros_like(t)
     seed = ctx.seed_of(i)
-    if (p["rescale"] == "inverse_keep_prob" and t.device.type == "cpu" and t.dtype == torch.float32
-            and t.is_contiguous()):
-        return S.drop_rescale_(t, d, seed)
+    if t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous():  # in place, one pass per block
+        if p["rescale"] == "inverse_keep_prob":
+            return S.drop_rescale_(t, d, seed)
+        return K.rescale_(t, lambda x: S.drop_(x, d, seed), p["rescale"], factor=TN.factor(ctx, i))
     mask = K.bernoulli_mask(t.shape, d, seed, device=t.device)
     return K.rescale(t, t * mask, p["rescale"], keep_prob=d, factor=TN.factor(ctx, i))
 

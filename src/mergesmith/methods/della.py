@@ -147,7 +147,9 @@ def magprune(ctx, i: int, t: torch.Tensor, p) -> torch.Tensor:
         return _magprune_fused_(t, d, eps, seed)
     q = magprune_probs(t, d, eps)
     mask = K.bernoulli_mask(t.shape, q, seed)
-    return K.rescale(t, t * mask, mode, keep_prob=q if mode == "inverse_keep_prob" else None, factor=TN.factor(ctx, i))
+    if mode != "inverse_keep_prob":  # in place: no pruned or rescaled copy of the tensor
+        return K.rescale_(t, lambda x: x.mul_(mask), mode, factor=TN.factor(ctx, i))
+    return K.rescale(t, t * mask, mode, keep_prob=q)
 
 
 def magprune_block(ctx, i: int, p, row: int):

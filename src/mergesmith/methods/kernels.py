@@ -109,6 +109,23 @@ def rescale(original: torch.Tensor, pruned: torch.Tensor, mode: str, keep_prob=N
     return pruned * (n0 / n1)
 
 
+def rescale_(t: torch.Tensor, mask_, mode: str, factor: float | None = None) -> torch.Tensor:
+    """:func:`rescale` ``(t, t * keep, mode, factor=factor)`` in place, for mode l1, l2 or none: ``mask_(t)``
+    multiplies ``t`` by its keep mask in place; the norms of ``t`` before and after it give the ratio. The same
+    float32 operations, without the pruned and the rescaled copies of the tensor."""
+    if mode == "none":
+        return mask_(t)
+    if factor is not None:
+        return mask_(t).mul_(factor)
+    order = {"l1": 1, "l2": 2}[mode]
+    n0 = torch.linalg.vector_norm(t.reshape(-1), ord=order)
+    mask_(t)
+    n1 = torch.linalg.vector_norm(t.reshape(-1), ord=order)
+    if n0 < 1e-7 or n1 < 1e-7:
+        return t
+    return t.mul_(n0 / n1)
+
+
 def disjoint_merge(
     deltas: torch.Tensor,
     sign: torch.Tensor,
