@@ -28,6 +28,7 @@ from ..io import buffers
 from . import _fused as _F
 from . import _tensor_norms as TN
 from . import _tensor_trim as TT
+from ._tensor_trim import needs_selection, official_rank  # noqa: F401  (the trim's rank rules; _gta_stats uses them)
 from . import _sampling as _S
 from . import kernels as K
 from .base import MergeError, Param, Params, TensorContext
@@ -123,45 +124,6 @@ def consensus_params(*, elect: str = "mass", agg: str = "mean", zero_sign: str =
 
 # --------------------------------------------------------------------------------------------------
 # Trim thresholds (official TIES rule)
-
-
-def official_rank(n: int, density: float) -> int:
-    """1-based rank r such that keeping |x| >= (r-th smallest |x|) is the official TIES trim.
-
-    The official code keeps ``|x| >= kthvalue(n - floor(k n))``, i.e. floor(k n) + 1 entries when there
-    are no ties (the paper says "top k%"; we follow the code). 0 means keep everything.
-    """
-    return n - int(density * n)
-
-
-def needs_selection(d: float) -> bool:
-    """A trim density that needs a threshold (0 and 1 are handled without one)."""
-    return 0.0 < d < 1.0
-
-
-def exact_topk_thresholds(taus: list[torch.Tensor], densities) -> tuple[list, list]:
-    """mergekit's exact top-k trim (``kernels.topk_mask(exact=True)``: the k = max(1, floor(d n)) largest
-    |tau_i|, of the ties at the k-th largest value the lowest flat indices) as (per model: a threshold for
-    the block trim, which keeps |tau_i| >= it, i.e. strictly above the k-th largest value; the flat indices
-    of the kept ties, or None). Zero-valued ties are not listed: a kept zero changes no vote and no mean."""
-    from ._radix import kth_smallest
-
-    thresholds, ties = [], []
-    for t, d in zip(taus, densities):
-        d = float(d)
-        if not needs_selection(d):
-            thresholds.append(None)
-            ties.append(None)
-            continue
-        a = t.reshape(-1).abs()
-        n = a.numel()
-        k = max(1, int(d * n))
-        kth = kth_smallest(a, n - k + 1, nonneg=True)
-        need = k - int((a > kth).sum())
-        tie = (a == kth).nonzero().reshape(-1)[:need] if kth > 0 and need > 0 else None
-        thresholds.append(TT.above(kth))
-        ties.append(tie)
-    return thresholds, ties
 
 
 def tensor_threshold(x: torch.Tensor, density: float) -> float | None:
@@ -396,12 +358,12 @@ class Pipeline:
                 ctx, base, models = float32_inputs(ctx, base, models)
             taus = self.deltas(ctx, base, models, p, trim=False)
             patch = None
-            if isinstance(ctx.sums, TT.Trims):  # a row chunk of a tensor selected over its chunks
-                thresholds, ties = TT.chunk_ties(taus, ctx.sums, ctx.chunk)
+            trims, chunk = (ctx.sums, ctx.chunk) if isinstance(ctx.sums, TT.Trims) else (None, 0)  # a streamed tensor
+            if trims is None and self.trim is not None and thresholds is None and p.get("exact_topk"):
+                trims = TT.select(taus, p[self.trim], exact=True)  # mergekit's exact top-k of a tensor held whole
+            if trims is not None:
+                thresholds, ties = TT.chunk_ties(taus, trims, chunk)
                 patch = self._tie_patch(base, taus, p, thresholds, ties, major)  # before taus change in place
-            elif self.trim is not None and thresholds is None and p.get("exact_topk"):  # mergekit's exact top-k
-                thresholds, ties = exact_topk_thresholds(taus, p[self.trim])
-                patch = self._tie_patch(base, taus, p, thresholds, ties, major)
             elif self.trim is not None and thresholds is None:  # tensor scope: the whole tensor's thresholds
                 thresholds = [tensor_threshold(t, d) if needs_selection(d) else None
                               for t, d in zip(taus, p[self.trim])]

@@ -1,7 +1,7 @@
 """The per-tensor TIES trim (``scope: tensor``) of a tensor too big to hold whole, selected over its row chunks.
 
 Both per-tensor rules keep the largest |tau_i| of the tensor, by model: the official code keeps
-|tau_i| >= the (n - floor(k n))-th smallest |tau_i| (``_gta.tensor_threshold``); mergekit's exact top-k
+|tau_i| >= the (n - floor(k n))-th smallest |tau_i| (``_gta.tensor_threshold``, ``official_rank``); mergekit's exact top-k
 (``exact_topk``) keeps the k = max(1, floor(k n)) largest and, of the entries tied at the k-th largest
 value, those with the lowest flat indices (``kernels.topk_mask``). The engine streams such a tensor in
 two sums phases over its row chunks (``MethodSpec.sums``), then the apply chunks:
@@ -52,18 +52,32 @@ def above(value: float) -> float:
     return float(torch.nextafter(torch.tensor(value, dtype=torch.float32), torch.tensor(float("inf"))))
 
 
+def needs_selection(d: float) -> bool:
+    """A trim density that needs a threshold (0 and 1 are handled without one)."""
+    return 0.0 < d < 1.0
+
+
+def official_rank(n: int, density: float) -> int:
+    """1-based rank r such that keeping |x| >= (r-th smallest |x|) is the official TIES trim.
+
+    The official code keeps ``|x| >= kthvalue(n - floor(k n))``, i.e. floor(k n) + 1 entries when there
+    are no ties (the paper says "top k%"; we follow the code). 0 means keep everything.
+    """
+    return n - int(density * n)
+
+
 def selections(numel: int, densities, exact: bool) -> list[ModelTrim | None]:
     """Per model: its selection, or None (density 0 or 1, or the official rule keeping everything)."""
     out = []
     for d in densities:
         d = float(d)
-        if not 0.0 < d < 1.0:
+        if not needs_selection(d):
             out.append(None)
         elif exact:
             k = max(1, int(d * numel))
             out.append(ModelTrim(numel - k + 1, True, numel, k))
         else:
-            r = numel - int(d * numel)
+            r = official_rank(numel, d)
             out.append(ModelTrim(r, False) if r > 0 else None)
     return out
 
@@ -78,7 +92,7 @@ def collect(phase: int, chunk: int, taus, densities, sel: list | None) -> ChunkP
     model (None where nothing is selected)."""
     parts = []
     for i, (t, d) in enumerate(zip(taus, densities)):
-        if not 0.0 < float(d) < 1.0 or (phase == 1 and sel[i] is None):
+        if not needs_selection(float(d)) or (phase == 1 and sel[i] is None):
             parts.append(None)
             continue
         k = abs_keys(t)
@@ -133,3 +147,9 @@ def chunk_ties(taus, sel: list, chunk: int) -> tuple[list, list]:
         tie = (t.reshape(-1).to(torch.float32).abs() == s.value).nonzero().reshape(-1)[:quota]
         ties.append(tie)
     return bounds, ties
+
+
+def select(taus, densities, exact: bool) -> Trims:
+    """The selections of a tensor held whole: the same two phases, on the tensor as one chunk (chunk 0)."""
+    sel = finish(0, None, collect(0, 0, taus, densities, None), densities, exact)
+    return finish(1, sel, collect(1, 0, taus, densities, sel), densities, exact)
