@@ -34,7 +34,6 @@ def is_vlm(config: dict | None) -> bool:
     return isinstance(config, dict) and isinstance(config.get("vision_config"), dict)
 
 
-
 _INDEX: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # checkpoint -> {canonical name: stored name}
 
 

@@ -18,6 +18,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from .kernels import norm_ratio
+
 
 @dataclass
 class RescaleFactors:
@@ -47,7 +49,7 @@ def collect(sparsify, ctx, base: torch.Tensor, models: list[torch.Tensor], p) ->
 def finish(total: torch.Tensor, p) -> RescaleFactors:
     order = 1 if p["rescale"] == "l1" else 2
     norms = total.pow(1.0 / order)
-    return RescaleFactors([1.0 if n0 < 1e-7 or n1 < 1e-7 else float(n0 / n1) for n0, n1 in norms.tolist()])
+    return RescaleFactors([float(norm_ratio(n0, n1) or 1.0) for n0, n1 in norms.tolist()])
 
 
 def _power_sum(t: torch.Tensor, order: int) -> float:

@@ -101,12 +101,8 @@ def rescale(original: torch.Tensor, pruned: torch.Tensor, mode: str, keep_prob=N
         if keep_prob <= 0:
             return torch.zeros_like(pruned)
         return pruned / keep_prob
-    order = {"l1": 1, "l2": 2}[mode]
-    n0 = torch.linalg.vector_norm(original.reshape(-1), ord=order)
-    n1 = torch.linalg.vector_norm(pruned.reshape(-1), ord=order)
-    if n0 < 1e-7 or n1 < 1e-7:
-        return pruned
-    return pruned * (n0 / n1)
+    ratio = norm_ratio(norm(original, mode), norm(pruned, mode))
+    return pruned if ratio is None else pruned * ratio
 
 
 def rescale_(t: torch.Tensor, mask_, mode: str, factor: float | None = None) -> torch.Tensor:
@@ -117,13 +113,19 @@ def rescale_(t: torch.Tensor, mask_, mode: str, factor: float | None = None) -> 
         return mask_(t)
     if factor is not None:
         return mask_(t).mul_(factor)
-    order = {"l1": 1, "l2": 2}[mode]
-    n0 = torch.linalg.vector_norm(t.reshape(-1), ord=order)
-    mask_(t)
-    n1 = torch.linalg.vector_norm(t.reshape(-1), ord=order)
-    if n0 < 1e-7 or n1 < 1e-7:
-        return t
-    return t.mul_(n0 / n1)
+    n0 = norm(t, mode)
+    ratio = norm_ratio(n0, norm(mask_(t), mode))
+    return t if ratio is None else t.mul_(ratio)
+
+
+def norm(t: torch.Tensor, mode: str) -> torch.Tensor:
+    """The l1 or l2 norm of ``t`` flattened (float32, as a 0-d tensor)."""
+    return torch.linalg.vector_norm(t.reshape(-1), ord={"l1": 1, "l2": 2}[mode])
+
+
+def norm_ratio(n0, n1):
+    """n0 / n1, the l1/l2 rescale factor, or None (no rescale) when either norm is below 1e-7."""
+    return None if n0 < 1e-7 or n1 < 1e-7 else n0 / n1
 
 
 def disjoint_merge(
