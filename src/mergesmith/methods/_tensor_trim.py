@@ -1,10 +1,11 @@
-"""The per-tensor TIES trim (``scope: tensor``) of a tensor too big to hold whole, selected over its row chunks.
+"""The per-tensor TIES trim (``scope: tensor``) from two histogram passes: over the row chunks of a tensor too
+big to hold whole, or over a tensor held whole as one chunk (mergekit's exact top-k, :func:`select`).
 
 Both per-tensor rules keep the largest |tau_i| of the tensor, by model: the official code keeps
-|tau_i| >= the (n - floor(k n))-th smallest |tau_i| (``_gta.tensor_threshold``, ``official_rank``); mergekit's exact top-k
-(``exact_topk``) keeps the k = max(1, floor(k n)) largest and, of the entries tied at the k-th largest
-value, those with the lowest flat indices (``kernels.topk_mask``). The engine streams such a tensor in
-two sums phases over its row chunks (``MethodSpec.sums``), then the apply chunks:
+|tau_i| >= the (n - floor(k n))-th smallest |tau_i| (:func:`official_rank`; ``_gta.tensor_threshold`` for a
+tensor held whole); mergekit's exact top-k (``exact_topk``) keeps the k = max(1, floor(k n)) largest and, of the
+entries tied at the k-th largest value, those with the lowest flat indices (``kernels.topk_mask``). The engine
+streams such a tensor in two sums phases over its row chunks (``MethodSpec.sums``), then the apply chunks:
 
 * ``high``: per model, the histogram of the high 16 bits of the |tau_i| keys (``_radix``);
 * ``low``: per model, the histogram of the low 16 bits inside the bucket holding the wanted rank, kept per
